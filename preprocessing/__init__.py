@@ -1,0 +1,1 @@
+"""Per-hospital preprocessing jobs: a slide to a patch bag, a slide list to bags + manifest + QC."""

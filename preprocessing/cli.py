@@ -1,0 +1,64 @@
+"""The ``slidefed`` console script: one parser, subcommands registered by each package.
+
+Each subcommand is a thin wrapper over a library function, so notebooks, Snakemake rules and
+the command line all run the same code. Errors print as one line, ``error: <what>: <why>``,
+and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from . import commands as preprocessing_commands
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``slidefed`` parser."""
+    parser = OneLineErrorParser(prog="slidefed", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=OneLineErrorParser)
+    bench = commands.add_parser("bench", help="measure speed against a same-run baseline")
+    bench_commands = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK",
+                                          parser_class=OneLineErrorParser)
+    preprocessing_commands.register(commands, bench_commands)
+    return parser
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    # SIGTERM (kill, SLURM, Snakemake) unwinds like Ctrl-C so partial files are deleted.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``slidefed`` console script."""
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except preprocessing_commands.UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

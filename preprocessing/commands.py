@@ -1,0 +1,164 @@
+"""Preprocessing subcommands: tile, preprocess, demo-cohort, validate, bench tiling."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+from wsi.bag import BagError, check_bag
+from wsi.slide import SlideError
+
+from .hospital import SlideListError, preprocess_hospital
+from .tile import TilingOptions, tile_slide
+
+log = logging.getLogger(__name__)
+
+# Errors a user can fix; the CLI prints them as one line without a traceback.
+UserError = (SlideError, BagError, SlideListError, ValueError, FileNotFoundError)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
+def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that tiles slides."""
+    defaults = TilingOptions()
+    parser.add_argument("--mpp", type=positive_float, default=defaults.target_mpp,
+                        help="target resolution in µm per pixel (default %(default)s, about 20x)")
+    parser.add_argument("--patch-size", type=positive_int, default=defaults.patch_size,
+                        help="patch side in pixels at the target resolution (default %(default)s)")
+    parser.add_argument("--min-tissue", type=fraction, default=defaults.min_tissue,
+                        help="keep patches with at least this tissue fraction "
+                             "(default %(default)s)")
+    parser.add_argument("--slide-mpp", type=positive_float, default=None,
+                        help="level-0 µm per pixel of the slide(s), for files that do not state it")
+    parser.add_argument("--compression-level", type=int, choices=range(10),
+                        default=defaults.compression_level, metavar="0-9",
+                        help="deflate level of stored patches (default %(default)s)")
+
+
+def tiling_options(args: argparse.Namespace) -> TilingOptions:
+    return TilingOptions(target_mpp=args.mpp, patch_size=args.patch_size,
+                         min_tissue=args.min_tissue, slide_mpp=args.slide_mpp,
+                         compression_level=args.compression_level)
+
+
+def run_tile(args: argparse.Namespace) -> int:
+    result = tile_slide(args.slide, args.output, tiling_options(args), workers=args.workers,
+                        qc_path=args.qc)
+    log.info("%s: %d patches in %.1f s -> %s", result.slide_id, result.n_patches,
+             result.seconds, result.bag_path)
+    return 0
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    rows = preprocess_hospital(args.hospital, args.slides, args.output, tiling_options(args),
+                               workers=args.workers, force=args.force)
+    failed = [r for r in rows if r.status != "ok"]
+    print(f"{args.hospital}: {len(rows) - len(failed)} of {len(rows)} slides ok, "
+          f"{sum(r.n_patches for r in rows)} patches; {len(failed)} failed")
+    for row in failed:
+        print(f"  failed {row.slide_id}: {row.error}")
+    return 1 if len(failed) == len(rows) else 0
+
+
+def run_demo_cohort(args: argparse.Namespace) -> int:
+    from .demo_cohort import make_demo_cohort
+
+    kwargs = {k: v for k, v in (("hospitals", args.hospitals),
+                                ("slides_per_hospital", args.slides_per_hospital),
+                                ("size", args.size)) if v is not None}
+    for hospital in make_demo_cohort(args.output, seed=args.seed, **kwargs):
+        print(hospital)
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    bad = 0
+    for bag in args.bags:
+        try:
+            n = check_bag(bag, deep=args.deep)
+            print(f"ok {bag}: {n} patches")
+        except BagError as exc:
+            print(f"error: {exc}")
+            bad += 1
+    return 1 if bad else 0
+
+
+def run_bench_tiling(args: argparse.Namespace) -> int:
+    from .bench import bench_tiling
+
+    print(json.dumps(bench_tiling(args.slide, tiling_options(args), workers=args.workers)))
+    return 0
+
+
+def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    """Add this package's subcommands to the ``slidefed`` parser."""
+    p = commands.add_parser("tile", help="cut one slide into a patch bag")
+    p.add_argument("slide", type=Path, help="slide file (any format OpenSlide reads)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bag to write (.h5)")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes (default 1)")
+    p.add_argument("--qc", type=Path, help="also write a QC picture (PNG) here")
+    add_tiling_arguments(p)
+    p.set_defaults(run=run_tile)
+
+    p = commands.add_parser("preprocess", help="one hospital's slides to bags + manifest + QC")
+    p.add_argument("--hospital", required=True, help="hospital name, for logs and summaries")
+    p.add_argument("--slides", type=Path, required=True,
+                   help="directory of slides, or CSV with slide_id,path,label")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="slides tiled at once (default 1)")
+    p.add_argument("--force", action="store_true", help="re-tile slides that already have a bag")
+    add_tiling_arguments(p)
+    p.set_defaults(run=run_preprocess)
+
+    p = commands.add_parser("demo-cohort", help="write a small synthetic multi-hospital cohort")
+    p.add_argument("-o", "--output", type=Path, required=True, help="cohort directory")
+    p.add_argument("--hospitals", type=positive_int, help="number of hospitals")
+    p.add_argument("--slides-per-hospital", type=positive_int, help="slides per hospital")
+    p.add_argument("--size", type=positive_int, help="slide side in level-0 pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(run=run_demo_cohort)
+
+    p = commands.add_parser("validate", help="check patch bags against the format")
+    p.add_argument("bags", type=Path, nargs="+", help="bag files")
+    p.add_argument("--deep", action="store_true", help="decode every patch")
+    p.set_defaults(run=run_validate)
+
+    p = bench.add_parser("tiling", help="slidefed tile vs bare OpenSlide read_region")
+    p.add_argument("slide", type=Path, help="slide file")
+    p.add_argument("--workers", type=positive_int, default=2,
+                   help="workers for the speed-up measurement (default 2)")
+    add_tiling_arguments(p)
+    p.set_defaults(run=run_bench_tiling)

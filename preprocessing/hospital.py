@@ -1,0 +1,198 @@
+"""A hospital's preprocessing job: its slide list to patch bags, a manifest and QC pictures.
+
+Every slide is tiled in its own process and recorded as ``ok`` or ``failed`` with a one-line
+reason; one bad slide never stops the others. A rerun skips slides whose bag is present and
+valid, so an interrupted job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import h5py
+from tqdm import tqdm
+
+from wsi.bag import BagError, check_bag
+
+from .isolation import run_isolated
+from .tile import TileResult, TilingOptions, tile_slide
+
+log = logging.getLogger(__name__)
+
+# Extensions of the slide formats OpenSlide reads (a DICOM slide is opened through any one of
+# its .dcm files; directories holding several are listed once).
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif",
+                    ".svslide", ".dcm")
+MANIFEST_COLUMNS = ("slide_id", "path", "label", "status", "n_patches", "mpp", "error")
+
+
+class SlideListError(Exception):
+    """The slide list itself (a directory or CSV) is unusable; names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class SlideEntry:
+    """One slide to preprocess."""
+
+    slide_id: str
+    path: Path
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One line of a hospital's manifest (DESIGN.md)."""
+
+    slide_id: str
+    path: str
+    label: str
+    status: str  # "ok" or "failed"
+    n_patches: int
+    mpp: float | None
+    error: str
+
+
+def read_slide_list(source: str | Path) -> list[SlideEntry]:
+    """Slides from a directory (by extension, sorted) or a CSV with ``slide_id,path,label``.
+
+    Relative CSV paths are taken relative to the CSV's directory.
+    """
+    source = Path(source)
+    if source.is_dir():
+        return _slides_in_directory(source)
+    if not source.is_file():
+        raise SlideListError(f"{source}: no such directory or CSV file")
+    return _slides_in_csv(source)
+
+
+def _slides_in_directory(directory: Path) -> list[SlideEntry]:
+    entries, dicom_dirs = [], set()
+    for path in sorted(directory.iterdir()):
+        suffix = path.suffix.lower()
+        if not path.is_file() or suffix not in SLIDE_EXTENSIONS:
+            continue
+        if suffix == ".dcm":
+            if path.parent in dicom_dirs:
+                continue
+            dicom_dirs.add(path.parent)
+        entries.append(SlideEntry(path.stem, path))
+    if not entries:
+        raise SlideListError(f"{directory}: no slide files ({', '.join(SLIDE_EXTENSIONS)})")
+    return _unique(directory, entries)
+
+
+def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"slide_id", "path"} - set(reader.fieldnames or ())
+        if missing:
+            raise SlideListError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; "
+                                 "expected slide_id,path,label")
+        entries = []
+        for line, row in enumerate(reader, start=2):
+            slide_id, path = (row.get("slide_id") or "").strip(), (row.get("path") or "").strip()
+            if not slide_id or not path:
+                raise SlideListError(f"{csv_path}: line {line} has an empty slide_id or path")
+            if "/" in slide_id or slide_id.startswith("."):
+                raise SlideListError(f"{csv_path}: line {line}: slide_id {slide_id!r} is not a "
+                                     "plain file name")
+            full = Path(path) if Path(path).is_absolute() else csv_path.parent / path
+            entries.append(SlideEntry(slide_id, full, (row.get("label") or "").strip()))
+    if not entries:
+        raise SlideListError(f"{csv_path}: no slides listed")
+    return _unique(csv_path, entries)
+
+
+def _unique(source: Path, entries: list[SlideEntry]) -> list[SlideEntry]:
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.slide_id in seen:
+            raise SlideListError(f"{source}: slide_id {entry.slide_id!r} appears twice")
+        seen.add(entry.slide_id)
+    return entries
+
+
+def write_manifest(path: Path, rows: list[ManifestRow]) -> None:
+    """Write the manifest CSV atomically."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            record = asdict(row)
+            record["mpp"] = "" if row.mpp is None else f"{row.mpp:.6g}"
+            writer.writerow(record)
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path) -> list[ManifestRow]:
+    """Read a manifest written by :func:`write_manifest`."""
+    with Path(path).open(newline="") as f:
+        return [ManifestRow(slide_id=r["slide_id"], path=r["path"], label=r["label"],
+                            status=r["status"], n_patches=int(r["n_patches"]),
+                            mpp=float(r["mpp"]) if r["mpp"] else None, error=r["error"])
+                for r in csv.DictReader(f)]
+
+
+def _existing_bag_row(entry: SlideEntry, bag: Path) -> ManifestRow | None:
+    try:
+        n = check_bag(bag)
+    except BagError:
+        return None
+    with h5py.File(bag, "r") as f:
+        mpp = float(f.attrs["mpp_level0"])
+    return ManifestRow(entry.slide_id, str(entry.path), entry.label, "ok", n, mpp, "")
+
+
+def _tile_entry(out_dir: Path, options: TilingOptions, entry: SlideEntry) -> TileResult:
+    return tile_slide(entry.path, out_dir / "bags" / f"{entry.slide_id}.h5", options,
+                      slide_id=entry.slide_id, qc_path=out_dir / "qc" / f"{entry.slide_id}.png",
+                      progress=False)
+
+
+def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
+                        options: TilingOptions | None = None, *, workers: int = 1,
+                        force: bool = False, progress: bool = True) -> list[ManifestRow]:
+    """Tile every slide of ``hospital`` into ``out_dir/bags``, with ``out_dir/manifest.csv``
+    and ``out_dir/qc/<slide_id>.png``. Returns the manifest rows, in slide-list order.
+    """
+    out_dir = Path(out_dir)
+    options = options or TilingOptions()
+    entries = read_slide_list(slides)
+    (out_dir / "bags").mkdir(parents=True, exist_ok=True)
+    rows: dict[str, ManifestRow] = {}
+    todo = []
+    for entry in entries:
+        existing = None if force else _existing_bag_row(entry, out_dir / "bags"
+                                                        / f"{entry.slide_id}.h5")
+        if existing:
+            rows[entry.slide_id] = existing
+        else:
+            todo.append(entry)
+    if len(todo) < len(entries):
+        log.info("%s: %d of %d slides already have a valid bag; skipping them", hospital,
+                 len(entries) - len(todo), len(entries))
+    bar = tqdm(total=len(todo), unit="slide", desc=hospital, disable=None if progress else True)
+    with bar:
+        for entry, outcome in run_isolated(partial(_tile_entry, out_dir, options), todo, workers):
+            failed = ManifestRow(entry.slide_id, str(entry.path), entry.label, "failed", 0, None,
+                                 outcome.error or "")
+            if outcome.result is None:
+                rows[entry.slide_id] = failed
+                log.warning("%s: %s failed: %s", hospital, entry.slide_id, outcome.error)
+            else:
+                rows[entry.slide_id] = replace(failed, status="ok",
+                                               n_patches=outcome.result.n_patches,
+                                               mpp=outcome.result.mpp)
+            bar.update()
+    ordered = [rows[e.slide_id] for e in entries]
+    write_manifest(out_dir / "manifest.csv", ordered)
+    n_ok = sum(r.status == "ok" for r in ordered)
+    log.info("%s: %d slides ok (%d patches), %d failed; manifest %s", hospital, n_ok,
+             sum(r.n_patches for r in ordered), len(ordered) - n_ok, out_dir / "manifest.csv")
+    return ordered

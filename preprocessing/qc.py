@@ -1,0 +1,44 @@
+"""Quality-control pictures: what the tiler saw and what it kept, one PNG per slide."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from wsi.tissue import Overview
+
+# QC pictures are scaled to a long side in this range: big enough to judge, small to store.
+MIN_SIDE, MAX_SIDE = 800, 1600
+TISSUE_OUTLINE = (0, 170, 0)
+PATCH_OUTLINE = (20, 60, 230)
+
+
+def write_qc_picture(path: str | Path, overview: Overview, coords: np.ndarray,
+                     step_level0: int) -> Path:
+    """Save the overview with the tissue mask outlined in green and kept patches in blue.
+
+    Written to a temporary name and renamed, like every output of the pipeline.
+    """
+    path = Path(path)
+    height, width = overview.mask.shape
+    scale = float(np.clip(max(width, height), MIN_SIDE, MAX_SIDE)) / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    picture = np.array(Image.fromarray(overview.rgb).resize(size, Image.Resampling.BILINEAR))
+    mask = np.asarray(Image.fromarray(overview.mask).resize(size, Image.Resampling.NEAREST))
+    outline = mask & ~ndimage.binary_erosion(mask, iterations=2)
+    picture[outline] = TISSUE_OUTLINE
+    image = Image.fromarray(picture)
+    draw = ImageDraw.Draw(image)
+    factor = scale / overview.downsample
+    for x, y in coords.tolist():
+        draw.rectangle([x * factor, y * factor, (x + step_level0) * factor - 1,
+                        (y + step_level0) * factor - 1], outline=PATCH_OUTLINE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,168 @@
+"""One slide to one patch bag: resolution plan, tissue mask, patch grid, block reads, bag."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from wsi.bag import (
+    DEFAULT_COMPRESSION_LEVEL,
+    BagAttributes,
+    BagWriter,
+    PatchGeometry,
+    encode_patch,
+    remove_stale_partials,
+)
+from wsi.grid import block_order, grid_coords, split_blocks, tissue_fractions
+from wsi.patches import block_patches, read_patch_block
+from wsi.resolution import ReadPlan, plan_reading
+from wsi.slide import Slide, SlideError, open_slide
+from wsi.tissue import Overview, slide_overview
+
+from .qc import write_qc_picture
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    """How slides are cut into patches; the same for every slide of a cohort."""
+
+    target_mpp: float = 0.5
+    patch_size: int = 256
+    min_tissue: float = 0.5
+    slide_mpp: float | None = None
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL
+
+    def __post_init__(self) -> None:
+        if not self.target_mpp > 0:
+            raise ValueError(f"target mpp must be positive, got {self.target_mpp}")
+        if not 16 <= self.patch_size <= 4096:
+            raise ValueError(f"patch size must be between 16 and 4096 px, got {self.patch_size}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ValueError(f"min tissue must be a fraction in [0, 1], got {self.min_tissue}")
+        if self.slide_mpp is not None and not self.slide_mpp > 0:
+            raise ValueError(f"slide mpp must be positive, got {self.slide_mpp}")
+        if not 0 <= self.compression_level <= 9:
+            raise ValueError(f"compression level must be 0-9, got {self.compression_level}")
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """What tiling one slide produced."""
+
+    slide_id: str
+    bag_path: Path
+    n_patches: int
+    mpp: float
+    read_level: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Layout:
+    plan: ReadPlan
+    overview: Overview
+    coords: np.ndarray  # block-ordered level-0 corners of kept patches
+    tissue: np.ndarray
+    blocks: list[slice]
+
+
+def _layout(slide: Slide, options: TilingOptions) -> _Layout:
+    info = slide.info
+    plan = plan_reading(info, options.target_mpp, options.patch_size)
+    overview = slide_overview(slide)
+    coords = grid_coords(info.width, info.height, plan.step_level0)
+    tissue = tissue_fractions(overview.mask, overview.downsample, coords, plan.step_level0)
+    keep = tissue >= options.min_tissue
+    coords, tissue = coords[keep], tissue[keep]
+    order = block_order(coords, plan.step_level0, block_patches(plan))
+    coords, tissue = coords[order], tissue[order]
+    return _Layout(plan, overview, coords, tissue,
+                   split_blocks(coords, plan.step_level0, block_patches(plan)))
+
+
+def _encode_block(slide: Slide, plan: ReadPlan, coords: np.ndarray, level: int) -> list[bytes]:
+    return [encode_patch(p, level) for p in read_patch_block(slide, plan, coords)]
+
+
+# Worker-process state for parallel tiling of one slide: each worker opens the slide once.
+_worker_slide: Slide | None = None
+
+
+def _worker_open(path: Path, slide_mpp: float | None) -> None:
+    global _worker_slide
+    _worker_slide = open_slide(path, slide_mpp)
+
+
+def _worker_encode(args: tuple[ReadPlan, np.ndarray, int, int]) -> tuple[int, list[bytes]]:
+    plan, coords, level, start = args
+    assert _worker_slide is not None
+    return start, _encode_block(_worker_slide, plan, coords, level)
+
+
+def _encoded_blocks(slide: Slide, layout: _Layout, options: TilingOptions,
+                    workers: int) -> Iterator[tuple[int, list[bytes]]]:
+    level = options.compression_level
+    if workers <= 1:
+        for block in layout.blocks:
+            yield block.start, _encode_block(slide, layout.plan, layout.coords[block], level)
+        return
+    tasks = [(layout.plan, layout.coords[b], level, b.start) for b in layout.blocks]
+    # fork: workers start in milliseconds and inherit nothing heavier than numpy and OpenSlide.
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(workers, initializer=_worker_open,
+                  initargs=(slide.info.path, options.slide_mpp)) as pool:
+        yield from pool.imap_unordered(_worker_encode, tasks)
+
+
+def tile_slide(slide_path: str | Path, bag_path: str | Path,
+               options: TilingOptions | None = None, *, slide_id: str | None = None,
+               workers: int = 1, qc_path: str | Path | None = None,
+               progress: bool = True) -> TileResult:
+    """Cut the tissue of ``slide_path`` into patches and write them to the bag ``bag_path``.
+
+    Raises :class:`~wsi.slide.SlideError` naming the slide when it cannot be used or holds no
+    tissue patch. The bag appears only when complete; a QC picture (overview, tissue mask, kept
+    patches) is written to ``qc_path`` first when given.
+    """
+    started = time.perf_counter()
+    options = options or TilingOptions()
+    slide_path, bag_path = Path(slide_path), Path(bag_path)
+    slide_id = slide_id or slide_path.stem
+    bag_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_partials(bag_path):
+        log.info("removed %s left by an interrupted run", stale)
+    with open_slide(slide_path, options.slide_mpp) as slide:
+        info = slide.info
+        layout = _layout(slide, options)
+        n = len(layout.coords)
+        log.info("%s: %s, %d levels, %dx%d px at %.4g µm/px (%s); reading level %d, %d patches",
+                 slide_id, info.vendor, info.level_count, info.width, info.height, info.mpp,
+                 info.mpp_source, layout.plan.read_level, n)
+        if qc_path is not None:
+            write_qc_picture(qc_path, layout.overview, layout.coords, layout.plan.step_level0)
+        if n == 0:
+            raise SlideError(slide_path, f"no patch has tissue fraction >= {options.min_tissue}")
+        attributes = BagAttributes(
+            slide_id=slide_id, source_path=str(slide_path.resolve()), mpp_level0=info.mpp,
+            target_mpp=options.target_mpp, read_level=layout.plan.read_level,
+            level0_width=info.width, level0_height=info.height, vendor=info.vendor)
+        geometry = PatchGeometry(options.patch_size, layout.plan.read_size,
+                                 layout.plan.step_level0)
+        with BagWriter(bag_path, attributes, geometry, layout.coords, layout.tissue,
+                       options.compression_level) as writer, \
+                tqdm(total=n, unit="patch", desc=slide_id, disable=None if progress else True,
+                     leave=False) as bar:
+            for start, chunks in _encoded_blocks(slide, layout, options, workers):
+                writer.write_chunks(start, chunks)
+                bar.update(len(chunks))
+    return TileResult(slide_id=slide_id, bag_path=bag_path, n_patches=n, mpp=info.mpp,
+                      read_level=layout.plan.read_level, seconds=time.perf_counter() - started)

@@ -1,0 +1,159 @@
+"""Open a whole-slide image with OpenSlide and state exactly what it holds.
+
+A thin, honest wrapper (STYLE.md, "OpenSlide"): levels, downsamples, vendor and the level-0
+microns per pixel as the file states them. A slide that states no µm/px is refused unless
+the caller supplies the scanner's level-0 value; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+
+log = logging.getLogger(__name__)
+
+# Anisotropic pixels beyond this relative difference are reported, then the x value is used.
+_MPP_XY_TOLERANCE = 0.01
+
+
+class SlideError(Exception):
+    """A slide cannot be used. ``str()`` is one line: ``<path>: <reason>``."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a slide file holds, as OpenSlide reports it."""
+
+    path: Path
+    vendor: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float
+    mpp_source: str  # "file" or "user"
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def width(self) -> int:
+        return self.level_dimensions[0][0]
+
+    @property
+    def height(self) -> int:
+        return self.level_dimensions[0][1]
+
+    def level_mpp(self, level: int) -> float:
+        """Microns per pixel at ``level``."""
+        return self.mpp * self.level_downsamples[level]
+
+
+def _parse_mpp(path: Path, properties: Mapping[str, str]) -> float | None:
+    raw_x = properties.get(openslide.PROPERTY_NAME_MPP_X)
+    if raw_x is None:
+        return None
+    try:
+        mpp_x = float(raw_x)
+        mpp_y = float(properties.get(openslide.PROPERTY_NAME_MPP_Y, raw_x))
+    except ValueError as exc:
+        raise SlideError(path, f"unreadable microns-per-pixel property {raw_x!r}") from exc
+    if not (math.isfinite(mpp_x) and mpp_x > 0):
+        raise SlideError(path, f"file states an invalid microns-per-pixel value {raw_x!r}")
+    if abs(mpp_x - mpp_y) > _MPP_XY_TOLERANCE * mpp_x:
+        log.warning("%s: anisotropic pixels (mpp-x %g, mpp-y %g); using mpp-x", path, mpp_x, mpp_y)
+    return mpp_x
+
+
+class Slide:
+    """An open slide. Use as a context manager, or call :meth:`close`.
+
+    Regions come back as RGB ``uint8`` arrays; areas the scanner did not image (transparent in
+    OpenSlide) are composited onto white, the colour of an empty glass slide.
+    """
+
+    def __init__(self, path: str | Path, slide_mpp: float | None = None) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise SlideError(path, "file not found")
+        if path.is_dir():
+            raise SlideError(path, "is a directory, not a slide file")
+        if slide_mpp is not None and not (math.isfinite(slide_mpp) and slide_mpp > 0):
+            raise SlideError(path, f"--slide-mpp must be a positive number, got {slide_mpp}")
+        try:
+            self._osr = openslide.OpenSlide(path)
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise SlideError(path, "not a slide format OpenSlide can read") from exc
+        except openslide.OpenSlideError as exc:
+            raise SlideError(path, f"corrupt or unreadable slide ({exc})") from exc
+        try:
+            self.info = self._describe(path, slide_mpp)
+        except BaseException:
+            self._osr.close()
+            raise
+
+    def _describe(self, path: Path, slide_mpp: float | None) -> SlideInfo:
+        properties = self._osr.properties
+        file_mpp = _parse_mpp(path, properties)
+        if slide_mpp is not None:
+            if file_mpp is not None and abs(file_mpp - slide_mpp) > _MPP_XY_TOLERANCE * file_mpp:
+                log.warning("%s: using --slide-mpp %g instead of the file's %g", path, slide_mpp,
+                            file_mpp)
+            mpp, source = slide_mpp, "user"
+        elif file_mpp is not None:
+            mpp, source = file_mpp, "file"
+        else:
+            raise SlideError(path, "slide states no microns per pixel; pass --slide-mpp with the "
+                                   "scanner's level-0 value")
+        return SlideInfo(
+            path=path,
+            vendor=properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
+            level_dimensions=tuple(self._osr.level_dimensions),
+            level_downsamples=tuple(float(d) for d in self._osr.level_downsamples),
+            mpp=mpp,
+            mpp_source=source,
+        )
+
+    def read_region(self, location: tuple[int, int], level: int,
+                    size: tuple[int, int]) -> np.ndarray:
+        """Read ``size`` (w, h) pixels at ``level`` whose top-left is level-0 ``location``."""
+        try:
+            rgba = np.asarray(self._osr.read_region(location, level, size))
+        except openslide.OpenSlideError as exc:
+            raise SlideError(self.info.path, f"cannot read region at {location} "
+                                             f"level {level} ({exc})") from exc
+        return rgba_to_rgb(rgba)
+
+    def close(self) -> None:
+        self._osr.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite an OpenSlide RGBA array onto white and drop alpha."""
+    alpha = rgba[..., 3]
+    rgb = rgba[..., :3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.float32) / 255.0
+    return (rgb * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
+
+
+def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:
+    """Open ``path`` with OpenSlide; raise :class:`SlideError` naming the file if unusable."""
+    return Slide(path, slide_mpp)

@@ -1,0 +1,109 @@
+"""Find tissue on a low-resolution overview of a slide.
+
+Saturation separates stained tissue from glass: H&E stains are coloured, glass and dust are
+grey. Otsu's threshold (Otsu, IEEE Trans. SMC 1979) on the saturation channel adapts to each
+slide's staining; morphology then closes gaps inside tissue and drops specks and holes, as in
+CLAM's segmentation (Lu et al., Nat. Biomed. Eng. 2021) but on µm-based sizes so that it means
+the same on every scanner.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from skimage import filters, morphology
+
+from .slide import Slide, SlideInfo
+
+# Overview resolution: a 256-px patch at 0.5 µm/px covers 8x8 overview pixels at 16 µm/px.
+# Small slides get a finer overview so that it still has about this many pixels on its long side.
+OVERVIEW_MPP = 16.0
+MIN_OVERVIEW_SIDE = 1024
+# Otsu's threshold is clamped: on an all-glass slide it would pick noise, on an all-tissue one
+# it would split tissue into light and dark halves.
+MIN_SATURATION, MAX_SATURATION = 0.05, 0.15
+# Nearly black pixels (slide edges, dust, folds under a dark mark) are not tissue.
+MIN_VALUE = 0.15
+# Objects and holes smaller than this are specks and gaps, not tissue or lumen (0.02 mm²).
+MIN_AREA_UM2 = 20_000.0
+# Gaps narrower than about twice this radius inside tissue are closed.
+CLOSING_RADIUS_UM = 32.0
+# Overview blocks are read in pieces of this many pixels per side so memory stays bounded
+# even on a slide with no pyramid.
+READ_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class Overview:
+    """A low-resolution RGB picture of the whole slide and its tissue mask."""
+
+    rgb: np.ndarray  # (h, w, 3) uint8
+    mask: np.ndarray  # (h, w) bool
+    downsample: float  # level-0 pixels per overview pixel
+
+
+def overview_mpp(info: SlideInfo) -> float:
+    """Overview resolution for a slide: :data:`OVERVIEW_MPP`, finer for small slides."""
+    long_side_um = max(info.width, info.height) * info.mpp
+    return max(info.mpp, min(OVERVIEW_MPP, long_side_um / MIN_OVERVIEW_SIDE))
+
+
+def read_overview_rgb(slide: Slide, overview_mpp: float) -> tuple[np.ndarray, float]:
+    """Read the whole slide at about ``overview_mpp`` µm/px, block by block.
+
+    Reads the coarsest level no coarser than ``overview_mpp`` and box-averages it down by an
+    integer factor. Returns the picture and its downsample relative to level 0.
+    """
+    info = slide.info
+    candidates = [lv for lv in range(info.level_count) if info.level_mpp(lv) <= overview_mpp]
+    level = max(candidates, key=info.level_mpp) if candidates else info.level_count - 1
+    factor = max(1, math.floor(overview_mpp / info.level_mpp(level)))
+    block = READ_BLOCK - READ_BLOCK % factor
+    width, height = info.level_dimensions[level]
+    out = np.empty((math.ceil(height / factor), math.ceil(width / factor), 3), np.uint8)
+    level_ds = info.level_downsamples[level]
+    for y in range(0, height, block):
+        for x in range(0, width, block):
+            size = (min(block, width - x), min(block, height - y))
+            region = slide.read_region((round(x * level_ds), round(y * level_ds)), level, size)
+            small = np.asarray(Image.fromarray(region).reduce(factor))
+            out[y // factor: y // factor + small.shape[0],
+                x // factor: x // factor + small.shape[1]] = small
+    return out, level_ds * factor
+
+
+def _closing(mask: np.ndarray, radius: float) -> np.ndarray:
+    # Morphological closing with a disk, via Euclidean distance transforms: the same result as
+    # dilation then erosion with a disk, at a cost independent of the radius.
+    dilated = ndimage.distance_transform_edt(~mask) <= radius
+    return ndimage.distance_transform_edt(dilated) > radius
+
+
+def detect_tissue(rgb: np.ndarray, mpp: float) -> np.ndarray:
+    """Boolean tissue mask of an RGB picture taken at ``mpp`` µm/px."""
+    brightest = rgb.max(axis=-1).astype(np.float32)
+    darkest = rgb.min(axis=-1).astype(np.float32)
+    saturation = np.divide(brightest - darkest, brightest, out=np.zeros_like(brightest),
+                           where=brightest > 0)
+    value = brightest / 255.0
+    if np.ptp(saturation) > 0:
+        threshold = float(np.clip(filters.threshold_otsu(saturation), MIN_SATURATION,
+                                  MAX_SATURATION))
+    else:
+        threshold = MAX_SATURATION
+    mask = (saturation > threshold) & (value > MIN_VALUE)
+    mask = _closing(mask, CLOSING_RADIUS_UM / mpp)
+    min_pixels = max(1, int(MIN_AREA_UM2 / mpp**2))
+    mask = morphology.remove_small_objects(mask, max_size=min_pixels)
+    return morphology.remove_small_holes(mask, max_size=min_pixels)
+
+
+def slide_overview(slide: Slide) -> Overview:
+    """Overview picture and tissue mask of ``slide``."""
+    rgb, downsample = read_overview_rgb(slide, overview_mpp(slide.info))
+    mask = detect_tissue(rgb, slide.info.mpp * downsample)
+    return Overview(rgb=rgb, mask=mask, downsample=downsample)
