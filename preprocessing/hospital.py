@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import h5py
 from tqdm import tqdm
 
+from wsi.atomic import atomic_path
 from wsi.bag import BagError, check_bag
 
 from .isolation import run_isolated
@@ -119,15 +119,13 @@ def _unique(source: Path, entries: list[SlideEntry]) -> list[SlideEntry]:
 
 def write_manifest(path: Path, rows: list[ManifestRow]) -> None:
     """Write the manifest CSV atomically."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
         for row in rows:
             record = asdict(row)
             record["mpp"] = "" if row.mpp is None else f"{row.mpp:.6g}"
             writer.writerow(record)
-    os.replace(tmp, path)
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:

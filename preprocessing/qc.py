@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from wsi.atomic import atomic_path
 from wsi.tissue import Overview
 
 # QC pictures are scaled to a long side in this range: big enough to judge, small to store.
@@ -37,8 +37,6 @@ def write_qc_picture(path: str | Path, overview: Overview, coords: np.ndarray,
     for x, y in coords.tolist():
         draw.rectangle([x * factor, y * factor, (x + step_level0) * factor - 1,
                         (y + step_level0) * factor - 1], outline=PATCH_OUTLINE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from wsi.atomic import remove_stale_partials
 from wsi.bag import (
     DEFAULT_COMPRESSION_LEVEL,
     BagAttributes,
     BagWriter,
     PatchGeometry,
     encode_patch,
-    remove_stale_partials,
 )
 from wsi.grid import block_order, grid_coords, split_blocks, tissue_fractions
 from wsi.patches import block_patches, read_patch_block

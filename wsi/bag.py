@@ -28,6 +28,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .atomic import partial_path
+
 FORMAT_NAME = "slidefed-bag"
 FORMAT_VERSION = 1
 ENCODING = "deflate"
@@ -73,19 +75,6 @@ class PatchGeometry:
 def encode_patch(patch: np.ndarray, level: int = DEFAULT_COMPRESSION_LEVEL) -> bytes:
     """One patch as the bytes of its HDF5 chunk (zlib stream = HDF5's deflate filter)."""
     return zlib.compress(np.ascontiguousarray(patch, dtype=np.uint8).tobytes(), level)
-
-
-def partial_path(path: Path) -> Path:
-    """The hidden temporary name a bag is written under before it is renamed into place."""
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
-
-
-def remove_stale_partials(path: Path) -> list[Path]:
-    """Delete temporary files that interrupted writes of ``path`` left behind."""
-    stale = sorted(path.parent.glob(f".{path.name}.partial-*"))
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 class BagWriter:

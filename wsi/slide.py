@@ -75,6 +75,22 @@ def _parse_mpp(path: Path, properties: Mapping[str, str]) -> float | None:
     return mpp_x
 
 
+# File signatures, to say more than "unsupported" when a slide-like file fails to open.
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _unsupported_reason(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(132)
+    if not head:
+        return "empty file"
+    if head[:4] in _TIFF_MAGICS:
+        return "TIFF file that OpenSlide cannot read (truncated, corrupt, or not a tiled slide)"
+    if head[128:132] == b"DICM":
+        return "DICOM file that OpenSlide cannot read (not a WSI, or its series is incomplete)"
+    return "not a slide format OpenSlide can read"
+
+
 class Slide:
     """An open slide. Use as a context manager, or call :meth:`close`.
 
@@ -93,7 +109,7 @@ class Slide:
         try:
             self._osr = openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise SlideError(path, "not a slide format OpenSlide can read") from exc
+            raise SlideError(path, _unsupported_reason(path)) from exc
         except openslide.OpenSlideError as exc:
             raise SlideError(path, f"corrupt or unreadable slide ({exc})") from exc
         try:

@@ -1,0 +1,99 @@
+"""The patch-bag format: writing, atomicity, validation, and reading with h5py alone."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from wsi.bag import (
+    ROOT_ATTRIBUTES,
+    BagAttributes,
+    BagError,
+    BagWriter,
+    PatchGeometry,
+    check_bag,
+    encode_patch,
+)
+
+ATTRS = BagAttributes(slide_id="s1", source_path="/slides/s1.svs", mpp_level0=0.25,
+                      target_mpp=0.5, read_level=1, level0_width=4096, level0_height=2048,
+                      vendor="generic-tiff")
+GEOMETRY = PatchGeometry(patch_size=32, read_size=32, step_level0=64)
+
+
+def _patches(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def _write(path, n=5, seed=0):
+    patches = _patches(n, seed)
+    coords = np.stack([np.arange(n) * 64, np.zeros(n, int)], 1)
+    with BagWriter(path, ATTRS, GEOMETRY, coords, np.linspace(0.5, 1, n)) as writer:
+        writer.write_chunks(0, [encode_patch(p) for p in patches[:2]])
+        writer.write_chunks(2, [encode_patch(p) for p in patches[2:]])
+    return patches, coords
+
+
+def test_bag_round_trips_through_plain_h5py(tmp_path):
+    path = tmp_path / "s1.h5"
+    patches, coords = _write(path)
+    assert check_bag(path, deep=True) == 5
+    with h5py.File(path, "r") as f:  # no slidefed code on the reading side
+        np.testing.assert_array_equal(f["patches"][()], patches)
+        np.testing.assert_array_equal(f["coords"][()], coords)
+        assert f["coords"].attrs["patch_level"] == 1 and f["coords"].attrs["patch_size"] == 32
+        assert f["patches"].chunks == (1, 32, 32, 3)
+        assert f["patches"].compression == "gzip"
+        assert set(ROOT_ATTRIBUTES) <= set(f.attrs)
+        assert f.attrs["format"] == "slidefed-bag" and f.attrs["format_version"] == 1
+        assert f["tissue_fraction"].dtype == np.float32
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    path = tmp_path / "s1.h5"
+    coords = np.zeros((3, 2), int)
+    with pytest.raises(RuntimeError), BagWriter(path, ATTRS, GEOMETRY, coords, np.ones(3)) as w:
+        w.write_chunks(0, [encode_patch(_patches(1)[0])])
+        raise RuntimeError("reader crashed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_commit_refuses_an_incomplete_bag(tmp_path):
+    path = tmp_path / "s1.h5"
+    writer = BagWriter(path, ATTRS, GEOMETRY, np.zeros((3, 2), int), np.ones(3))
+    writer.write_chunks(0, [encode_patch(_patches(1)[0])])
+    with pytest.raises(BagError, match="2 patches were never written"):
+        writer.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validation_names_the_problem(tmp_path):
+    path = tmp_path / "s1.h5"
+    _write(path)
+    with h5py.File(path, "a") as f:
+        del f.attrs["mpp_level0"]
+    with pytest.raises(BagError, match=r"missing root attributes \['mpp_level0'\]"):
+        check_bag(path)
+
+    _write(path)
+    with h5py.File(path, "a") as f:
+        f["coords"][0] = (999_999, 0)
+    with pytest.raises(BagError, match="outside the slide"):
+        check_bag(path)
+
+    text = tmp_path / "text.h5"
+    text.write_text("not hdf5")
+    with pytest.raises(BagError, match="not an HDF5 file"):
+        check_bag(text)
+    with pytest.raises(BagError, match="bag not found"):
+        check_bag(tmp_path / "missing.h5")
+
+
+def test_truncated_bag_fails_validation(tmp_path):
+    path = tmp_path / "s1.h5"
+    _write(path, n=20)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(BagError):
+        check_bag(path)

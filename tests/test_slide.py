@@ -1,0 +1,117 @@
+"""Opening slides, resolution plans and tissue detection, on a real Aperio slide and bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsi.resolution import plan_reading
+from wsi.slide import SlideError, open_slide
+from wsi.tissue import detect_tissue, slide_overview
+
+
+def test_real_aperio_slide_reports_vendor_levels_and_mpp(real_slide):
+    with open_slide(real_slide) as slide:
+        info = slide.info
+        assert info.vendor == "aperio"
+        assert (info.width, info.height) == (2220, 2967)
+        assert info.level_count == 1
+        assert info.mpp == pytest.approx(0.499)
+        assert info.mpp_source == "file"
+        region = slide.read_region((0, 0), 0, (64, 32))
+        assert region.shape == (32, 64, 3) and region.dtype == np.uint8
+
+
+def test_user_mpp_overrides_and_is_recorded(real_slide):
+    with open_slide(real_slide, slide_mpp=0.25) as slide:
+        assert slide.info.mpp == 0.25 and slide.info.mpp_source == "user"
+
+
+def test_plan_reads_level0_without_resize_at_native_resolution(real_slide):
+    with open_slide(real_slide) as slide:
+        plan = plan_reading(slide.info, 0.5, 256)
+    assert plan.read_level == 0 and plan.read_size == 256 and not plan.needs_resize
+
+
+def test_plan_resizes_when_target_is_coarser_than_every_level(real_slide):
+    with open_slide(real_slide) as slide:
+        plan = plan_reading(slide.info, 1.0, 224)
+    # 224 px at 1.0 µm/px cover 224 µm = 449 px at 0.499 µm/px.
+    assert plan.read_level == 0 and plan.read_size == 449 and plan.needs_resize
+
+
+def test_plan_refuses_to_invent_detail(real_slide):
+    with open_slide(real_slide) as slide, pytest.raises(SlideError, match="coarser than"):
+        plan_reading(slide.info, 0.25, 256)
+
+
+def test_tissue_mask_covers_stained_tissue_not_glass(real_slide):
+    with open_slide(real_slide) as slide:
+        overview = slide_overview(slide)
+    mask, rgb = overview.mask, overview.rgb.astype(float)
+    assert 0.15 < mask.mean() < 0.7
+    # Glass is bright and grey; tissue is darker and coloured (H&E).
+    chroma = rgb.max(-1) - rgb.min(-1)
+    assert rgb[~mask].mean() > rgb[mask].mean() + 30
+    assert chroma[mask].mean() > 2 * chroma[~mask].mean()
+
+
+def test_tissue_detection_finds_nothing_on_blank_glass():
+    rng = np.random.default_rng(0)
+    glass = (rng.normal(240, 3, (300, 300, 3))).clip(0, 255).astype(np.uint8)
+    assert not detect_tissue(glass, mpp=8.0).any()
+
+
+def test_tissue_detection_drops_specks_and_keeps_a_blob():
+    rgb = np.full((400, 400, 3), 242, np.uint8)
+    rgb[100:300, 100:300] = (180, 90, 170)  # H&E-coloured block: 1600x1600 µm at 8 µm/px
+    rgb[20:22, 20:22] = (150, 40, 140)  # a 16x16 µm speck of dust
+    mask = detect_tissue(rgb, mpp=8.0)
+    assert mask[150:250, 150:250].all()
+    assert not mask[15:30, 15:30].any()
+
+
+def _write_tiled_tiff(path, resolution: bool) -> None:
+    data = np.full((512, 512, 3), 230, np.uint8)
+    kwargs = {"resolution": (1e4 / 0.5, 1e4 / 0.5), "resolutionunit": "CENTIMETER"} \
+        if resolution else {}
+    tifffile.imwrite(path, data, tile=(256, 256), photometric="rgb", **kwargs)
+
+
+def test_slide_without_mpp_is_refused_unless_user_supplies_it(tmp_path):
+    path = tmp_path / "nompp.tiff"
+    _write_tiled_tiff(path, resolution=False)
+    with pytest.raises(SlideError, match="no microns per pixel.*--slide-mpp") as err:
+        open_slide(path)
+    assert str(path) in str(err.value)
+    with open_slide(path, slide_mpp=0.5) as slide:
+        assert slide.info.mpp == 0.5 and slide.info.vendor == "generic-tiff"
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"),
+    (b"this is a text file, not a slide\n", "not a slide format"),
+    (b"II*\x00" + b"\x00" * 64, "TIFF file that OpenSlide cannot read"),
+])
+def test_unreadable_files_get_a_one_line_reason(tmp_path, content, reason):
+    path = tmp_path / "bad.svs"
+    path.write_bytes(content)
+    with pytest.raises(SlideError) as err:
+        open_slide(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and reason in message and "\n" not in message
+
+
+def test_truncated_real_slide_is_refused(real_slide, tmp_path):
+    path = tmp_path / "truncated.svs"
+    path.write_bytes(real_slide.read_bytes()[:1_000_000])
+    with pytest.raises(SlideError, match="truncated, corrupt"):
+        open_slide(path)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(SlideError, match="file not found"):
+        open_slide(tmp_path / "nope.svs")
+    with pytest.raises(SlideError, match="is a directory"):
+        open_slide(tmp_path)
