@@ -8,7 +8,7 @@ import logging
 import math
 from pathlib import Path
 
-from wsi.bag import BagError, check_bag
+from wsi.bag import CODECS, BagError, PatchEncoding, check_bag
 from wsi.slide import SlideError
 
 from .hospital import SlideListError, preprocess_hospital
@@ -62,15 +62,17 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--slide-mpp", type=positive_float, default=None,
                         help="level-0 µm per pixel of the slide(s), for files that do not state it")
-    parser.add_argument("--compression-level", type=int, choices=range(10),
-                        default=defaults.compression_level, metavar="0-9",
-                        help="deflate level of stored patches (default %(default)s)")
+    parser.add_argument("--encoding", choices=sorted(CODECS), default=defaults.encoding.name,
+                        help="how patches are stored: jpeg (default, lossy, ~9x smaller) or "
+                             "deflate (lossless)")
+    parser.add_argument("--encoding-level", type=int, default=None,
+                        help="JPEG quality 1-95 (default 90) or deflate level 0-9 (default 1)")
 
 
 def tiling_options(args: argparse.Namespace) -> TilingOptions:
     return TilingOptions(target_mpp=args.mpp, patch_size=args.patch_size,
                          min_tissue=args.min_tissue, slide_mpp=args.slide_mpp,
-                         compression_level=args.compression_level)
+                         encoding=PatchEncoding(args.encoding, args.encoding_level))
 
 
 def run_tile(args: argparse.Namespace) -> int:
@@ -122,6 +124,14 @@ def run_bench_tiling(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench_encodings(args: argparse.Namespace) -> int:
+    from .bench import bench_encodings
+
+    for row in bench_encodings(args.slide, tiling_options(args)):
+        print(json.dumps(row))
+    return 0
+
+
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the ``slidefed`` parser."""
     p = commands.add_parser("tile", help="cut one slide into a patch bag")
@@ -162,3 +172,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                    help="workers for the speed-up measurement (default 2)")
     add_tiling_arguments(p)
     p.set_defaults(run=run_bench_tiling)
+
+    p = bench.add_parser("encodings", help="size, speed and error of each patch encoding")
+    p.add_argument("slide", type=Path, help="slide file")
+    add_tiling_arguments(p)
+    p.set_defaults(run=run_bench_encodings)

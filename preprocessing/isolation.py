@@ -63,7 +63,7 @@ def run_isolated(fn: Callable[[Job], Result], jobs: Iterable[Job],
             while queue and len(running) < max(1, workers):
                 job = queue.pop()
                 reader, writer = ctx.Pipe(duplex=False)
-                process = ctx.Process(target=_child, args=(fn, job, writer), daemon=True)
+                process = ctx.Process(target=_child, args=(fn, job, writer))
                 process.start()
                 writer.close()
                 running[reader] = (process, job)

@@ -13,13 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wsi.atomic import remove_stale_partials
-from wsi.bag import (
-    DEFAULT_COMPRESSION_LEVEL,
-    BagAttributes,
-    BagWriter,
-    PatchGeometry,
-    encode_patch,
-)
+from wsi.bag import BagAttributes, BagWriter, PatchEncoding, PatchGeometry
 from wsi.grid import block_order, grid_coords, split_blocks, tissue_fractions
 from wsi.patches import block_patches, read_patch_block
 from wsi.resolution import ReadPlan, plan_reading
@@ -39,7 +33,7 @@ class TilingOptions:
     patch_size: int = 256
     min_tissue: float = 0.5
     slide_mpp: float | None = None
-    compression_level: int = DEFAULT_COMPRESSION_LEVEL
+    encoding: PatchEncoding = PatchEncoding()
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
@@ -50,8 +44,6 @@ class TilingOptions:
             raise ValueError(f"min tissue must be a fraction in [0, 1], got {self.min_tissue}")
         if self.slide_mpp is not None and not self.slide_mpp > 0:
             raise ValueError(f"slide mpp must be positive, got {self.slide_mpp}")
-        if not 0 <= self.compression_level <= 9:
-            raise ValueError(f"compression level must be 0-9, got {self.compression_level}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +59,9 @@ class TileResult:
 
 
 @dataclass(frozen=True)
-class _Layout:
+class SlideLayout:
+    """Where a slide's patches are and how they are read, before any pixel is read."""
+
     plan: ReadPlan
     overview: Overview
     coords: np.ndarray  # block-ordered level-0 corners of kept patches
@@ -75,7 +69,8 @@ class _Layout:
     blocks: list[slice]
 
 
-def _layout(slide: Slide, options: TilingOptions) -> _Layout:
+def plan_layout(slide: Slide, options: TilingOptions) -> SlideLayout:
+    """Resolution plan, tissue mask and the kept patches of ``slide``, in block order."""
     info = slide.info
     plan = plan_reading(info, options.target_mpp, options.patch_size)
     overview = slide_overview(slide)
@@ -85,12 +80,13 @@ def _layout(slide: Slide, options: TilingOptions) -> _Layout:
     coords, tissue = coords[keep], tissue[keep]
     order = block_order(coords, plan.step_level0, block_patches(plan))
     coords, tissue = coords[order], tissue[order]
-    return _Layout(plan, overview, coords, tissue,
+    return SlideLayout(plan, overview, coords, tissue,
                    split_blocks(coords, plan.step_level0, block_patches(plan)))
 
 
-def _encode_block(slide: Slide, plan: ReadPlan, coords: np.ndarray, level: int) -> list[bytes]:
-    return [encode_patch(p, level) for p in read_patch_block(slide, plan, coords)]
+def _encode_block(slide: Slide, plan: ReadPlan, coords: np.ndarray,
+                  encoding: PatchEncoding) -> list[bytes]:
+    return [encoding.encode(p) for p in read_patch_block(slide, plan, coords)]
 
 
 # Worker-process state for parallel tiling of one slide: each worker opens the slide once.
@@ -102,20 +98,21 @@ def _worker_open(path: Path, slide_mpp: float | None) -> None:
     _worker_slide = open_slide(path, slide_mpp)
 
 
-def _worker_encode(args: tuple[ReadPlan, np.ndarray, int, int]) -> tuple[int, list[bytes]]:
-    plan, coords, level, start = args
+def _worker_encode(args: tuple[ReadPlan, np.ndarray, PatchEncoding, int],
+                   ) -> tuple[int, list[bytes]]:
+    plan, coords, encoding, start = args
     assert _worker_slide is not None
-    return start, _encode_block(_worker_slide, plan, coords, level)
+    return start, _encode_block(_worker_slide, plan, coords, encoding)
 
 
-def _encoded_blocks(slide: Slide, layout: _Layout, options: TilingOptions,
+def _encoded_blocks(slide: Slide, layout: SlideLayout, options: TilingOptions,
                     workers: int) -> Iterator[tuple[int, list[bytes]]]:
-    level = options.compression_level
+    encoding = options.encoding
     if workers <= 1:
         for block in layout.blocks:
-            yield block.start, _encode_block(slide, layout.plan, layout.coords[block], level)
+            yield block.start, _encode_block(slide, layout.plan, layout.coords[block], encoding)
         return
-    tasks = [(layout.plan, layout.coords[b], level, b.start) for b in layout.blocks]
+    tasks = [(layout.plan, layout.coords[b], encoding, b.start) for b in layout.blocks]
     # fork: workers start in milliseconds and inherit nothing heavier than numpy and OpenSlide.
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers, initializer=_worker_open,
@@ -142,7 +139,7 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
         log.info("removed %s left by an interrupted run", stale)
     with open_slide(slide_path, options.slide_mpp) as slide:
         info = slide.info
-        layout = _layout(slide, options)
+        layout = plan_layout(slide, options)
         n = len(layout.coords)
         log.info("%s: %s, %d levels, %dx%d px at %.4g µm/px (%s); reading level %d, %d patches",
                  slide_id, info.vendor, info.level_count, info.width, info.height, info.mpp,
@@ -158,7 +155,7 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
         geometry = PatchGeometry(options.patch_size, layout.plan.read_size,
                                  layout.plan.step_level0)
         with BagWriter(bag_path, attributes, geometry, layout.coords, layout.tissue,
-                       options.compression_level) as writer, \
+                       options.encoding) as writer, \
                 tqdm(total=n, unit="patch", desc=slide_id, disable=None if progress else True,
                      leave=False) as bar:
             for start, chunks in _encoded_blocks(slide, layout, options, workers):

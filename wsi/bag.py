@@ -1,4 +1,4 @@
-"""The patch bag: one HDF5 file per slide, readable with h5py alone (format version 1).
+"""The patch bag: one HDF5 file per slide, readable with h5py (format version 1).
 
 Layout (DESIGN.md):
 
@@ -6,8 +6,12 @@ Layout (DESIGN.md):
   ``patch_level`` and ``patch_size`` follow CLAM (Lu et al., Nat. Biomed. Eng. 2021): the
   pyramid level read and the patch side *at that level*, so CLAM-style tools re-read the same
   regions; ``patch_size_level0`` (TRIDENT's name) is the side in level-0 pixels.
-- ``patches`` uint8 (N, P, P, 3): RGB pixels at the target resolution, one HDF5 chunk per patch
-  compressed with HDF5's standard deflate filter, so any HDF5 reader decodes them.
+- ``patches``: RGB pixels at the target resolution, one patch per read, in the encoding named
+  by its ``encoding`` attribute (with ``encoding_level`` and ``patch_size``):
+  ``jpeg`` (default): variable-length uint8 (N,), each element one baseline JPEG file
+  (4:4:4 chroma), decoded by any JPEG library;
+  ``deflate``: uint8 (N, P, P, 3), one HDF5 chunk per patch with HDF5's standard deflate
+  filter (lossless, decoded by h5py itself). README.md has the measurements behind the default.
 - ``tissue_fraction`` float32 (N,).
 - Root attributes: see :data:`ROOT_ATTRIBUTES`.
 
@@ -17,8 +21,10 @@ either exists whole or not at all.
 
 from __future__ import annotations
 
+import io
 import os
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -27,13 +33,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from PIL import Image
 
 from .atomic import partial_path
 
 FORMAT_NAME = "slidefed-bag"
 FORMAT_VERSION = 1
-ENCODING = "deflate"
-DEFAULT_COMPRESSION_LEVEL = 1
 
 
 class BagError(Exception):
@@ -72,9 +77,123 @@ class PatchGeometry:
     step_level0: int
 
 
-def encode_patch(patch: np.ndarray, level: int = DEFAULT_COMPRESSION_LEVEL) -> bytes:
-    """One patch as the bytes of its HDF5 chunk (zlib stream = HDF5's deflate filter)."""
-    return zlib.compress(np.ascontiguousarray(patch, dtype=np.uint8).tobytes(), level)
+class _Codec(ABC):
+    """How one encoding lays out, writes and decodes the ``patches`` dataset."""
+
+    levels: range
+    default_level: int
+
+    @abstractmethod
+    def create(self, f: h5py.File, n: int, size: int, level: int) -> h5py.Dataset: ...
+
+    @abstractmethod
+    def encode(self, patch: np.ndarray, level: int) -> bytes: ...
+
+    @abstractmethod
+    def write(self, ds: h5py.Dataset, start: int, encoded: Sequence[bytes]) -> None: ...
+
+    @abstractmethod
+    def read(self, ds: h5py.Dataset, indices: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def layout_problem(self, ds: h5py.Dataset, n: int, size: int) -> str | None: ...
+
+
+class _Jpeg(_Codec):
+    """Baseline JPEG files (libjpeg-turbo through Pillow), one variable-length element each.
+
+    Chroma is not subsampled (4:4:4): in H&E the colour is the stain, and 4:2:0 subsampling
+    more than triples the pixel error at the same quality (README.md, encodings).
+    """
+
+    levels = range(1, 96)
+    default_level = 90
+
+    def create(self, f, n, size, level):
+        return f.create_dataset("patches", shape=(n,), dtype=h5py.vlen_dtype(np.uint8),
+                                chunks=(min(max(n, 1), 64),) if n else None)
+
+    def encode(self, patch, level):
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(patch, dtype=np.uint8)).save(
+            buffer, format="JPEG", quality=level, subsampling="4:4:4")
+        return buffer.getvalue()
+
+    def write(self, ds, start, encoded):
+        values = np.empty(len(encoded), dtype=object)
+        values[:] = [np.frombuffer(b, np.uint8) for b in encoded]
+        ds[start:start + len(encoded)] = values
+
+    def read(self, ds, indices):
+        return np.stack([np.asarray(Image.open(io.BytesIO(ds[int(i)].tobytes())).convert("RGB"))
+                         for i in indices])
+
+    def layout_problem(self, ds, n, size):
+        if ds.shape != (n,) or ds.dtype.kind != "O":
+            return f"jpeg patches must be variable-length (N,) with N={n}, found {ds.shape}"
+        return None
+
+
+class _Deflate(_Codec):
+    """Lossless pixels, one HDF5 chunk per patch, HDF5's deflate filter (a zlib stream)."""
+
+    levels = range(0, 10)
+    default_level = 1
+
+    def create(self, f, n, size, level):
+        return f.create_dataset("patches", shape=(n, size, size, 3), dtype=np.uint8,
+                                chunks=(1, size, size, 3) if n else None,
+                                compression="gzip" if n else None,
+                                compression_opts=level if n else None)
+
+    def encode(self, patch, level):
+        return zlib.compress(np.ascontiguousarray(patch, dtype=np.uint8).tobytes(), level)
+
+    def write(self, ds, start, encoded):
+        for i, chunk in enumerate(encoded, start):
+            ds.id.write_direct_chunk((i, 0, 0, 0), chunk)
+
+    def read(self, ds, indices):
+        return np.stack([ds[int(i)] for i in indices])
+
+    def layout_problem(self, ds, n, size):
+        if ds.dtype != np.uint8 or ds.shape != (n, size, size, 3):
+            return f"deflate patches must be uint8 ({n}, {size}, {size}, 3), found {ds.shape}"
+        if n and ds.chunks != (1, size, size, 3):
+            return f"patches must be chunked one patch per chunk, found {ds.chunks}"
+        return None
+
+
+CODECS: dict[str, _Codec] = {"jpeg": _Jpeg(), "deflate": _Deflate()}
+
+
+@dataclass(frozen=True)
+class PatchEncoding:
+    """How patches are stored: ``jpeg`` (level = quality 1-95) or ``deflate`` (level 0-9)."""
+
+    name: str = "jpeg"
+    level: int | None = None  # None: the encoding's default
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise ValueError(f"unknown patch encoding {self.name!r}; choose from "
+                             f"{', '.join(CODECS)}")
+        codec = CODECS[self.name]
+        if self.level is None:
+            object.__setattr__(self, "level", codec.default_level)
+        elif self.level not in codec.levels:
+            raise ValueError(f"{self.name} level must be {codec.levels.start}-"
+                             f"{codec.levels.stop - 1}, got {self.level}")
+
+    def encode(self, patch: np.ndarray) -> bytes:
+        """One (P, P, 3) uint8 patch as stored bytes."""
+        return CODECS[self.name].encode(patch, self.level)
+
+
+def read_patches(f: h5py.File, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Decode patches ``indices`` of an open bag to uint8 (k, P, P, 3), whatever the encoding."""
+    ds = f["patches"]
+    return CODECS[ds.attrs["encoding"]].read(ds, np.asarray(indices, np.int64))
 
 
 class BagWriter:
@@ -87,7 +206,7 @@ class BagWriter:
 
     def __init__(self, path: str | Path, attributes: BagAttributes, geometry: PatchGeometry,
                  coords: np.ndarray, tissue_fraction: np.ndarray,
-                 compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> None:
+                 encoding: PatchEncoding | None = None) -> None:
         self.path = Path(path)
         self._tmp = partial_path(self.path)
         n, size = len(coords), geometry.patch_size
@@ -101,19 +220,16 @@ class BagWriter:
         ds.attrs.update({"patch_level": attributes.read_level, "patch_size": geometry.read_size,
                          "patch_size_level0": geometry.step_level0})
         f.create_dataset("tissue_fraction", data=np.asarray(tissue_fraction, np.float32))
-        patches = f.create_dataset("patches", shape=(n, size, size, 3), dtype=np.uint8,
-                                   chunks=(1, size, size, 3) if n else None,
-                                   compression="gzip" if n else None,
-                                   compression_opts=compression_level if n else None)
-        patches.attrs.update({"encoding": ENCODING, "compression_level": compression_level,
-                              "color": "RGB"})
+        encoding = encoding or PatchEncoding()
+        self._codec = CODECS[encoding.name]
+        patches = self._codec.create(f, n, size, encoding.level)
+        patches.attrs.update({"encoding": encoding.name, "encoding_level": encoding.level,
+                              "patch_size": size, "color": "RGB"})
         self._patches = patches
 
     def write_chunks(self, start: int, chunks: Sequence[bytes]) -> None:
         """Store encoded patches ``start .. start + len(chunks) - 1``."""
-        dsid = self._patches.id
-        for i, chunk in enumerate(chunks, start):
-            dsid.write_direct_chunk((i, 0, 0, 0), chunk)
+        self._codec.write(self._patches, start, chunks)
         self._written[start:start + len(chunks)] = True
 
     def commit(self) -> Path:
@@ -165,7 +281,7 @@ def check_bag(path: str | Path, deep: bool = False) -> int:
     try:
         with h5py.File(path, "r") as f:
             return _check_open_bag(path, f, deep)
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, Image.UnidentifiedImageError) as exc:
         raise BagError(path, f"unreadable bag ({exc})") from exc
 
 
@@ -190,12 +306,13 @@ def _check_open_bag(path: Path, f: h5py.File, deep: bool) -> int:
     for attr in ("patch_level", "patch_size"):
         if attr not in coords.attrs:
             fail(f"coords lacks attribute {attr!r}")
-    if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[0] != n \
-            or patches.shape[3] != 3 or patches.shape[1] != patches.shape[2]:
-        fail(f"patches must be uint8 (N, P, P, 3) with N={n}, found {patches.dtype} "
-             f"{patches.shape}")
-    if patches.attrs.get("encoding") != ENCODING:
-        fail(f"patches encoding {patches.attrs.get('encoding')!r} is not {ENCODING!r}")
+    codec = CODECS.get(patches.attrs.get("encoding"))
+    if codec is None:
+        fail(f"patches encoding {patches.attrs.get('encoding')!r} is not one of {list(CODECS)}")
+    size = int(patches.attrs.get("patch_size", 0))
+    problem = codec.layout_problem(patches, n, size)
+    if problem:
+        fail(problem)
     if tissue.dtype != np.float32 or tissue.shape != (n,):
         fail(f"tissue_fraction must be float32 ({n},), found {tissue.dtype} {tissue.shape}")
     if n:
@@ -206,10 +323,8 @@ def _check_open_bag(path: Path, f: h5py.File, deep: bool) -> int:
         t = tissue[()]
         if (t < 0).any() or (t > 1).any():
             fail("tissue_fraction outside [0, 1]")
-        if patches.chunks != (1, *patches.shape[1:]):
-            fail(f"patches must be chunked one patch per chunk, found {patches.chunks}")
-        # Decoding is the integrity check: a truncated or corrupt chunk raises here.
+        # Decoding is the integrity check: a truncated or corrupt patch raises here.
         for i in range(n) if deep else (n - 1,):
-            if patches[i].shape != patches.shape[1:]:
-                fail(f"patch {i} decodes to the wrong shape")
+            if codec.read(patches, np.array([i])).shape != (1, size, size, 3):
+                fail(f"patch {i} does not decode to {size}x{size} RGB")
     return n
