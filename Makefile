@@ -25,7 +25,7 @@ $(TEST_SLIDE):
 	mv $@.part $@
 
 demo: $(BIN)/slidefed
-	$(BIN)/snakemake -c$(CORES)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake -c$(CORES)
 
 test: $(BIN)/slidefed $(TEST_SLIDE)
 	SLIDEFED_TEST_SLIDE=$(abspath $(TEST_SLIDE)) $(BIN)/pytest

@@ -1,0 +1,51 @@
+# slidefed end-to-end workflow. Default: the synthetic demo cohort (configs/demo.yaml).
+#   snakemake -c2                                      # demo, 2 cores
+#   snakemake -c8 --configfile configs/my_cohort.yaml  # your cohort
+# Every rule calls the `slidefed` command line; the logic lives in the package.
+
+configfile: "configs/demo.yaml"
+
+OUT = config["output_dir"]
+HOSPITALS = config["hospitals"]
+TILING = config.get("tiling", {})
+TILING_ARGS = " ".join(
+    f"--{key.replace('_', '-')} {value}" for key, value in TILING.items()
+)
+
+
+rule all:
+    input:
+        expand(f"{OUT}/preprocessed/{{hospital}}/manifest.csv", hospital=HOSPITALS),
+
+
+if "demo_cohort" in config:
+    DEMO = config["demo_cohort"]
+
+    rule demo_cohort:
+        output:
+            [HOSPITALS[h] for h in HOSPITALS],
+        params:
+            root=f"{OUT}/cohort",
+        log:
+            f"{OUT}/logs/demo_cohort.log",
+        shell:
+            "slidefed demo-cohort -o {params.root} --hospitals {DEMO[hospitals]} "
+            "--slides-per-hospital {DEMO[slides_per_hospital]} --seed {DEMO[seed]} "
+            "> {log} 2>&1"
+
+
+rule preprocess:
+    """One hospital's job: its slides to patch bags, a manifest and QC pictures."""
+    input:
+        slides=lambda wc: HOSPITALS[wc.hospital],
+    output:
+        manifest=f"{OUT}/preprocessed/{{hospital}}/manifest.csv",
+    params:
+        out=f"{OUT}/preprocessed/{{hospital}}",
+        tiling=TILING_ARGS,
+    threads: config.get("preprocess_workers", 1)
+    log:
+        f"{OUT}/logs/preprocess_{{hospital}}.log",
+    shell:
+        "slidefed preprocess --hospital {wildcards.hospital} --slides {input.slides} "
+        "-o {params.out} --workers {threads} {params.tiling} > {log} 2>&1"
