@@ -32,9 +32,15 @@ def _write(path, n=5, seed=0, encoding=DEFLATE):
     patches = _patches(n, seed)
     coords = np.stack([np.arange(n) * 64, np.zeros(n, int)], 1)
     with BagWriter(path, ATTRS, GEOMETRY, coords, np.linspace(0.5, 1, n), encoding) as writer:
-        writer.write_chunks(0, [encoding.encode(p) for p in patches[:2]])
-        writer.write_chunks(2, [encoding.encode(p) for p in patches[2:]])
+        writer.write_chunks(0, [encoding.encode(p) for p in patches[:1]])  # a one-patch block
+        writer.write_chunks(1, [encoding.encode(p) for p in patches[1:]])
     return patches, coords
+
+
+@pytest.mark.parametrize("name", ["jpeg", "deflate"])
+def test_every_encoding_writes_single_and_multi_patch_blocks(tmp_path, name):
+    _write(tmp_path / "s.h5", encoding=PatchEncoding(name))
+    assert check_bag(tmp_path / "s.h5", deep=True) == 5
 
 
 def test_bag_round_trips_through_plain_h5py(tmp_path):

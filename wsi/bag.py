@@ -120,9 +120,9 @@ class _Jpeg(_Codec):
         return buffer.getvalue()
 
     def write(self, ds, start, encoded):
-        values = np.empty(len(encoded), dtype=object)
-        values[:] = [np.frombuffer(b, np.uint8) for b in encoded]
-        ds[start:start + len(encoded)] = values
+        # Element by element: h5py reads a one-element batch as a 2-D array and refuses it.
+        for i, data in enumerate(encoded, start):
+            ds[i] = np.frombuffer(data, np.uint8)
 
     def read(self, ds, indices):
         return np.stack([np.asarray(Image.open(io.BytesIO(ds[int(i)].tobytes())).convert("RGB"))
