@@ -26,12 +26,13 @@ if "demo_cohort" in config:
             [HOSPITALS[h] for h in HOSPITALS],
         params:
             root=f"{OUT}/cohort",
+        threads: workflow.cores
         log:
             f"{OUT}/logs/demo_cohort.log",
         shell:
             "slidefed demo-cohort -o {params.root} --hospitals {DEMO[hospitals]} "
             "--slides-per-hospital {DEMO[slides_per_hospital]} --seed {DEMO[seed]} "
-            "> {log} 2>&1"
+            "--workers {threads} > {log} 2>&1"
 
 
 rule preprocess:

@@ -100,7 +100,8 @@ def run_demo_cohort(args: argparse.Namespace) -> int:
     kwargs = {k: v for k, v in (("hospitals", args.hospitals),
                                 ("slides_per_hospital", args.slides_per_hospital),
                                 ("size", args.size)) if v is not None}
-    for hospital in make_demo_cohort(args.output, seed=args.seed, **kwargs):
+    for hospital in make_demo_cohort(args.output, seed=args.seed, workers=args.workers,
+                                     **kwargs):
         print(hospital)
     return 0
 
@@ -159,6 +160,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--slides-per-hospital", type=positive_int, help="slides per hospital")
     p.add_argument("--size", type=positive_int, help="slide side in level-0 pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="slides written at once (default 1)")
     p.set_defaults(run=run_demo_cohort)
 
     p = commands.add_parser("validate", help="check patch bags against the format")

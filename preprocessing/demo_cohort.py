@@ -22,6 +22,7 @@ import json
 import logging
 import string
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ from wsi.synthetic import (
     write_synthetic_slide,
     written_with,
 )
+
+from .isolation import run_isolated
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +112,29 @@ def plan_demo_cohort(hospitals: int = DEFAULT_HOSPITALS,
     return plan
 
 
+def _materialize(out_dir: Path, planned: DemoSlide) -> SyntheticSlide:
+    """Write one planned slide and its annotations (or keep an identical existing one)."""
+    hospital_dir = out_dir / planned.hospital
+    slide_path = hospital_dir / "slides" / f"{planned.slide_id}.tiff"
+    if slide_path.exists():
+        if not written_with(slide_path, planned.spec):
+            raise CohortError(f"{slide_path} exists but was not written with these cohort "
+                              "settings; use another directory or delete it")
+        log.debug("keeping %s", slide_path)
+        slide = SyntheticSlide.from_spec(slide_path, planned.spec)
+    else:
+        slide_path.parent.mkdir(parents=True, exist_ok=True)
+        slide = write_synthetic_slide(slide_path, planned.spec)
+    _write_json(hospital_dir / "annotations" / f"{planned.slide_id}.geojson",
+                tumour_geojson(slide.tumour_polygons))
+    return slide
+
+
 def make_demo_cohort(out_dir: Path, hospitals: int = DEFAULT_HOSPITALS,
                      slides_per_hospital: int = DEFAULT_SLIDES_PER_HOSPITAL,
-                     size: int = DEFAULT_SIZE, seed: int = 0) -> list[Path]:
-    """Write the demo cohort under ``out_dir``; return the hospital directories, in order.
+                     size: int = DEFAULT_SIZE, seed: int = 0, workers: int = 1) -> list[Path]:
+    """Write the demo cohort under ``out_dir``, ``workers`` slides at a time; return the
+    hospital directories, in order.
 
     Idempotent: a slide that already exists and was written from the same spec is not
     rendered again. One written from a different spec (say another ``size``) is an error, so
@@ -120,22 +142,15 @@ def make_demo_cohort(out_dir: Path, hospitals: int = DEFAULT_HOSPITALS,
     """
     out_dir = Path(out_dir)
     plan = plan_demo_cohort(hospitals, slides_per_hospital, size, seed)
+    written_by_id: dict[str, SyntheticSlide] = {}
+    jobs = run_isolated(partial(_materialize, out_dir), plan, workers)
+    for planned, outcome in tqdm(jobs, total=len(plan), desc="demo cohort", unit="slide"):
+        if outcome.result is None:
+            raise CohortError(outcome.error or f"{planned.slide_id}: not written")
+        written_by_id[planned.slide_id] = outcome.result
     slides: dict[str, list[tuple[DemoSlide, SyntheticSlide]]] = {}
-    for planned in tqdm(plan, desc="demo cohort", unit="slide"):
-        hospital_dir = out_dir / planned.hospital
-        slide_path = hospital_dir / "slides" / f"{planned.slide_id}.tiff"
-        if slide_path.exists():
-            if not written_with(slide_path, planned.spec):
-                raise CohortError(f"{slide_path} exists but was not written with these cohort "
-                                  "settings; use another directory or delete it")
-            log.debug("keeping %s", slide_path)
-            slide = SyntheticSlide.from_spec(slide_path, planned.spec)
-        else:
-            slide_path.parent.mkdir(parents=True, exist_ok=True)
-            slide = write_synthetic_slide(slide_path, planned.spec)
-        _write_json(hospital_dir / "annotations" / f"{planned.slide_id}.geojson",
-                    tumour_geojson(slide.tumour_polygons))
-        slides.setdefault(planned.hospital, []).append((planned, slide))
+    for planned in plan:
+        slides.setdefault(planned.hospital, []).append((planned, written_by_id[planned.slide_id]))
     for hospital, written in slides.items():
         _write_labels(out_dir / hospital / "labels.csv", written)
     log.info("demo cohort of %d slides in %d hospitals at %s", len(plan), len(slides), out_dir)
