@@ -20,7 +20,7 @@ import numpy as np
 import openslide
 
 from wsi.bag import CODECS, PatchEncoding, read_patches
-from wsi.patches import read_patch_block
+from wsi.patches import read_patch_run
 from wsi.slide import open_slide
 
 from .isolation import run_isolated
@@ -71,8 +71,7 @@ def bench_tiling(slide_path: str | Path, options: TilingOptions | None = None,
     with slide_path.open("rb") as f:  # warm the page cache for both sides alike
         while f.read(1 << 24):
             pass
-    coords_row_major = layout.coords[np.lexsort((layout.coords[:, 0], layout.coords[:, 1]))]
-    bare_s, bare_rss = _in_fresh_process(_bare_reads, slide_path, coords_row_major,
+    bare_s, bare_rss = _in_fresh_process(_bare_reads, slide_path, layout.coords,
                                          layout.plan.read_level, layout.plan.read_size)
     with tempfile.TemporaryDirectory() as tmp:
         bag = Path(tmp) / "bench.h5"
@@ -111,7 +110,7 @@ def bench_encodings(slide_path: str | Path, options: TilingOptions | None = None
         layout = plan_layout(slide, options)
         picked = np.linspace(0, len(layout.coords) - 1, min(sample, len(layout.coords)))
         coords = layout.coords[np.unique(picked.astype(int))]
-        patches = np.concatenate([read_patch_block(slide, layout.plan, coords[i:i + 1])
+        patches = np.concatenate([read_patch_run(slide, layout.plan, coords[i:i + 1])
                                   for i in range(len(coords))])
     rows = []
     for name, codec in CODECS.items():

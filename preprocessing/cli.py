@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from federation import commands as federation_commands
+
 from . import commands as preprocessing_commands
 
 
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK",
                                           parser_class=OneLineErrorParser)
     preprocessing_commands.register(commands, bench_commands)
+    federation_commands.register(commands, bench_commands)
     return parser
 
 

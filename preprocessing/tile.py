@@ -1,4 +1,4 @@
-"""One slide to one patch bag: resolution plan, tissue mask, patch grid, block reads, bag."""
+"""One slide to one patch bag: resolution plan, tissue mask, patch grid, run reads, bag."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from wsi.atomic import remove_stale_partials
 from wsi.bag import BagAttributes, BagWriter, PatchEncoding, PatchGeometry
-from wsi.grid import block_order, grid_coords, split_blocks, tissue_fractions
-from wsi.patches import block_patches, read_patch_block
+from wsi.grid import grid_coords, tissue_fractions
+from wsi.patches import max_run_length, read_patch_run, split_runs
 from wsi.resolution import ReadPlan, plan_reading
 from wsi.slide import Slide, SlideError, open_slide
 from wsi.tissue import Overview, slide_overview
@@ -64,13 +64,13 @@ class SlideLayout:
 
     plan: ReadPlan
     overview: Overview
-    coords: np.ndarray  # block-ordered level-0 corners of kept patches
+    coords: np.ndarray  # row-major level-0 corners of kept patches
     tissue: np.ndarray
-    blocks: list[slice]
+    runs: list[slice]
 
 
 def plan_layout(slide: Slide, options: TilingOptions) -> SlideLayout:
-    """Resolution plan, tissue mask and the kept patches of ``slide``, in block order."""
+    """Resolution plan, tissue mask and the kept patches of ``slide``, row by row."""
     info = slide.info
     plan = plan_reading(info, options.target_mpp, options.patch_size)
     overview = slide_overview(slide)
@@ -78,15 +78,13 @@ def plan_layout(slide: Slide, options: TilingOptions) -> SlideLayout:
     tissue = tissue_fractions(overview.mask, overview.downsample, coords, plan.step_level0)
     keep = tissue >= options.min_tissue
     coords, tissue = coords[keep], tissue[keep]
-    order = block_order(coords, plan.step_level0, block_patches(plan))
-    coords, tissue = coords[order], tissue[order]
     return SlideLayout(plan, overview, coords, tissue,
-                   split_blocks(coords, plan.step_level0, block_patches(plan)))
+                       split_runs(coords, plan.step_level0, max_run_length(plan)))
 
 
-def _encode_block(slide: Slide, plan: ReadPlan, coords: np.ndarray,
-                  encoding: PatchEncoding) -> list[bytes]:
-    return [encoding.encode(p) for p in read_patch_block(slide, plan, coords)]
+def _encode_run(slide: Slide, plan: ReadPlan, coords: np.ndarray,
+                encoding: PatchEncoding) -> list[bytes]:
+    return [encoding.encode(p) for p in read_patch_run(slide, plan, coords)]
 
 
 # Worker-process state for parallel tiling of one slide: each worker opens the slide once.
@@ -102,17 +100,17 @@ def _worker_encode(args: tuple[ReadPlan, np.ndarray, PatchEncoding, int],
                    ) -> tuple[int, list[bytes]]:
     plan, coords, encoding, start = args
     assert _worker_slide is not None
-    return start, _encode_block(_worker_slide, plan, coords, encoding)
+    return start, _encode_run(_worker_slide, plan, coords, encoding)
 
 
-def _encoded_blocks(slide: Slide, layout: SlideLayout, options: TilingOptions,
-                    workers: int) -> Iterator[tuple[int, list[bytes]]]:
+def _encoded_runs(slide: Slide, layout: SlideLayout, options: TilingOptions,
+                  workers: int) -> Iterator[tuple[int, list[bytes]]]:
     encoding = options.encoding
     if workers <= 1:
-        for block in layout.blocks:
-            yield block.start, _encode_block(slide, layout.plan, layout.coords[block], encoding)
+        for run in layout.runs:
+            yield run.start, _encode_run(slide, layout.plan, layout.coords[run], encoding)
         return
-    tasks = [(layout.plan, layout.coords[b], encoding, b.start) for b in layout.blocks]
+    tasks = [(layout.plan, layout.coords[r], encoding, r.start) for r in layout.runs]
     # fork: workers start in milliseconds and inherit nothing heavier than numpy and OpenSlide.
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers, initializer=_worker_open,
@@ -158,7 +156,7 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
                        options.encoding) as writer, \
                 tqdm(total=n, unit="patch", desc=slide_id, disable=None if progress else True,
                      leave=False) as bar:
-            for start, chunks in _encoded_blocks(slide, layout, options, workers):
+            for start, chunks in _encoded_runs(slide, layout, options, workers):
                 writer.write_chunks(start, chunks)
                 bar.update(len(chunks))
     return TileResult(slide_id=slide_id, bag_path=bag_path, n_patches=n, mpp=info.mpp,

@@ -115,3 +115,10 @@ def test_missing_file_and_directory(tmp_path):
         open_slide(tmp_path / "nope.svs")
     with pytest.raises(SlideError, match="is a directory"):
         open_slide(tmp_path)
+
+
+def test_areas_outside_the_scan_read_as_white_glass(real_slide):
+    with open_slide(real_slide) as slide:
+        region = slide.read_region((2220 - 32, 0), 0, (64, 16))
+    assert (region[:, 32:] == 255).all()  # beyond the right edge: transparent in OpenSlide
+    assert (region[:, :32] < 255).any()

@@ -35,24 +35,3 @@ def tissue_fractions(mask: np.ndarray, downsample: float, coords: np.ndarray,
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
     return (inside / area).astype(np.float32)
 
-
-def block_order(coords: np.ndarray, step: int, block_patches: int) -> np.ndarray:
-    """Permutation that groups patches by square blocks of ``block_patches``² grid cells.
-
-    Reading one region per block instead of one per patch saves OpenSlide's per-call overhead;
-    ordering patches block by block lets each block's patches be written as one contiguous run.
-    """
-    cell = coords // step
-    block = cell // block_patches
-    return np.lexsort((cell[:, 0], cell[:, 1], block[:, 0], block[:, 1]))
-
-
-def split_blocks(coords: np.ndarray, step: int, block_patches: int) -> list[slice]:
-    """Contiguous slices of block-ordered ``coords``, one per block."""
-    if len(coords) == 0:
-        return []
-    block = (coords // step) // block_patches
-    change = np.flatnonzero(np.any(np.diff(block, axis=0) != 0, axis=1)) + 1
-    edges = [0, *change.tolist(), len(coords)]
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-

@@ -1,8 +1,9 @@
 """Read patches at a target resolution, many at a time.
 
-One OpenSlide ``read_region`` call per patch spends much of its time in per-call overhead;
-reading the bounding region of a block of grid cells once and cutting it into patches decodes
-the same tiles with a fraction of the calls.
+One OpenSlide ``read_region`` call per patch spends much of its time in per-call overhead.
+Kept patches are read instead as horizontal *runs* of neighbouring grid cells, one region per
+run: the same tiles are decoded (a run holds only kept cells, so nothing is read in vain)
+with a fraction of the calls.
 """
 
 from __future__ import annotations
@@ -13,33 +14,43 @@ from PIL import Image
 from .resolution import ReadPlan
 from .slide import Slide
 
-# Blocks are at most this many pixels per side at the read level (bounded memory per read).
-BLOCK_READ_PX = 2048
+# A run is at most this many pixels wide at the read level (bounded memory per read).
+RUN_READ_PX = 4096
 
 
-def block_patches(plan: ReadPlan) -> int:
-    """Grid cells per block side for ``plan``."""
-    return max(1, BLOCK_READ_PX // plan.read_size)
+def max_run_length(plan: ReadPlan) -> int:
+    """Grid cells per run for ``plan``."""
+    return max(1, RUN_READ_PX // plan.read_size)
 
 
-def read_patch_block(slide: Slide, plan: ReadPlan, coords: np.ndarray) -> np.ndarray:
-    """Patches (len(coords), P, P, 3) for grid-aligned level-0 ``coords`` read in one region.
+def split_runs(coords: np.ndarray, step: int, max_length: int) -> list[slice]:
+    """Slices of row-major ``coords`` that are runs of adjacent cells in one grid row."""
+    if len(coords) == 0:
+        return []
+    cells = coords // step
+    breaks = (np.diff(cells[:, 1]) != 0) | (np.diff(cells[:, 0]) != 1)
+    starts = [0, *(np.flatnonzero(breaks) + 1).tolist(), len(coords)]
+    runs = []
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
+        runs.extend(slice(s, min(s + max_length, b)) for s in range(a, b, max_length))
+    return runs
 
-    The bounding region of the cells is read once at ``plan.read_level``; when the level is not
-    the target resolution, the region is resized once (anti-aliased) before cutting, so patch
-    borders are interpolated exactly as the interior.
+
+def read_patch_run(slide: Slide, plan: ReadPlan, coords: np.ndarray) -> np.ndarray:
+    """Patches (n, P, P, 3) for a run of adjacent, grid-aligned level-0 ``coords`` in one row.
+
+    The run is read as one region at ``plan.read_level``; when that level is not the target
+    resolution the region is resized once (a box filter for whole-number factors,
+    anti-aliased bilinear otherwise) before it is cut, so patch borders are resampled exactly
+    like their interiors.
     """
-    cells = coords // plan.step_level0
-    first = cells.min(axis=0)
-    cols, rows = (cells.max(axis=0) - first + 1).tolist()
-    origin = (int(first[0] * plan.step_level0), int(first[1] * plan.step_level0))
-    region = slide.read_region(origin, plan.read_level, (cols * plan.read_size,
-                                                         rows * plan.read_size))
-    size = plan.patch_size
+    n, size = len(coords), plan.patch_size
+    origin = (int(coords[0, 0]), int(coords[0, 1]))
+    image = slide.read_region_image(origin, plan.read_level, (n * plan.read_size,
+                                                              plan.read_size))
     if plan.needs_resize:
-        region = np.asarray(Image.fromarray(region).resize((cols * size, rows * size),
-                                                           Image.Resampling.BILINEAR))
-    # View the region as a (rows, cols) grid of patches, then pick the requested cells.
-    grid = region.reshape(rows, size, cols, size, 3).swapaxes(1, 2)
-    offset = cells - first
-    return grid[offset[:, 1], offset[:, 0]]
+        factor, remainder = divmod(plan.read_size, size)
+        image = image.reduce(factor) if remainder == 0 else image.resize(
+            (n * size, size), Image.Resampling.BILINEAR)
+    row = np.asarray(image)
+    return row.reshape(size, n, size, 3).swapaxes(0, 1)

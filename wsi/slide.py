@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +141,24 @@ class Slide:
             mpp_source=source,
         )
 
-    def read_region(self, location: tuple[int, int], level: int,
-                    size: tuple[int, int]) -> np.ndarray:
-        """Read ``size`` (w, h) pixels at ``level`` whose top-left is level-0 ``location``."""
+    def read_region_image(self, location: tuple[int, int], level: int,
+                          size: tuple[int, int]) -> Image.Image:
+        """Read ``size`` (w, h) pixels at ``level`` whose top-left is level-0 ``location``, as
+        an RGB image (PIL, so that resizing and cutting happen before any array copy)."""
         try:
-            rgba = np.asarray(self._osr.read_region(location, level, size))
+            rgba = self._osr.read_region(location, level, size)
         except openslide.OpenSlideError as exc:
             raise SlideError(self.info.path, f"cannot read region at {location} "
                                              f"level {level} ({exc})") from exc
-        return rgba_to_rgb(rgba)
+        if rgba.getchannel("A").getextrema()[0] < 255:  # pixels not imaged: show them as glass
+            rgba = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
+                                         rgba)
+        return rgba.convert("RGB")
+
+    def read_region(self, location: tuple[int, int], level: int,
+                    size: tuple[int, int]) -> np.ndarray:
+        """:meth:`read_region_image` as an (h, w, 3) uint8 array."""
+        return np.asarray(self.read_region_image(location, level, size))
 
     def close(self) -> None:
         self._osr.close()
@@ -158,16 +168,6 @@ class Slide:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    """Composite an OpenSlide RGBA array onto white and drop alpha."""
-    alpha = rgba[..., 3]
-    rgb = rgba[..., :3]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    a = alpha[..., None].astype(np.float32) / 255.0
-    return (rgb * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
 
 
 def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:
