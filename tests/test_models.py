@@ -1,0 +1,127 @@
+"""Tests of federation.models: shapes, parameter counts, DP compatibility, registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from federation.models import (
+    FreshOutput,
+    UnknownModelError,
+    available_models,
+    create_model,
+    group_norm_groups,
+    replace_batchnorm_with_groupnorm,
+)
+
+IMAGE_MODELS = ["mlp", "lenet5", "cnn1", "cnn2", "timm:resnet18"]
+INPUTS = {"mnist": (1, 28), "cifar": (3, 32)}
+
+
+def _n_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+@pytest.mark.parametrize("data", sorted(INPUTS))
+def test_image_models_give_logits_and_pass_opacus_validation(name, data):
+    in_channels, size = INPUTS[data]
+    model = create_model(name, num_classes=7, in_channels=in_channels, image_size=size, seed=0)
+    logits = model(torch.randn(3, in_channels, size, size))
+    assert logits.shape == (3, 7)
+    assert ModuleValidator.validate(model, strict=True) == []
+
+
+def test_parameter_counts_stated_in_the_papers():
+    # ProxyFL's MLP 784-200-200-10: weights and biases of three layers
+    assert _n_parameters(create_model("mlp", num_classes=10)) == (
+        784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10
+    )
+    # McMahan et al. 2017 state 1,663,370 parameters for their MNIST CNN (our CNN1)
+    assert _n_parameters(create_model("cnn1", num_classes=10)) == 1_663_370
+    # LeNet-5 with full C3 connectivity: C1 156, C3 2,416, C5 48,120, F6 10,164, out 850
+    assert _n_parameters(create_model("lenet5", num_classes=10)) == 61_706
+
+
+def test_timm_backbone_has_no_batchnorm_and_keeps_fused_activations():
+    from timm.layers import GroupNormAct
+
+    model = create_model("timm:test_efficientnet", num_classes=2, in_channels=3, seed=0)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    fused = [m for m in model.modules() if isinstance(m, GroupNormAct)]
+    assert fused and any(not isinstance(m.act, nn.Identity) for m in fused)
+    assert all(m.num_channels % m.num_groups == 0 for m in fused)
+    # opacus' hooks forbid modifying a layer's output in place; see make_inplace_safe
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert all(isinstance(parents[id(m)], FreshOutput) for m in norms)
+    assert ModuleValidator.validate(model, strict=True) == []
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+
+
+def test_batchnorm_replacement_groups_and_unknown_subclass():
+    model = nn.Sequential(nn.Conv2d(3, 48, 3), nn.BatchNorm2d(48), nn.Conv2d(48, 3, 1))
+    replace_batchnorm_with_groupnorm(model)
+    assert isinstance(model[1], nn.GroupNorm) and model[1].num_groups == 16
+    assert [group_norm_groups(c) for c in (64, 48, 3)] == [32, 16, 1]
+    with pytest.raises(TypeError, match="SyncBatchNorm at 1"):
+        replace_batchnorm_with_groupnorm(nn.Sequential(nn.Identity(), nn.SyncBatchNorm(4)))
+
+
+def test_attention_mil_single_bag_padded_batch_and_dp_compatibility():
+    model = create_model("attention_mil", num_classes=3, in_features=16, seed=0)
+    assert ModuleValidator.validate(model, strict=True) == []
+    bag = torch.randn(9, 16)
+    logits, attention = model.attend(bag)
+    assert logits.shape == (3,) and attention.shape == (9,)
+    assert attention.sum().item() == pytest.approx(1.0, abs=1e-6) and (attention > 0).all()
+    assert torch.equal(model(bag), logits)
+
+    padded = torch.zeros(2, 12, 16)
+    padded[0, :9] = bag
+    padded[1] = torch.randn(12, 16)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, 9:] = False
+    batch_logits, batch_attention = model.attend(padded, mask)
+    assert batch_logits.shape == (2, 3)
+    assert torch.allclose(batch_logits[0], logits, atol=1e-6)  # padding changes nothing
+    assert (batch_attention[0, 9:] == 0).all()
+
+
+def test_unknown_model_lists_the_available_ones():
+    with pytest.raises(UnknownModelError) as error:
+        create_model("resnet1000", num_classes=2)
+    message = str(error.value)
+    assert "\n" not in message and all(name in message for name in available_models())
+    with pytest.raises(UnknownModelError, match="timm has no model"):
+        create_model("timm:no_such_net", num_classes=2)
+
+
+def test_unknown_option_names_the_accepted_ones():
+    with pytest.raises(TypeError, match="in_features; it takes: in_channels, image_size"):
+        create_model("mlp", num_classes=2, in_features=4)
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    pairs = zip(a.parameters(), b.parameters(), strict=True)
+    return all(torch.equal(x, y) for x, y in pairs)
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet5", "cnn1", "cnn2", "attention_mil"])
+def test_weights_are_reproducible(name):
+    torch.manual_seed(3)
+    first = create_model(name, num_classes=4)
+    torch.manual_seed(3)
+    second = create_model(name, num_classes=4)
+    assert _same_weights(first, second)
+
+    state = torch.random.get_rng_state()
+    seeded = create_model(name, num_classes=4, seed=11)
+    assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
+    again = create_model(name, num_classes=4, seed=11)
+    other = create_model(name, num_classes=4, seed=12)
+    assert _same_weights(seeded, again)
+    assert not _same_weights(seeded, other)
