@@ -17,6 +17,8 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from .jpeg_tiles import open_jpeg_tiles
+
 log = logging.getLogger(__name__)
 
 # Anisotropic pixels beyond this relative difference are reported, then the x value is used.
@@ -118,6 +120,7 @@ class Slide:
         except BaseException:
             self._osr.close()
             raise
+        self._jpeg = open_jpeg_tiles(path, self.info.vendor, self.info.level_dimensions)
 
     def _describe(self, path: Path, slide_mpp: float | None) -> SlideInfo:
         properties = self._osr.properties
@@ -145,6 +148,11 @@ class Slide:
                           size: tuple[int, int]) -> Image.Image:
         """Read ``size`` (w, h) pixels at ``level`` whose top-left is level-0 ``location``, as
         an RGB image (PIL, so that resizing and cutting happen before any array copy)."""
+        if self._jpeg is not None and level in self._jpeg.levels:
+            downsample = self.info.level_downsamples[level]
+            pixels = self._jpeg.levels[level].read(round(location[0] / downsample),
+                                                   round(location[1] / downsample), *size)
+            return Image.fromarray(pixels)
         try:
             rgba = self._osr.read_region(location, level, size)
         except openslide.OpenSlideError as exc:
@@ -162,6 +170,8 @@ class Slide:
 
     def close(self) -> None:
         self._osr.close()
+        if self._jpeg is not None:
+            self._jpeg.close()
 
     def __enter__(self) -> Slide:
         return self
