@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=OneLineErrorParser)
-    bench = commands.add_parser("bench", help="measure speed against a same-run baseline")
+    bench = commands.add_parser(
+        "bench", help="benchmarks: speed against same-run baselines, algorithms across seeds")
     bench_commands = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK",
                                           parser_class=OneLineErrorParser)
     preprocessing_commands.register(commands, bench_commands)

@@ -1,0 +1,24 @@
+"""Federated algorithms, one module each, found by name in ``ALGORITHMS``.
+
+Every algorithm subclasses ``Algorithm`` (``base.py``) and registers itself with
+``@register_algorithm("name")``; adding one means adding one module and importing it below.
+
+=========  ==============================================================  ==============
+name       what a client holds / what crosses clients                      reported model
+=========  ==============================================================  ==============
+regular    private model; nothing                                          private
+joint      one model, identical everywhere; gradient sums (no DP)          shared
+fedavg     DP shared model; weighted average of sampled clients' models   shared
+avgpush    DP shared model; push-averaged over the exponential graph       shared
+cwt        DP shared model; passed on around the ring                      shared
+fml        private (local) + DP shared (meme) model, mutual learning;      private
+           FedAvg of the memes
+proxyfl    private + DP proxy, mutual learning; proxies push-averaged      private
+=========  ==============================================================  ==============
+"""
+
+# The algorithm modules are imported for their registration side effect.
+from federation.algorithms import avgpush, cwt, fedavg, fml, joint, proxyfl, regular  # noqa: F401
+from federation.algorithms.base import ALGORITHMS, Algorithm, Losses, register_algorithm
+
+__all__ = ["ALGORITHMS", "Algorithm", "Losses", "register_algorithm"]

@@ -1,0 +1,28 @@
+"""Regular: every client trains on its own data alone — the baseline that federation must beat.
+
+Kalra et al., "Decentralized federated learning through proxy model sharing", Nature
+Communications 14:2899 (2023), arXiv 2111.11343, where it is the lower reference point.
+"""
+
+from __future__ import annotations
+
+from federation.algorithms.base import Algorithm, Losses, register_algorithm
+from federation.client import ModelRole
+
+
+@register_algorithm("regular")
+class Regular(Algorithm):
+    """Local training only: no DP, no communication.
+
+    Update rule, per client k and batch B ⊂ D_k: θ_k ← θ_k − η ∇ (1/|B|) Σ_{(x,y)∈B} CE(f_θk(x), y)
+    (with the configured optimizer, Adam by default).
+
+    Parameters: ``optim.*`` (adam, lr 1e-3, weight_decay 1e-4, batch_size 250,
+    local_epochs 1); the model is ``model.private``.
+    """
+
+    roles = {"private": ModelRole("private", leaves_client=False, common_init=False)}
+    reported_model = "private"
+
+    def run_round(self, round: int) -> Losses:
+        return self.train_locally("private")

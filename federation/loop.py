@@ -1,0 +1,241 @@
+"""The round loop: set up clients and algorithm, run the rounds, evaluate, account, checkpoint.
+
+``run_federation(config)`` is what ``slidefed federate`` runs on every process (one per MPI
+rank, or one for all clients on the local backend). Per round: the algorithm trains and
+communicates; each DP model's ε is computed once; every ``eval_every`` rounds (and after the
+last) each model of each client is scored on that client's test set; the root process appends
+the rows to ``metrics.csv`` / ``privacy.csv``; every ``checkpoint_every`` rounds (and after the
+last) every process checkpoints its clients. ``resume=True`` continues from the last
+checkpoint and gives the same files as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from federation.algorithms import ALGORITHMS, Algorithm
+from federation.client import load_client_data
+from federation.comm import Communicator, make_communicator
+from federation.config import FederationConfig
+from federation.outputs import RunDirectory
+
+log = logging.getLogger(__name__)
+
+# Environment variables by which MPI launchers announce a rank (MPICH/hydra and Intel MPI,
+# Open MPI, PMIx) and, second, the number of ranks on this node.
+_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+_LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` -> ``mpi`` inside an MPI launcher (mpiexec, srun), else ``local``."""
+    if backend != "auto":
+        return backend
+    return "mpi" if any(v in os.environ for v in _RANK_VARIABLES) else "local"
+
+
+def configure_threads(config: FederationConfig, comm: Communicator) -> int:
+    """Set torch's intra-op threads: ``config.threads``, or this node's cores shared among the
+    processes on it (one thread per rank when K ranks share fewer than 2K cores)."""
+    threads = config.threads
+    if threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        processes = 1
+        if len(comm.owned) < comm.size:
+            local = next((os.environ[v] for v in _LOCAL_SIZE_VARIABLES if v in os.environ), None)
+            processes = int(local) if local else comm.size
+        threads = max(1, cores // processes)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def run_federation(
+    config: FederationConfig, comm: Communicator | None = None, *, resume: bool = False
+) -> dict[str, Any] | None:
+    """Run (or with ``resume`` continue) the federation ``config`` describes.
+
+    ``comm`` defaults to the communicator of ``config.backend``. Returns the summary (also
+    written to ``summary.json``) on the root process, None elsewhere.
+    """
+    started = time.perf_counter()
+    if comm is None:
+        comm = make_communicator(resolve_backend(config.backend), config.clients)
+    if comm.size != config.clients:
+        raise ValueError(f"clients = {config.clients} but the communicator has {comm.size}")
+    threads = configure_threads(config, comm)
+    data, info = load_client_data(config, comm.owned)
+    algorithm: Algorithm = ALGORITHMS[config.algorithm](config, comm, data, info)
+    run = RunDirectory(config.output_dir, is_root=comm.is_root)
+    earlier = {"wall_s": 0.0, "seconds": {}}
+    if resume and run.checkpoint_round() is not None:
+        completed = run.resume(config)
+        for c in comm.owned:
+            state = run.load_client(completed, c)
+            algorithm.load_state_dict(c, state["algorithm"])
+        earlier = run.load_client(completed, comm.owned[0])["process"]
+        for category, seconds in earlier["seconds"].items():
+            algorithm.stopwatch.seconds[category] += seconds
+    else:
+        if resume:
+            log.warning("--resume: no checkpoint in %s; starting from round 1", run.root)
+        run.start(config)
+        completed = 0
+    comm.barrier()
+    if comm.is_root:
+        log.info("%s: %d clients (%d in this process, %d torch threads each process), "
+                 "rounds %d-%d, output %s", config.algorithm, config.clients, len(comm.owned),
+                 threads, completed + 1, config.rounds, run.root)
+
+    latest: dict[str, Any] = {}
+    rounds = tqdm(range(completed, config.rounds), initial=completed, total=config.rounds,
+                  desc=config.algorithm, unit="round",
+                  disable=None if comm.is_root else True)  # None: only on a terminal
+    for t in rounds:
+        number = t + 1
+        losses = algorithm.run_round(t)
+        privacy = algorithm.privacy()
+        rows: dict[int, list[dict[str, Any]]] = {c: [] for c in comm.owned}
+        for c, (epsilon, delta) in privacy.items():
+            rows[c].append({"file": "privacy", "round": number, "client": c,
+                            "epsilon": epsilon, "delta": delta})
+        if number % config.eval_every == 0 or number == config.rounds:
+            for c, models in algorithm.evaluate().items():
+                rows[c] += _metric_rows(number, c, models, losses.get(c, {}))
+        gathered = comm.gather_rows(rows)
+        if gathered is not None:
+            run.append([r for r in gathered if r["file"] == "metrics"],
+                       [r for r in gathered if r["file"] == "privacy"])
+            latest = _update_latest(latest, gathered)
+            _show_progress(rounds, latest, algorithm.reported_model)
+        if number == config.rounds or (
+            config.checkpoint_every and number % config.checkpoint_every == 0
+        ):
+            wall = earlier["wall_s"] + time.perf_counter() - started
+            _checkpoint(run, algorithm, comm, number, wall)
+
+    wall = earlier["wall_s"] + time.perf_counter() - started
+    process = {"file": "process", "seconds": dict(algorithm.stopwatch.seconds),
+               "elements_sent": sum(t.numel for t in comm.sent_log)}
+    processes = comm.gather_rows({c: [process] if c == comm.owned[0] else []
+                                  for c in comm.owned})
+    if processes is None:
+        return None
+    if not latest:  # resumed a finished run: the final rows are on disk already
+        latest = _latest_from_files(run)
+    summary = _summary(config, algorithm, latest, processes, wall, completed)
+    run.write_summary(summary)
+    return summary
+
+
+def _metric_rows(
+    number: int, client: int, models: Mapping[str, Mapping[str, float]], losses: Mapping[str, float]
+) -> list[dict[str, Any]]:
+    rows = []
+    for model, metrics in models.items():
+        for metric, value in metrics.items():
+            rows.append({"file": "metrics", "round": number, "client": client, "model": model,
+                         "split": "test", "metric": metric, "value": value})
+        if model in losses:
+            rows.append({"file": "metrics", "round": number, "client": client, "model": model,
+                         "split": "train", "metric": "loss", "value": losses[model]})
+    return rows
+
+
+def _checkpoint(
+    run: RunDirectory, algorithm: Algorithm, comm: Communicator, number: int, wall: float
+) -> None:
+    with algorithm.stopwatch("checkpointing"):
+        process = {"wall_s": wall, "seconds": dict(algorithm.stopwatch.seconds)}
+        for c in comm.owned:
+            run.save_client(number, c, {"round": number, "algorithm": algorithm.state_dict(c),
+                                        "process": process})
+        comm.barrier()
+        if comm.is_root:
+            run.commit_checkpoint(number)
+
+
+def _update_latest(latest: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Keep the most recent test metrics and ε per client (root only)."""
+    for row in rows:
+        if row["file"] == "metrics" and row["split"] == "test":
+            latest.setdefault("metrics", {})[row["model"], row["metric"], row["client"]] = (
+                row["value"])
+        elif row["file"] == "privacy":
+            latest.setdefault("privacy", {})[row["client"]] = (row["epsilon"], row["delta"])
+    return latest
+
+
+def _latest_from_files(run: RunDirectory) -> dict[str, Any]:
+    with open(run.metrics_path, newline="") as handle:
+        metrics = [dict(row, value=float(row["value"]), client=int(row["client"]),
+                        file="metrics") for row in csv.DictReader(handle)]
+    with open(run.privacy_path, newline="") as handle:
+        privacy = [dict(row, epsilon=float(row["epsilon"]), delta=float(row["delta"]),
+                        client=int(row["client"]), file="privacy")
+                   for row in csv.DictReader(handle)]
+    return _update_latest({}, metrics + privacy)
+
+
+def _show_progress(rounds: tqdm, latest: dict[str, Any], model: str) -> None:
+    accuracies = [v for (m, metric, _), v in latest.get("metrics", {}).items()
+                  if m == model and metric == "accuracy"]
+    postfix = {}
+    if accuracies:
+        postfix[f"{model}_acc"] = f"{np.mean(accuracies):.3f}"
+    epsilons = [eps for eps, _ in latest.get("privacy", {}).values()]
+    if epsilons:
+        postfix["eps"] = f"{max(epsilons):.2f}"
+    rounds.set_postfix(postfix, refresh=False)
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"per_client": values, "mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def _summary(
+    config: FederationConfig,
+    algorithm: Algorithm,
+    latest: dict[str, Any],
+    processes: list[dict[str, Any]],
+    wall: float,
+    resumed_from: int,
+) -> dict[str, Any]:
+    final: dict[str, dict[str, Any]] = {}
+    for (model, metric, client), value in sorted(latest.get("metrics", {}).items()):
+        final.setdefault(model, {}).setdefault(metric, {})[client] = value
+    results = {model: {metric: _stats([by_client[c] for c in sorted(by_client)])
+                       for metric, by_client in metrics.items()}
+               for model, metrics in final.items()}
+    privacy = latest.get("privacy", {})
+    categories = sorted({k for p in processes for k in p["seconds"]})
+    return {
+        "algorithm": config.algorithm,
+        "rounds": config.rounds,
+        "clients": config.clients,
+        "seed": config.seed,
+        "data": config.data.name,
+        "reported_model": algorithm.reported_model,
+        "final": results,
+        "epsilon": None if not privacy else {
+            "per_client": [privacy[c][0] for c in sorted(privacy)],
+            "max": max(eps for eps, _ in privacy.values()),
+            "delta": [privacy[c][1] for c in sorted(privacy)],
+        },
+        "time": {
+            "wall_s": wall,
+            # Per category the slowest process: what the run waited for.
+            **{f"{k}_s": max(p["seconds"].get(k, 0.0) for p in processes) for k in categories},
+        },
+        "elements_sent": int(sum(p["elements_sent"] for p in processes)),
+        "resumed_from_round": resumed_from or None,
+    }

@@ -1,0 +1,187 @@
+"""A federation run's output directory: resolved config, metrics, privacy, summary, checkpoints.
+
+Layout (the contract in DESIGN.md)::
+
+    config.yaml                  the resolved configuration
+    metrics.csv                  round, client, model, split, metric, value
+    privacy.csv                  round, client, epsilon, delta
+    summary.json                 final results and where the time went
+    checkpoints/latest.json      {"round": r}: the last complete checkpoint
+    checkpoints/round_<r>/client_<k>.pt
+
+Only the root process writes the CSV files, the config and the summary; every process writes
+the checkpoints of its own clients. Every file is written under a temporary name and renamed,
+and a checkpoint counts only once ``latest.json`` names it, which happens after every client's
+file is in place; older checkpoints are deleted after that. A run killed at any moment
+therefore leaves a complete checkpoint to resume from (or none), and the CSV rows of rounds
+after it are dropped on resume, so the resumed run writes them again exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from federation.config import (
+    ConfigError,
+    FederationConfig,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
+from wsi.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+METRICS_COLUMNS = ("round", "client", "model", "split", "metric", "value")
+PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta")
+
+# Keys that may differ between a run and its resumption: how it is executed, and for how long.
+RESUMABLE_CHANGES = ("rounds", "backend", "threads", "checkpoint_every")
+
+
+class RunDirectory:
+    """The files of one run under ``root``; ``is_root`` marks the process that writes them."""
+
+    def __init__(self, root: str | Path, *, is_root: bool) -> None:
+        self.root = Path(root)
+        self.is_root = is_root
+        self.config_path = self.root / "config.yaml"
+        self.metrics_path = self.root / "metrics.csv"
+        self.privacy_path = self.root / "privacy.csv"
+        self.summary_path = self.root / "summary.json"
+        self.checkpoints = self.root / "checkpoints"
+        self.latest_path = self.checkpoints / "latest.json"
+
+    # ------------------------------------------------------------------ starting
+
+    def checkpoint_round(self) -> int | None:
+        """The round of the last complete checkpoint, or None."""
+        if not self.latest_path.is_file():
+            return None
+        return int(json.loads(self.latest_path.read_text())["round"])
+
+    def start(self, config: FederationConfig) -> None:
+        """Begin a fresh run: refuse to overwrite a checkpointed one, write config and headers."""
+        if self.checkpoint_round() is not None:
+            raise ConfigError(
+                f"{self.root} holds a checkpointed run; pass --resume to continue it, or "
+                "choose another output_dir"
+            )
+        if not self.is_root:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.config_path) as tmp:
+            tmp.write_text(dump_config(config))
+        for path, columns in ((self.metrics_path, METRICS_COLUMNS),
+                              (self.privacy_path, PRIVACY_COLUMNS)):
+            with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+                csv.writer(handle).writerow(columns)
+        self.summary_path.unlink(missing_ok=True)
+
+    def resume(self, config: FederationConfig) -> int:
+        """Check that ``config`` continues the run here and drop rows after its checkpoint.
+
+        Returns the number of completed rounds to continue from.
+        """
+        completed = self.checkpoint_round()
+        if completed is None:
+            raise ConfigError(f"--resume: {self.root} holds no checkpoint to resume from")
+        differences = _differences(load_config(self.config_path), config)
+        if differences:
+            raise ConfigError(
+                f"--resume: the configuration differs from the run in {self.root}: "
+                + ", ".join(differences)
+            )
+        if completed > config.rounds:
+            raise ConfigError(
+                f"--resume: {self.root} is checkpointed at round {completed}, past "
+                f"rounds = {config.rounds}"
+            )
+        if self.is_root:
+            with atomic_path(self.config_path) as tmp:
+                tmp.write_text(dump_config(config))
+            for path in (self.metrics_path, self.privacy_path):
+                _keep_rounds_up_to(path, completed)
+            self.summary_path.unlink(missing_ok=True)
+        log.info("resuming %s after round %d", self.root, completed)
+        return completed
+
+    # ------------------------------------------------------------------ rows
+
+    def append(self, metrics: Iterable[Mapping[str, Any]], privacy: Iterable[Mapping[str, Any]]
+               ) -> None:
+        """Append rows to metrics.csv and privacy.csv (root process only)."""
+        for path, columns, rows in ((self.metrics_path, METRICS_COLUMNS, metrics),
+                                    (self.privacy_path, PRIVACY_COLUMNS, privacy)):
+            rows = list(rows)
+            if rows:
+                with open(path, "a", newline="") as handle:
+                    writer = csv.writer(handle)
+                    writer.writerows([_format(row[c]) for c in columns] for row in rows)
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        with atomic_path(self.summary_path) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def client_checkpoint(self, round: int, client: int) -> Path:
+        return self.checkpoints / f"round_{round:06d}" / f"client_{client:04d}.pt"
+
+    def save_client(self, round: int, client: int, state: Mapping[str, Any]) -> None:
+        """Write one client's state for the checkpoint after ``round`` rounds."""
+        with atomic_path(self.client_checkpoint(round, client)) as tmp:
+            torch.save(dict(state), tmp)
+
+    def load_client(self, round: int, client: int) -> dict[str, Any]:
+        path = self.client_checkpoint(round, client)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint of client {client} is missing")
+        return torch.load(path, weights_only=False)
+
+    def commit_checkpoint(self, round: int) -> None:
+        """Mark the checkpoint after ``round`` complete and delete older ones (root only;
+        call after every process saved its clients)."""
+        with atomic_path(self.latest_path) as tmp:
+            tmp.write_text(json.dumps({"round": round}) + "\n")
+        keep = self.client_checkpoint(round, 0).parent
+        for old in self.checkpoints.glob("round_*"):
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _format(value: Any) -> str:
+    # repr keeps every digit of a float, so identical runs write identical files.
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _keep_rounds_up_to(path: Path, completed: int) -> None:
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    kept = [rows[0]] + [row for row in rows[1:] if int(row[0]) <= completed]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        csv.writer(handle).writerows(kept)
+
+
+def _differences(saved: FederationConfig, current: FederationConfig) -> list[str]:
+    """Dotted keys whose values differ, ignoring ``RESUMABLE_CHANGES``."""
+    def flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old, new = flat(config_to_dict(saved)), flat(config_to_dict(current))
+    return [f"{key} ({old[key]!r} -> {new[key]!r})" for key in old
+            if key not in RESUMABLE_CHANGES and old[key] != new[key]]

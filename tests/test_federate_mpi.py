@@ -1,0 +1,96 @@
+"""``slidefed federate`` under a real ``mpiexec``: the local backend's results, only proxies on
+the wire, and a failing rank that ends the whole job quickly.
+
+Each test launches the command line with the mpiexec next to the venv's python (MPICH's hydra
+from the ``mpich`` wheel) under a subprocess timeout, so a hang fails the test instead of
+stalling the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from federation_synthetic import small_config, write_synthetic_digits
+
+from federation.config import config_from_dict
+from federation.loop import run_federation
+
+pytestmark = [pytest.mark.slow, pytest.mark.mpi]
+
+REPO = Path(__file__).resolve().parents[1]
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+FAILING = REPO / "tests" / "mpi_scripts" / "federate_failing_client.py"
+TIMEOUT_S = 120
+
+
+def _mpiexec(ranks: int, *command: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``command`` under mpiexec; returns the result and the time it ended."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    argv = [str(MPIEXEC), "-n", str(ranks), sys.executable, *command]
+    process = subprocess.Popen(
+        argv, cwd=REPO, env={**os.environ, "PYTHONPATH": pythonpath},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"mpiexec {' '.join(command)} hung for {TIMEOUT_S} s")
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr), time.time()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_synthetic_digits(tmp_path_factory.mktemp("digits"))
+
+
+def _write_config(digits: Path, tmp_path: Path, **overrides) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(small_config(digits, tmp_path / "unused", **overrides)))
+    return path
+
+
+@pytest.mark.parametrize("algorithm", ["proxyfl", "fedavg"])
+def test_mpi_run_writes_the_local_backends_files(
+    digits: Path, tmp_path: Path, algorithm: str
+) -> None:
+    overrides = {"algorithm": algorithm, "rounds": 3, "fedavg.client_fraction": 0.5}
+    path = _write_config(digits, tmp_path, **overrides)
+    result, _ = _mpiexec(4, "-m", "preprocessing.cli", "-q", "federate", "--config", str(path),
+                         "--backend", "mpi", "--set", f"output_dir={tmp_path / 'mpi'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(f"{algorithm}: 3 rounds, 4 clients")
+
+    local = config_from_dict(small_config(digits, tmp_path / "local", **overrides))
+    run_federation(local)
+    for name in ("metrics.csv", "privacy.csv"):
+        assert (tmp_path / "mpi" / name).read_text() == (tmp_path / "local" / name).read_text()
+    mpi_summary = json.loads((tmp_path / "mpi" / "summary.json").read_text())
+    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
+    assert mpi_summary["final"] == local_summary["final"]
+    assert mpi_summary["elements_sent"] == local_summary["elements_sent"]
+    if algorithm == "proxyfl":
+        proxy = 8 * 8 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # the 64-200-200-10 MLP
+        assert mpi_summary["elements_sent"] == 3 * 4 * proxy  # one proxy per client per round
+
+
+def test_an_exception_on_one_rank_ends_every_rank_with_its_message(
+    digits: Path, tmp_path: Path
+) -> None:
+    path = _write_config(digits, tmp_path, algorithm="regular_failing_on_client_2", rounds=4)
+    result, ended = _mpiexec(4, str(FAILING), "-q", "federate", "--config", str(path),
+                             "--backend", "mpi", "--set", f"output_dir={tmp_path / 'out'}")
+    assert result.returncode != 0
+    assert "rank 2: RuntimeError: client 2 lost its data disk" in result.stderr
+    failed_at = float(re.search(r"failing at ([0-9.]+)", result.stderr).group(1))
+    assert ended - failed_at < 10, f"the job took {ended - failed_at:.1f} s to end"

@@ -1,0 +1,173 @@
+"""The round loop's outputs, checkpoints and resume, and ``slidefed federate`` on one process."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from federation_synthetic import small_config, write_synthetic_digits
+
+from federation.algorithms import ALGORITHMS
+from federation.config import ConfigError, config_from_dict, load_config
+from federation.loop import resolve_backend, run_federation
+from federation.outputs import METRICS_COLUMNS, PRIVACY_COLUMNS
+from preprocessing.cli import main
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_synthetic_digits(tmp_path_factory.mktemp("digits"))
+
+
+def _config(digits: Path, out: Path, **overrides):
+    return config_from_dict(small_config(digits, out, **overrides))
+
+
+def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_outputs_have_the_promised_files_and_columns(digits: Path, tmp_path: Path) -> None:
+    config = _config(digits, tmp_path, rounds=4, eval_every=3)
+    summary = run_federation(config)
+
+    columns, metrics = _read(tmp_path / "metrics.csv")
+    assert tuple(columns) == METRICS_COLUMNS == ("round", "client", "model", "split", "metric",
+                                                 "value")
+    # Rounds 3 (eval_every) and 4 (the last) are evaluated; every client, both models.
+    assert sorted({int(r["round"]) for r in metrics}) == [3, 4]
+    keys = {(r["round"], r["client"], r["model"], r["split"], r["metric"]) for r in metrics}
+    assert len(keys) == len(metrics)
+    expected = {(str(t), str(c), m, s, k) for t in (3, 4) for c in range(4)
+                for m in ("private", "proxy")
+                for s, k in (("test", "accuracy"), ("test", "loss"), ("train", "loss"))}
+    assert keys == expected
+    assert all(0 <= float(r["value"]) <= 1 for r in metrics if r["metric"] == "accuracy")
+
+    columns, privacy = _read(tmp_path / "privacy.csv")
+    assert tuple(columns) == PRIVACY_COLUMNS == ("round", "client", "epsilon", "delta")
+    assert len(privacy) == config.rounds * config.clients  # every round, not only evaluated ones
+    for c in range(config.clients):
+        epsilons = [float(r["epsilon"]) for r in privacy if r["client"] == str(c)]
+        assert all(a < b for a, b in zip(epsilons, epsilons[1:], strict=False))
+        assert epsilons[0] > 0
+    assert {float(r["delta"]) for r in privacy} == {1e-3}
+
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["rounds"] == 4
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    final_private = [float(r["value"]) for r in metrics
+                     if r["round"] == "4" and r["model"] == "private"
+                     and r["metric"] == "accuracy"]
+    assert summary["final"]["private"]["accuracy"]["per_client"] == final_private
+    assert summary["final"]["private"]["accuracy"]["mean"] == pytest.approx(
+        sum(final_private) / 4)
+    assert summary["epsilon"]["per_client"] == [
+        float(r["epsilon"]) for r in privacy if r["round"] == "4"]
+    assert summary["reported_model"] == "private"
+    times = summary["time"]
+    assert {"wall_s", "training_s", "communication_s", "accounting_s"} <= times.keys()
+    assert times["wall_s"] >= times["training_s"] > 0
+    assert (tmp_path / "checkpoints" / "latest.json").is_file()
+
+
+@pytest.mark.parametrize("overrides", [{"algorithm": "regular"}, {"dp.enabled": False}])
+def test_privacy_csv_lists_only_dp_trained_models(digits: Path, tmp_path: Path, overrides) -> None:
+    summary = run_federation(_config(digits, tmp_path, rounds=2, **overrides))
+    columns, privacy = _read(tmp_path / "privacy.csv")
+    assert tuple(columns) == PRIVACY_COLUMNS and privacy == []
+    assert summary["epsilon"] is None
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_resume_after_a_kill_gives_the_uninterrupted_files(
+    digits: Path, tmp_path: Path, monkeypatch, algorithm: str
+) -> None:
+    overrides = {"algorithm": algorithm, "rounds": 4, "checkpoint_every": 2,
+                 "fedavg.client_fraction": 0.5}
+    whole = _config(digits, tmp_path / "whole", **overrides)
+    run_federation(whole)
+
+    broken = _config(digits, tmp_path / "broken", **overrides)
+    cls = ALGORITHMS[algorithm]
+    real_round = cls.run_round
+
+    def killed_in_round_4(self, round):
+        if round == 3:  # after round 3's rows were written; the checkpoint is of round 2
+            raise KeyboardInterrupt
+        return real_round(self, round)
+
+    monkeypatch.setattr(cls, "run_round", killed_in_round_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(broken)
+    monkeypatch.undo()
+    _, rows = _read(tmp_path / "broken" / "metrics.csv")
+    assert max(int(r["round"]) for r in rows) == 3
+    assert json.loads((tmp_path / "broken/checkpoints/latest.json").read_text()) == {"round": 2}
+
+    summary = run_federation(broken, resume=True)
+    for name in ("metrics.csv", "privacy.csv"):
+        assert (tmp_path / "broken" / name).read_text() == (tmp_path / "whole" / name).read_text()
+    assert summary["resumed_from_round"] == 2
+    whole_summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert summary["final"] == whole_summary["final"]
+    assert summary["epsilon"] == whole_summary["epsilon"]
+    assert [p.name for p in (tmp_path / "broken" / "checkpoints").glob("round_*")] == [
+        "round_000004"]
+
+
+def test_resume_extends_a_finished_run(digits: Path, tmp_path: Path) -> None:
+    run_federation(_config(digits, tmp_path / "short", rounds=2))
+    summary = run_federation(_config(digits, tmp_path / "short", rounds=4), resume=True)
+    run_federation(_config(digits, tmp_path / "long", rounds=4))
+    for name in ("metrics.csv", "privacy.csv"):
+        assert (tmp_path / "short" / name).read_text() == (tmp_path / "long" / name).read_text()
+    assert summary["rounds"] == 4
+
+
+def test_a_checkpointed_run_is_not_overwritten_or_resumed_with_other_settings(
+    digits: Path, tmp_path: Path
+) -> None:
+    run_federation(_config(digits, tmp_path, rounds=2))
+    with pytest.raises(ConfigError, match="holds a checkpointed run; pass --resume"):
+        run_federation(_config(digits, tmp_path, rounds=2))
+    with pytest.raises(ConfigError, match=r"differs .*: dp.noise_multiplier \(1.0 -> 1.5\)"):
+        run_federation(_config(digits, tmp_path, rounds=3, **{"dp.noise_multiplier": 1.5}),
+                       resume=True)
+
+
+def test_resume_without_a_checkpoint_starts_afresh(digits: Path, tmp_path: Path) -> None:
+    summary = run_federation(_config(digits, tmp_path, rounds=1), resume=True)
+    assert summary["resumed_from_round"] is None and summary["rounds"] == 1
+
+
+def test_backend_auto_picks_mpi_only_under_a_launcher(monkeypatch) -> None:
+    for variable in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    assert resolve_backend("auto") == "local"
+    monkeypatch.setenv("PMI_RANK", "0")
+    assert resolve_backend("auto") == "mpi"
+    assert resolve_backend("local") == "local"
+
+
+def test_slidefed_federate_runs_the_demo_config(digits: Path, tmp_path: Path, capsys) -> None:
+    demo = Path(__file__).resolve().parents[1] / "configs" / "federation_demo.yaml"
+    out = tmp_path / "run"
+    code = main(["-q", "federate", "--config", str(demo), "--backend", "local",
+                 "--set", f"output_dir={out}", "--set", "data.name=mnist",
+                 "--set", f"data.root={digits}", "--set", "data.samples_per_client=60",
+                 "--set", "data.test_samples_per_client=50", "--set", "optim.batch_size=20",
+                 "--set", "rounds=2", "--set", "threads=1"])
+    assert code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("proxyfl: 2 rounds, 4 clients, private accuracy ")
+    assert line.endswith(f"-> {out}")
+    saved = load_config(out / "config.yaml")
+    assert saved.backend == "local" and saved.data.root == str(digits) and saved.rounds == 2
+    assert main(["-q", "federate", "--config", str(out / "config.yaml")]) == 1
+    assert "pass --resume" in capsys.readouterr().err
