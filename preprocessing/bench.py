@@ -30,12 +30,26 @@ from .tile import TilingOptions, plan_layout, tile_slide
 ENCODING_LEVELS_TO_COMPARE = {"jpeg": (80, 95), "deflate": (6,)}
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB.
+
+    Linux's VmHWM belongs to the current address space; ``ru_maxrss`` is kept across
+    ``execve`` and would report a large parent's peak for a small child.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _in_fresh_process(fn, *args):
     """Run ``fn(*args)`` in a forked child; return its result and the child's peak RSS (MB)."""
 
     def measured(_: None):
         result = fn(*args)
-        return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return result, peak_rss_mb()
 
     [(_, outcome)] = list(run_isolated(measured, [None]))
     if outcome.result is None:
