@@ -162,7 +162,8 @@ class DPConfig:
     max_grad_norm: float = _setting(1.0, _positive)
     delta: float | None = _setting(1e-5, _open_unit)
     epsilon_budget: float | None = _setting(None, _positive)
-    mechanism: str = _setting("ghost", _one_of(_mechanism_names))
+    # Same default as privacy.DPSettings (tested); not imported, to keep opacus out of start-up.
+    mechanism: str = _setting("bookkeeping", _one_of(_mechanism_names))
 
 
 @dataclass(frozen=True)

@@ -157,3 +157,10 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().err.startswith("error: config.yaml: unknown key 'dp.noise'")
     assert main(["federate", "--config", str(tmp_path / "missing.yaml")]) == 1
     assert "missing.yaml: cannot read" in capsys.readouterr().err
+
+
+def test_dp_mechanism_default_matches_the_privacy_layer():
+    from federation.config import DPConfig
+    from federation.privacy import DPSettings
+
+    assert DPConfig().mechanism == DPSettings().mechanism
