@@ -43,6 +43,16 @@ def test_every_encoding_writes_single_and_multi_patch_blocks(tmp_path, name):
     assert check_bag(tmp_path / "s.h5", deep=True) == 5
 
 
+def test_jpeg_batches_of_equal_length_are_stored_as_they_are(tmp_path):
+    path, encoding = tmp_path / "s.h5", PatchEncoding("jpeg")
+    same = encoding.encode(_patches(1)[0])
+    coords = np.stack([np.arange(3) * 64, np.zeros(3, int)], 1)
+    with BagWriter(path, ATTRS, GEOMETRY, coords, np.ones(3), encoding) as writer:
+        writer.write_chunks(0, [same, same, same])
+    with h5py.File(path, "r") as f:
+        assert [bytes(f["patches"][i]) for i in range(3)] == [same] * 3
+
+
 def test_bag_round_trips_through_plain_h5py(tmp_path):
     path = tmp_path / "s1.h5"
     patches, coords = _write(path)
