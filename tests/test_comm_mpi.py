@@ -7,23 +7,18 @@ subprocess timeout, so a hang fails the test instead of stalling the suite.
 
 import importlib.util
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from mpi_launch import REPO, run_mpiexec
 
 from federation.comm import LocalCommunicator
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "mpi_scripts" / "comm_protocol.py"
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
 TIMEOUT_S = 60
 
 
@@ -36,26 +31,7 @@ def _load_script():
 
 def _mpiexec(ranks: int, *args: str) -> tuple[subprocess.CompletedProcess, float]:
     """Run the protocol script under mpiexec; returns the result and the time it ended."""
-    return _run_mpiexec(ranks, str(SCRIPT), *args)
-
-
-def _run_mpiexec(ranks: int, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    # The working tree first, so the test exercises this checkout whatever is installed.
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    command = [str(MPIEXEC), "-n", str(ranks), sys.executable, *args]
-    # A session of its own, so that a hang can be ended with every rank, not just mpiexec.
-    process = subprocess.Popen(
-        command, cwd=REPO, env={**os.environ, "PYTHONPATH": pythonpath},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"mpiexec {' '.join(args)} hung for {TIMEOUT_S} s")
-    ended = time.time()
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), ended
+    return run_mpiexec(ranks, str(SCRIPT), *args, timeout=TIMEOUT_S)
 
 
 def test_mpi_backend_gives_the_local_backends_results(tmp_path: Path) -> None:
@@ -126,7 +102,7 @@ def test_mpi_backend_refuses_a_world_of_the_wrong_size() -> None:
 
 
 def test_the_benchmark_cli_reports_both_paths_for_the_mlp() -> None:
-    result, _ = _run_mpiexec(2, "-m", "federation.bench_comm", "--models", "mlp", "--repeats", "5")
+    result, _ = run_mpiexec(2, "-m", "federation.bench_comm", "--models", "mlp", "--repeats", "5")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     mlp = report["models"]["mlp"]

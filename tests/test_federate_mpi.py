@@ -9,44 +9,27 @@ stalling the suite.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from federation_synthetic import small_config, write_synthetic_digits
+from mpi_launch import REPO, run_mpiexec
 
 from federation.config import config_from_dict
 from federation.loop import run_federation
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
-REPO = Path(__file__).resolve().parents[1]
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
 FAILING = REPO / "tests" / "mpi_scripts" / "federate_failing_client.py"
 TIMEOUT_S = 120
 
 
 def _mpiexec(ranks: int, *command: str) -> tuple[subprocess.CompletedProcess, float]:
     """Run ``command`` under mpiexec; returns the result and the time it ended."""
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    argv = [str(MPIEXEC), "-n", str(ranks), sys.executable, *command]
-    process = subprocess.Popen(
-        argv, cwd=REPO, env={**os.environ, "PYTHONPATH": pythonpath},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"mpiexec {' '.join(command)} hung for {TIMEOUT_S} s")
-    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr), time.time()
+    return run_mpiexec(ranks, *command, timeout=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
