@@ -3,7 +3,12 @@
 #   snakemake -c8 --configfile configs/my_cohort.yaml  # your cohort
 # Every rule calls the `slidefed` command line; the logic lives in the package.
 
-configfile: "configs/demo.yaml"
+# The demo is the default; a cohort config (--configfile) replaces it rather than merging
+# with it, so a real cohort never inherits the demo's hospitals.
+if "hospitals" not in config:
+
+    configfile: "configs/demo.yaml"
+
 
 OUT = config["output_dir"]
 HOSPITALS = config["hospitals"]
@@ -26,13 +31,14 @@ if "demo_cohort" in config:
             [HOSPITALS[h] for h in HOSPITALS],
         params:
             root=f"{OUT}/cohort",
+            size=f"--size {DEMO['size']}" if "size" in DEMO else "",
         threads: workflow.cores
         log:
             f"{OUT}/logs/demo_cohort.log",
         shell:
             "slidefed demo-cohort -o {params.root} --hospitals {DEMO[hospitals]} "
             "--slides-per-hospital {DEMO[slides_per_hospital]} --seed {DEMO[seed]} "
-            "--workers {threads} > {log} 2>&1"
+            "{params.size} --workers {threads} > {log} 2>&1"
 
 
 rule preprocess:
