@@ -59,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except preprocessing_commands.UserError as exc:
+    except (ValueError, FileNotFoundError) as exc:
+        # Bad slides, bags, slide lists, configs and values: one line, unless debugging.
+        if args.verbose:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

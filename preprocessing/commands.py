@@ -8,16 +8,14 @@ import logging
 import math
 from pathlib import Path
 
-from wsi.bag import CODECS, BagError, PatchEncoding, check_bag
-from wsi.slide import SlideError
+from wsi.bag import CODECS, PatchEncoding
 
-from .hospital import SlideListError, preprocess_hospital
-from .tile import TilingOptions, tile_slide
+from .options import TilingOptions
+
+# The libraries behind each command (OpenSlide, scikit-image, SciPy) are imported inside it:
+# every MPI rank of `slidefed federate` parses this module's arguments too.
 
 log = logging.getLogger(__name__)
-
-# Errors a user can fix; the CLI prints them as one line without a traceback.
-UserError = (SlideError, BagError, SlideListError, ValueError, FileNotFoundError)
 
 
 def positive_float(text: str) -> float:
@@ -76,6 +74,8 @@ def tiling_options(args: argparse.Namespace) -> TilingOptions:
 
 
 def run_tile(args: argparse.Namespace) -> int:
+    from .tile import tile_slide
+
     result = tile_slide(args.slide, args.output, tiling_options(args), workers=args.workers,
                         qc_path=args.qc)
     log.info("%s: %d patches in %.1f s -> %s", result.slide_id, result.n_patches,
@@ -84,6 +84,8 @@ def run_tile(args: argparse.Namespace) -> int:
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
+    from .hospital import preprocess_hospital
+
     rows = preprocess_hospital(args.hospital, args.slides, args.output, tiling_options(args),
                                workers=args.workers, force=args.force)
     failed = [r for r in rows if r.status != "ok"]
@@ -107,6 +109,8 @@ def run_demo_cohort(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from wsi.bag import BagError, check_bag
+
     bad = 0
     for bag in args.bags:
         try:

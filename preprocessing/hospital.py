@@ -31,7 +31,7 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".mrxs", "
 MANIFEST_COLUMNS = ("slide_id", "path", "label", "status", "n_patches", "mpp", "error")
 
 
-class SlideListError(Exception):
+class SlideListError(ValueError):
     """The slide list itself (a directory or CSV) is unusable; names the file and the problem."""
 
 

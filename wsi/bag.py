@@ -41,7 +41,7 @@ FORMAT_NAME = "slidefed-bag"
 FORMAT_VERSION = 1
 
 
-class BagError(Exception):
+class BagError(ValueError):
     """A bag is missing, incomplete or not in the format. ``str()`` is ``<path>: <reason>``."""
 
     def __init__(self, path: str | Path, reason: str) -> None:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _MPP_XY_TOLERANCE = 0.01
 
 
-class SlideError(Exception):
+class SlideError(ValueError):
     """A slide cannot be used. ``str()`` is one line: ``<path>: <reason>``."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
