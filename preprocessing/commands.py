@@ -108,6 +108,16 @@ def run_demo_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_synthetic_slide(args: argparse.Namespace) -> int:
+    from wsi.synthetic import SyntheticSlideSpec, hospital_stain_profile, write_synthetic_slide
+
+    spec = SyntheticSlideSpec(width=args.width, height=args.height or args.width,
+                              mpp=args.slide_mpp, tumour_regions=args.tumour_regions,
+                              stain=hospital_stain_profile(args.stain), seed=args.seed)
+    print(write_synthetic_slide(args.output, spec).path)
+    return 0
+
+
 def run_validate(args: argparse.Namespace) -> int:
     from wsi.bag import BagError, check_bag
 
@@ -167,6 +177,18 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--workers", type=positive_int, default=1,
                    help="slides written at once (default 1)")
     p.set_defaults(run=run_demo_cohort)
+
+    p = commands.add_parser("synthetic-slide",
+                            help="write one synthetic H&E slide (pyramidal JPEG TIFF)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="slide to write (.tiff)")
+    p.add_argument("--width", type=positive_int, required=True, help="level-0 width in px")
+    p.add_argument("--height", type=positive_int, help="level-0 height in px (default: width)")
+    p.add_argument("--slide-mpp", type=positive_float, default=0.25,
+                   help="level-0 µm per pixel (default %(default)s)")
+    p.add_argument("--tumour-regions", type=int, default=2, help="tumour regions (default 2)")
+    p.add_argument("--stain", type=int, default=0, help="hospital stain profile index")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(run=run_synthetic_slide)
 
     p = commands.add_parser("validate", help="check patch bags against the format")
     p.add_argument("bags", type=Path, nargs="+", help="bag files")

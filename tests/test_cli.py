@@ -1,0 +1,53 @@
+"""The slidefed command line: one-line errors with non-zero exits, and the commands chained."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from preprocessing.cli import main
+
+SLIDEFED = [sys.executable, "-m", "preprocessing.cli"]
+
+
+@pytest.mark.parametrize("args, mentions", [
+    (["--mpp", "-1"], "--mpp"),
+    (["--mpp", "zero"], "--mpp"),
+    (["--min-tissue", "2"], "--min-tissue"),
+    (["--patch-size", "abc"], "--patch-size"),
+    (["--encoding", "png"], "--encoding"),
+    (["--workers", "0"], "--workers"),
+])
+def test_nonsense_arguments_are_one_line_errors(tmp_path, args, mentions):
+    run = subprocess.run([*SLIDEFED, "tile", str(tmp_path / "s.svs"), "-o",
+                          str(tmp_path / "b.h5"), *args], capture_output=True, text=True)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and mentions in lines[0]
+
+
+def test_bad_encoding_level_is_a_one_line_error(tmp_path, capsys):
+    code = main(["tile", str(tmp_path / "s.svs"), "-o", str(tmp_path / "b.h5"),
+                 "--encoding", "jpeg", "--encoding-level", "100"])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == "error: jpeg level must be 1-95, got 100"
+
+
+def test_missing_slide_names_the_file(tmp_path, capsys):
+    missing = tmp_path / "nope.svs"
+    assert main(["-q", "tile", str(missing), "-o", str(tmp_path / "b.h5")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {missing}: file not found"
+    assert not list(tmp_path.iterdir())
+
+
+def test_synthetic_slide_tile_and_validate_chain(tmp_path, capsys):
+    slide, bag = tmp_path / "s.tiff", tmp_path / "s.h5"
+    assert main(["-q", "synthetic-slide", "-o", str(slide), "--width", "2048", "--seed", "4"]) == 0
+    assert main(["-q", "tile", str(slide), "-o", str(bag), "--patch-size", "128"]) == 0
+    capsys.readouterr()
+    assert main(["validate", "--deep", str(bag)]) == 0
+    assert capsys.readouterr().out.startswith(f"ok {bag}: ")
+    bag.write_bytes(bag.read_bytes()[:2000])
+    assert main(["validate", str(bag)]) == 1
