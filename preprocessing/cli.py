@@ -28,7 +28,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``slidefed`` parser."""
-    parser = OneLineErrorParser(prog="slidefed", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(
+        prog="slidefed", description="Federated, differentially private cancer diagnosis on "
+        "whole-slide images: tile slides into patch bags, train ProxyFL and its baselines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
