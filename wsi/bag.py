@@ -25,8 +25,7 @@ import io
 import os
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -262,15 +261,6 @@ class BagWriter:
             self.commit()
         else:
             self.abort()
-
-
-@contextmanager
-def open_bag(path: str | Path) -> Iterator[h5py.File]:
-    """Open a bag read-only after checking that it is one (cheap checks only)."""
-    path = Path(path)
-    check_bag(path, deep=False)
-    with h5py.File(path, "r") as f:
-        yield f
 
 
 def check_bag(path: str | Path, deep: bool = False) -> int:
