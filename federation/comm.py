@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +32,9 @@ Row = dict[str, Any]
 # Point-to-point parameter messages use one tag; MPI's non-overtaking rule keeps the messages
 # between one pair of ranks in order, and a pair appears at most once per exchange.
 _PARAMETER_TAG = 17
+
+# Seconds between writing a failing rank's message and calling MPI Abort (see _abort_world).
+_ABORT_GRACE_S = 0.2
 
 
 class Transfer(NamedTuple):
@@ -427,6 +431,10 @@ def _abort_world(code: int, reason: str, details: str = "") -> None:
     # process, whatever logging handlers the caller has configured.
     sys.stderr.write(f"{details}rank {world.rank}: {reason}\n")
     sys.stderr.flush()
+    # Abort makes hydra tear the job down at once, and what its proxy has not yet forwarded
+    # from this rank's stderr pipe is lost: without a pause the message vanished in about one
+    # run in five of tests/test_comm_mpi.py's mismatch case. A moment lets it through.
+    time.sleep(_ABORT_GRACE_S)
     world.Abort(code)
     # MPICH's Abort can return while the process manager tears the job down; leave now rather
     # than unwind into interpreter shutdown (and mpi4py's MPI_Finalize).
