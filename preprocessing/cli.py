@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -69,5 +70,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def console_main() -> NoReturn:
+    """The ``slidefed`` console script: ``main()``, then exit without interpreter teardown.
+
+    By the time ``main`` returns, every output is closed and renamed into place. What is left
+    is unloading torch, opacus and their compiled extensions, which costs ~0.65 CPU-s per
+    process (``import torch, opacus``: 2.9 s with a normal exit, 2.2 s with ``os._exit``, on
+    the 2-core machine) and about 4 s of wall time when 8 MPI ranks share 2 cores. So this
+    flushes what Python buffers (streams, logging handlers), finalises MPI if a command
+    started it (mpiexec expects every rank to), and leaves with ``os._exit``.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")  # never import (and so initialise) MPI here
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
