@@ -251,11 +251,19 @@ class ModelRole:
     "proxy"). ``leaves_client``: its parameters (or gradients) are shared, so it trains with
     DP-SGD when ``dp.enabled``. ``common_init``: all clients start from the same weights
     (drawn from the run seed), as model averaging assumes; otherwise each client draws its own.
+    ``released``: the model never travels during training but is published after it, so it
+    trains with DP-SGD too (``regular_dp``).
     """
 
     architecture: str
     leaves_client: bool
     common_init: bool
+    released: bool = False
+
+    @property
+    def trains_with_dp(self) -> bool:
+        """True when DP-SGD protects this model (given ``dp.enabled``): it is shared or released."""
+        return self.leaves_client or self.released
 
 
 def build_model(
@@ -277,7 +285,7 @@ def build_model(
         seed=init_seed,
     )
     dp = None
-    if role.leaves_client and config.dp.enabled:
+    if role.trains_with_dp and config.dp.enabled:
         dp = DPSettings(
             noise_multiplier=config.dp.noise_multiplier,
             max_grad_norm=config.dp.max_grad_norm,

@@ -243,3 +243,26 @@ def test_same_seed_same_models_other_seed_different(digits: Path, tmp_path: Path
 
     assert np.array_equal(proxies(0), proxies(0))
     assert not np.array_equal(proxies(0), proxies(1))
+
+
+def test_regular_dp_trains_alone_with_dp(digits: Path, tmp_path: Path) -> None:
+    """The paper's Regular: a DP model that never travels, with ε accounted per round; with
+    DP off it is exactly ``regular``."""
+    config = _config(digits, tmp_path / "dp", algorithm="regular_dp", rounds=2)
+    algorithm, comm = _algorithm(config)
+    for t in range(config.rounds):
+        algorithm.run_round(t)
+    assert all(client.models["private"].is_private for client in algorithm.clients.values())
+    assert comm.sent_log == []
+    epsilons = [eps for eps, _ in algorithm.privacy().values()]
+    assert len(epsilons) == config.clients and min(epsilons) > 0
+
+    def final_private(name: str) -> torch.Tensor:
+        plain = _config(digits, tmp_path / name, algorithm=name, rounds=2,
+                        **{"dp.enabled": False})
+        run, _ = _algorithm(plain)
+        for t in range(plain.rounds):
+            run.run_round(t)
+        return run.clients[1].models["private"].flat.pack()
+
+    assert torch.equal(final_private("regular_dp"), final_private("regular"))

@@ -7,6 +7,7 @@ Every algorithm subclasses ``Algorithm`` (``base.py``) and registers itself with
 name       what a client holds / what crosses clients                      reported model
 =========  ==============================================================  ==============
 regular    private model; nothing                                          private
+regular_dp DP private model (released after training); nothing            private
 joint      one model, identical everywhere; gradient sums (no DP)          shared
 fedavg     DP shared model; weighted average of sampled clients' models   shared
 avgpush    DP shared model; push-averaged over the exponential graph       shared

@@ -87,7 +87,7 @@ class Algorithm(ABC):
 
     Class attributes: ``name`` (set by ``register_algorithm``), ``roles`` (model name ->
     ``ModelRole``), ``reported_model`` (the model whose accuracy the paper reports for it).
-    At most one role leaves the client, so each client has at most one DP model and one ε.
+    At most one role trains with DP (``ModelRole.trains_with_dp``), so each client has one ε.
     """
 
     name: ClassVar[str] = ""
@@ -101,9 +101,9 @@ class Algorithm(ABC):
         data: dict[int, ClientData],
         info: DataInfo,
     ) -> None:
-        shared = [name for name, role in self.roles.items() if role.leaves_client]
-        if len(shared) > 1:
-            raise TypeError(f"{type(self).__name__}: more than one model leaves the client")
+        protected = [name for name, role in self.roles.items() if role.trains_with_dp]
+        if len(protected) > 1:
+            raise TypeError(f"{type(self).__name__}: more than one DP model per client")
         self.config = config
         self.comm = comm
         self.stopwatch = Stopwatch()
