@@ -39,8 +39,15 @@ def test_parameter_counts_stated_in_the_papers():
     assert _n_parameters(create_model("mlp", num_classes=10)) == (
         784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10
     )
-    # McMahan et al. 2017 state 1,663,370 parameters for their MNIST CNN (our CNN1)
-    assert _n_parameters(create_model("cnn1", num_classes=10)) == 1_663_370
+    # ProxyFL's CNN1 (conv 6@3x3, conv 16@3x3, 64, out) and CNN2 (conv 128@3x3 twice, out)
+    assert _n_parameters(create_model("cnn1", num_classes=10)) == (
+        (6 * 9 + 6) + (16 * 6 * 9 + 16) + (16 * 5 * 5 * 64 + 64) + (64 * 10 + 10)
+    )
+    assert _n_parameters(create_model("cnn1", num_classes=10, in_channels=3,
+                                      image_size=32)) == 38_626
+    assert _n_parameters(create_model("cnn2", num_classes=10)) == (
+        (128 * 3 * 9 + 128) + (128 * 128 * 9 + 128) + (128 * 6 * 6 * 10 + 10)
+    )
     # LeNet-5 with full C3 connectivity: C1 156, C3 2,416, C5 48,120, F6 10,164, out 850
     assert _n_parameters(create_model("lenet5", num_classes=10)) == 61_706
 
