@@ -104,7 +104,8 @@ def load_client_data(
 
     Every process computes the whole partition (cheap, and the same everywhere because it is
     seeded from the run seed alone) and materializes tensors only for the clients it runs.
-    Each client's test set follows its training label distribution (``client_test_indices``).
+    Each client's test set follows its training label distribution (``client_test_indices``),
+    or with ``data.test_distribution: global`` the test split's.
     """
     spec = config.data
     train = load_images(spec.name, spec.root, train=True)
@@ -118,8 +119,13 @@ def load_client_data(
     parts = partition(train.labels, config.clients, spec.partition, spec.samples_per_client,
                       rng, **options)
     histogram = label_histogram(train.labels, parts, train.num_classes)
+    test_distributions = histogram
+    if spec.test_distribution == "global":
+        frequencies = np.bincount(test.labels, minlength=test.num_classes)
+        test_distributions = np.tile(frequencies, (config.clients, 1))
     test_rng = np.random.default_rng(derive_seed(config.seed, "test"))
-    tests = client_test_indices(test.labels, histogram, spec.test_samples_per_client, test_rng)
+    tests = client_test_indices(test.labels, test_distributions, spec.test_samples_per_client,
+                                test_rng)
     for client, counts in enumerate(histogram):
         log.debug("client %d: %d training images, classes %s", client, counts.sum(),
                   counts.tolist())

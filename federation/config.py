@@ -117,8 +117,11 @@ class DataConfig:
     ``partition``: iid, class_skew (``p_major`` of each client's samples from its own major
     class, ProxyFL's non-IID setting) or dirichlet (``alpha``). ``samples_per_client``:
     training images per client (null: an equal share of the whole training split, not for
-    class_skew). ``test_samples_per_client``: each client's test set, drawn from the test
-    split with the client's training label distribution.
+    class_skew). ``test_samples_per_client``: the size of each client's test set, drawn from
+    the test split. ``test_distribution``: ``client`` draws it with the client's training
+    label distribution (ProxyFL's evaluation: each client is judged on data like its own);
+    ``global`` with the test split's own label distribution, the same for every client (how
+    well a client's model serves everyone's patients).
     """
 
     name: str = _setting("mnist", _one_of(_dataset_names))
@@ -128,6 +131,7 @@ class DataConfig:
     alpha: float = _setting(0.5, _positive)
     samples_per_client: int | None = _setting(1000, _positive)
     test_samples_per_client: int = _setting(1000, _positive)
+    test_distribution: str = _setting("client", _one_of(lambda: ("client", "global")))
 
 
 @dataclass(frozen=True)

@@ -266,3 +266,18 @@ def test_regular_dp_trains_alone_with_dp(digits: Path, tmp_path: Path) -> None:
         return run.clients[1].models["private"].flat.pack()
 
     assert torch.equal(final_private("regular_dp"), final_private("regular"))
+
+
+def test_test_sets_follow_the_client_or_the_whole_test_split(digits: Path, tmp_path: Path) -> None:
+    """``client``: each test set is skewed like its client's training set (p_major 0.8);
+    ``global``: every test set follows the test split's label distribution."""
+    def test_label_shares(distribution: str) -> np.ndarray:
+        config = _config(digits, tmp_path, **{"data.test_distribution": distribution})
+        data, info = load_client_data(config, range(config.clients))
+        return np.stack([np.bincount(d.test.tensors[1].numpy(), minlength=info.num_classes)
+                         / len(d.test) for d in data.values()])
+
+    skewed, spread = test_label_shares("client"), test_label_shares("global")
+    assert (skewed.max(axis=1) >= 0.75).all()
+    assert (spread.max(axis=1) <= 0.2).all()  # 10 classes of about equal size
+    assert np.abs(spread - spread[0]).max() <= 0.02  # the same mix for every client
