@@ -1,4 +1,4 @@
-"""The seven algorithms on the local backend: they learn, share only what they should, and
+"""Every algorithm on the local backend: they learn, share only what they should, and
 their shared mechanisms (mutual learning, push-averaging, weighted averaging, data-parallel
 steps, ε budget) do what their papers' update rules say."""
 
