@@ -432,8 +432,8 @@ def _abort_world(code: int, reason: str, details: str = "") -> None:
     sys.stderr.write(f"{details}rank {world.rank}: {reason}\n")
     sys.stderr.flush()
     # Abort makes hydra tear the job down at once, and what its proxy has not yet forwarded
-    # from this rank's stderr pipe is lost: without a pause the message vanished in about one
-    # run in five of tests/test_comm_mpi.py's mismatch case. A moment lets it through.
+    # from this rank's stderr pipe is lost: without a pause the message vanished in 3 of 23
+    # runs of tests/test_comm_mpi.py's mismatch case (0 of 20 with it).
     time.sleep(_ABORT_GRACE_S)
     world.Abort(code)
     # MPICH's Abort can return while the process manager tears the job down; leave now rather

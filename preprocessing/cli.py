@@ -76,7 +76,7 @@ def console_main() -> NoReturn:
     By the time ``main`` returns, every output is closed and renamed into place. What is left
     is unloading torch, opacus and their compiled extensions, which costs ~0.65 CPU-s per
     process (``import torch, opacus``: 2.9 s with a normal exit, 2.2 s with ``os._exit``, on
-    the 2-core machine) and about 4 s of wall time when 8 MPI ranks share 2 cores. So this
+    the 2-core machine) and 3-4 s of wall time when 8 MPI ranks share 2 cores. So this
     flushes what Python buffers (streams, logging handlers), finalises MPI if a command
     started it (mpiexec expects every rank to), and leaves with ``os._exit``.
     """
