@@ -4,7 +4,7 @@ The ProxyFL paper's Fashion-MNIST setting (Kalra et al., Nature Communications 2
 arXiv 2111.11343): a client holds 1,000 28×28 images, the proxy is the 784-200-200-10 MLP,
 batch 250, Adam (lr 1e-3, weight decay 1e-4), σ = 1, C = 1. Data are random tensors of that
 shape (timing does not depend on pixel values). Every variant iterates its data loader,
-so loading is part of the step: a shuffled loader without DP, the Poisson loader with DP.
+so loading is part of the step: a shuffled loader without DP, Poisson-sampled indices with DP.
 
 Run ``python -m federation.bench_dp``; it prints one JSON object: milliseconds per step
 without DP and with each mechanism of ``federation.privacy`` (each repeat times ``--steps``
@@ -20,7 +20,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import opacus
 import torch
@@ -40,9 +40,9 @@ def _dataset(n: int, image_size: int, in_channels: int, seed: int) -> TensorData
     return TensorDataset(images, labels)
 
 
-def _endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _endless(batches: Iterable) -> Iterator:
     while True:
-        yield from loader
+        yield from batches
 
 
 def _model(args: argparse.Namespace) -> torch.nn.Module:
@@ -87,16 +87,17 @@ def _private_step(
     training = PrivateTraining(
         model,
         _adam(model),
-        dataset,
+        num_units=len(dataset),
         batch_size=args.batch_size,
         settings=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, mechanism=mechanism),
         seed=args.seed,
     )
-    batches = _endless(training.loader)
+    inputs, labels = dataset.tensors
+    batches = _endless(training.batch_sampler)
 
     def step() -> None:
-        x, y = next(batches)
-        x, y = x.to(device), y.to(device)
+        index = torch.as_tensor(next(batches), dtype=torch.int64)
+        x, y = inputs[index].to(device), labels[index].to(device)
         training.backward(F.cross_entropy(model(x), y, reduction="none"))
         training.step()
 

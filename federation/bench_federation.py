@@ -29,17 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from federation.client import ClientData, DataInfo, derive_seed, load_client_data
 from federation.config import FederationConfig, load_config
+from federation.data import load_client_data
+from federation.data.image_clients import ImageClientData
 from federation.loop import run_federation
 from federation.models import create_model
+from federation.seeds import derive_seed
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "benchmarks" / "fashion_mnist.yaml"
 
 
 def plain_fedavg(
-    config: FederationConfig, data: dict[int, ClientData], info: DataInfo
+    config: FederationConfig, data: dict[int, ImageClientData]
 ) -> list[float]:
     """FedAvg as a bare PyTorch loop: the reference the engine is timed against.
 
@@ -49,13 +51,13 @@ def plain_fedavg(
     the final test accuracy per client.
     """
     optim = config.optim
-    models = [create_model(config.model.proxy, num_classes=info.num_classes,
-                           in_channels=info.in_channels, image_size=info.image_size,
-                           seed=derive_seed(config.seed, "init", "shared"))
-              for _ in data]
+    models = [create_model(config.model.proxy, num_classes=client.num_classes,
+                           seed=derive_seed(config.seed, "init", "shared"),
+                           **client.model_options())
+              for client in data.values()]
     optimizers = [torch.optim.Adam(m.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
                   for m in models]
-    weights = torch.tensor([float(d.num_train) for d in data.values()])
+    weights = torch.tensor([float(d.num_units) for d in data.values()])
     weights /= weights.sum()
     generator = torch.Generator().manual_seed(config.seed)
     for _ in range(config.rounds):
@@ -124,14 +126,14 @@ def bench_fedavg_vs_plain(config: Path, rounds: int, threads: int,
     base = load_config(config, [f"rounds={rounds}", "algorithm=fedavg", "dp.enabled=false",
                                 "backend=local", f"threads={threads}", "checkpoint_every=0",
                                 f"eval_every={rounds}"])
-    data, info = load_client_data(base, range(base.clients))  # reads the files once (cached)
+    data = load_client_data(base, range(base.clients))  # reads the files once (cached)
     engine, plain = [], []
     for repeat in range(2):
         start = time.perf_counter()
         run_federation(dataclasses.replace(base, output_dir=str(work / f"fedavg_{repeat}")))
         engine.append(time.perf_counter() - start)
         start = time.perf_counter()
-        plain_fedavg(base, data, info)
+        plain_fedavg(base, data)
         plain.append(time.perf_counter() - start)
     startup = _launch([sys.executable, "-c", "import preprocessing.cli, federation.loop"])
     return {

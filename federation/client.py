@@ -18,7 +18,6 @@ Every random choice of a client comes from ``derive_seed(run seed, purpose, ...,
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,115 +27,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from federation.config import FederationConfig
-from federation.data import (
-    as_tensor_dataset,
-    client_test_indices,
-    label_histogram,
-    load_images,
-    partition,
-)
+from federation.data import Batch, ClientData
 from federation.flat import FlatParameters
 from federation.models import create_model
 from federation.privacy import DPSettings, PrivateTraining
+from federation.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float, float], torch.optim.Optimizer]
 
 OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
     "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, weight_decay=wd),
 }
-
-# Test sets are scored in chunks of this many images: one or two forward passes for the
-# benchmarks, bounded memory for larger models.
-_EVAL_CHUNK = 2048
-
-
-def derive_seed(seed: int, *purpose: str | int) -> int:
-    """A 63-bit seed for ``purpose`` (e.g. ``"init", "proxy", 3``) drawn from the run's seed.
-
-    Strings are hashed with BLAKE2 (not ``hash()``, which differs between processes), so every
-    process derives the same seed for the same purpose.
-    """
-    words = [seed]
-    for part in purpose:
-        if isinstance(part, str):
-            words.append(int.from_bytes(hashlib.blake2b(part.encode(), digest_size=4).digest()))
-        else:
-            words.append(int(part))
-    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1
-
-
-# ---------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class ClientData:
-    """One client's training set and test set, as normalized in-memory tensors."""
-
-    train: TensorDataset
-    test: TensorDataset
-
-    @property
-    def num_train(self) -> int:
-        return len(self.train)
-
-
-@dataclass(frozen=True)
-class DataInfo:
-    """What models need to know about the data: classes, channels, image side."""
-
-    num_classes: int
-    in_channels: int
-    image_size: int
-
-
-def load_client_data(
-    config: FederationConfig, clients: Iterable[int]
-) -> tuple[dict[int, ClientData], DataInfo]:
-    """Partition the data set over ``config.clients`` clients and build the data of ``clients``.
-
-    Every process computes the whole partition (cheap, and the same everywhere because it is
-    seeded from the run seed alone) and materializes tensors only for the clients it runs.
-    Each client's test set follows its training label distribution (``client_test_indices``),
-    or with ``data.test_distribution: global`` the test split's.
-    """
-    spec = config.data
-    train = load_images(spec.name, spec.root, train=True)
-    test = load_images(spec.name, spec.root, train=False)
-    scheme_options: dict[str, dict[str, float]] = {
-        "class_skew": {"p_major": spec.p_major},
-        "dirichlet": {"alpha": spec.alpha},
-    }
-    options = scheme_options.get(spec.partition, {})
-    rng = np.random.default_rng(derive_seed(config.seed, "partition"))
-    parts = partition(train.labels, config.clients, spec.partition, spec.samples_per_client,
-                      rng, **options)
-    histogram = label_histogram(train.labels, parts, train.num_classes)
-    test_distributions = histogram
-    if spec.test_distribution == "global":
-        frequencies = np.bincount(test.labels, minlength=test.num_classes)
-        test_distributions = np.tile(frequencies, (config.clients, 1))
-    test_rng = np.random.default_rng(derive_seed(config.seed, "test"))
-    tests = client_test_indices(test.labels, test_distributions, spec.test_samples_per_client,
-                                test_rng)
-    for client, counts in enumerate(histogram):
-        log.debug("client %d: %d training images, classes %s", client, counts.sum(),
-                  counts.tolist())
-    data = {
-        c: ClientData(as_tensor_dataset(train, parts[c]), as_tensor_dataset(test, tests[c]))
-        for c in clients
-    }
-    _, channels, height, width = train.images.shape
-    if height != width:
-        raise ValueError(f"{spec.name}: images are {height}x{width}; models expect square images")
-    return data, DataInfo(train.num_classes, channels, height)
 
 
 # ---------------------------------------------------------------------------- models
@@ -147,15 +53,16 @@ class LocalModel:
     the client, its DP-SGD.
 
     ``flat`` binds the parameters to one buffer (what the communicator moves). Without DP the
-    model trains on shuffled minibatches; with DP on the Poisson batches of
-    ``PrivateTraining.loader``, and ``epsilon()`` reports what it has spent.
+    model trains on shuffled passes over its client's data (``ClientData.epoch``); with DP on
+    the Poisson-sampled privacy units of ``PrivateTraining.batch_sampler``
+    (``ClientData.sampled``), and ``epsilon()`` reports what it has spent.
     """
 
     def __init__(
         self,
         name: str,
         module: nn.Module,
-        train: TensorDataset,
+        data: ClientData,
         *,
         optimizer: OptimizerFactory,
         lr: float,
@@ -166,17 +73,17 @@ class LocalModel:
     ) -> None:
         self.name = name
         self.module = module
+        self.data = data
         self.flat = FlatParameters(module, name)
         self.optimizer = optimizer(module.parameters(), lr, weight_decay)
-        self.batch_size = min(batch_size, len(train))
-        self._inputs, self._labels = train.tensors
+        self.batch_size = min(batch_size, data.num_units)
         order_seed, dp_seed = np.random.SeedSequence(seed).generate_state(2)
         self._order = torch.Generator().manual_seed(int(order_seed))
         self.privacy = (
             None
             if dp is None
-            else PrivateTraining(module, self.optimizer, train, batch_size=self.batch_size,
-                                 settings=dp, seed=int(dp_seed))
+            else PrivateTraining(module, self.optimizer, num_units=data.num_units,
+                                 batch_size=self.batch_size, settings=dp, seed=int(dp_seed))
         )
 
     @property
@@ -190,19 +97,21 @@ class LocalModel:
         return self.privacy is not None and self.privacy.budget_exhausted
 
     def batches(self) -> Iterator[Batch]:
-        """One epoch of training batches: Poisson-sampled with DP, else a shuffled pass."""
+        """One epoch of training batches: Poisson-sampled units with DP, else a shuffled pass."""
         if self.privacy is not None:
-            yield from self.privacy.loader
-            return
-        order = torch.randperm(len(self._labels), generator=self._order)
-        for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
-            yield self._inputs[index], self._labels[index]
+            return self.data.sampled(self.privacy.batch_sampler, self._order)
+        return self.data.epoch(self.batch_size, self._order)
 
-    def step(self, per_sample_loss: torch.Tensor) -> None:
-        """One update from a per-sample loss vector: DP-SGD for a DP model, else plain."""
+    def step(self, per_sample_loss: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+        """One update from a per-row loss vector: DP-SGD for a DP model (each privacy unit of
+        ``groups`` clipped as one record), else plain."""
         if self.privacy is not None:
-            self.privacy.backward(per_sample_loss)
+            if groups is not None:
+                # Each unit's loss is the mean over its rows, so a slide's clipped gradient is
+                # on the scale of one record's and σ·C / B means the same as for images.
+                rows = torch.bincount(groups, minlength=1).to(per_sample_loss.dtype)
+                per_sample_loss = per_sample_loss / rows[groups]
+            self.privacy.backward(per_sample_loss, groups)
             self.privacy.step()
             return
         self.optimizer.zero_grad(set_to_none=True)
@@ -217,19 +126,9 @@ class LocalModel:
     def delta(self) -> float | None:
         return None if self.privacy is None else self.privacy.delta
 
-    @torch.no_grad()
-    def evaluate(self, data: TensorDataset) -> dict[str, float]:
-        """Accuracy and mean cross-entropy on ``data`` in as few forward passes as fit memory."""
-        self.module.eval()
-        inputs, labels = data.tensors
-        correct, loss = 0, 0.0
-        for start in range(0, len(labels), _EVAL_CHUNK):
-            x, y = inputs[start:start + _EVAL_CHUNK], labels[start:start + _EVAL_CHUNK]
-            logits = self.module(x)
-            correct += int((logits.argmax(1) == y).sum())
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        self.module.train()
-        return {"accuracy": correct / len(labels), "loss": loss / len(labels)}
+    def evaluate(self) -> dict[str, float]:
+        """The metrics of this model on its client's held-out split."""
+        return self.data.evaluate(self.module)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue this model exactly."""
@@ -278,17 +177,15 @@ def build_model(
     role: ModelRole,
     client: int,
     data: ClientData,
-    info: DataInfo,
 ) -> LocalModel:
     """The ``LocalModel`` named ``name`` of ``client``, built as ``role`` says."""
     init_seed = (derive_seed(config.seed, "init", name) if role.common_init
                  else derive_seed(config.seed, "init", name, client))
     module = create_model(
         getattr(config.model, role.architecture),
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        image_size=info.image_size,
+        num_classes=data.num_classes,
         seed=init_seed,
+        **data.model_options(),
     )
     dp = None
     if role.trains_with_dp and config.dp.enabled:
@@ -302,7 +199,7 @@ def build_model(
     return LocalModel(
         name,
         module,
-        data.train,
+        data,
         optimizer=OPTIMIZERS[config.optim.name],
         lr=config.optim.lr,
         weight_decay=config.optim.weight_decay,
@@ -358,10 +255,10 @@ def train_cross_entropy(model: LocalModel, epochs: int) -> float:
     model.module.train()
     meter = _LossMeter()
     for _ in range(epochs):
-        for x, y in model.batches():
+        for x, y, groups in model.batches():
             loss = F.cross_entropy(model.module(x), y, reduction="none")
             if len(y) or model.is_private:  # an empty Poisson batch is still a (noise) step
-                model.step(loss)
+                model.step(loss, groups)
             meter.add(loss)
     return meter.mean
 
@@ -389,7 +286,7 @@ def train_mutual(
     meters = {first.name: _LossMeter(), second.name: _LossMeter()}
     source = second if train_second else first
     for _ in range(epochs):
-        for x, y in source.batches():
+        for x, y, groups in source.batches():
             first_logits = first.module(x)
             if train_second:
                 second_logits = second.module(x)
@@ -399,11 +296,11 @@ def train_mutual(
                     second_logits = second.module(x)
             first_loss = distillation_loss(first_logits, y, second_logits.detach(), first_weight)
             if len(y):
-                first.step(first_loss)
+                first.step(first_loss, groups)
             meters[first.name].add(first_loss)
             if train_second:
                 second_loss = distillation_loss(second_logits, y, first_logits.detach(),
                                                 second_weight)
-                second.step(second_loss)
+                second.step(second_loss, groups)
                 meters[second.name].add(second_loss)
     return {name: meter.mean for name, meter in meters.items() if meter.count}

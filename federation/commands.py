@@ -1,5 +1,5 @@
-"""Federation subcommands: ``slidefed federate`` here; ``slidefed bench algorithms`` and
-``slidefed report`` come from ``federation.benchmark``.
+"""Federation subcommands: ``slidefed federate`` and ``slidefed evaluate`` here; ``slidefed
+bench algorithms`` and ``slidefed report`` come from ``federation.benchmark``.
 
 torch and mpi4py are imported inside the command, so registering it costs ``slidefed tile``
 nothing at start-up.
@@ -34,6 +34,14 @@ def run_federate(args: argparse.Namespace) -> int:
     return run_guarded(main)
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    from federation.evaluation.run import evaluate_run, one_line
+
+    result = evaluate_run(args.run_dir, args.hospital or None, n_bootstrap=args.bootstrap)
+    print(f"{args.run_dir}: {one_line(result)}")
+    return 0
+
+
 def _one_line(summary: dict, output_dir: str) -> str:
     model = summary["reported_model"]
     accuracy = summary["final"].get(model, {}).get("accuracy")
@@ -63,3 +71,14 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--resume", action="store_true",
                    help="continue the run in output_dir from its last checkpoint")
     p.set_defaults(run=run_federate)
+
+    p = commands.add_parser(
+        "evaluate",
+        help="slide-level diagnosis of a finished run on patch bags: per hospital and pooled")
+    p.add_argument("run_dir", type=Path, help="the run's output directory")
+    p.add_argument("--hospital", action="append", default=[],
+                   help="evaluate only this hospital (repeatable; default: all, plus the "
+                        "pooled and cross-site results)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals (default %(default)s)")
+    p.set_defaults(run=run_evaluate)

@@ -70,9 +70,9 @@ def _algorithm_names() -> Iterable[str]:
 
 
 def _dataset_names() -> Iterable[str]:
-    from federation.data import DATASETS
+    from federation.data import DATA_LOADERS
 
-    return DATASETS
+    return DATA_LOADERS
 
 
 def _partition_names() -> Iterable[str]:
@@ -106,6 +106,15 @@ def _model_name(value: str) -> str | None:
     return None if value in known else f"unknown model {value!r}; choose one of {known}"
 
 
+def _plain_names(values: tuple[str, ...]) -> str | None:
+    for value in values:
+        if not value or value.startswith(".") or "/" in value or "\\" in value:
+            return f"{value!r} is not a plain file name"
+    if len(set(values)) != len(values):
+        return "names must be unique"
+    return None
+
+
 def _setting(default: Any, check: Check | None = None) -> Any:
     return field(default=default, metadata={"check": check})
 
@@ -122,6 +131,10 @@ class DataConfig:
     label distribution (ProxyFL's evaluation: each client is judged on data like its own);
     ``global`` with the test split's own label distribution, the same for every client (how
     well a client's model serves everyone's patients).
+
+    ``name: bags`` trains on patch bags, one client per hospital (the "natural" partition):
+    ``hospitals`` lists them in rank order, and hospital ``h``'s preprocessing output (its
+    ``manifest.csv`` and ``bags/``) lies in ``root/h``; the image keys do not apply.
     """
 
     name: str = _setting("mnist", _one_of(_dataset_names))
@@ -132,6 +145,37 @@ class DataConfig:
     samples_per_client: int | None = _setting(1000, _positive)
     test_samples_per_client: int = _setting(1000, _positive)
     test_distribution: str = _setting("client", _one_of(lambda: ("client", "global")))
+    hospitals: tuple[str, ...] = _setting((), _plain_names)
+
+
+@dataclass(frozen=True)
+class SlidesConfig:
+    """Slide-level learning from patch bags (``data.name: bags``).
+
+    ``target_mpp``/``patch_size``: the tiling every bag must have (checked per bag, recorded
+    in saved models). Splits are by slide, stratified by label: ``validation_fraction`` and
+    ``test_fraction`` of each hospital's slides. ``optim.batch_size`` counts privacy units
+    per step: slides, each contributing at most ``patches_per_slide`` patches, or patches
+    with ``privacy_unit: patch``. ``privacy_unit``: what DP-SGD's ε protects — ``slide``
+    (each slide's summed gradient is clipped; the default) or ``patch`` (each patch is a
+    record; weaker, and labelled so in every output). A slide's score is the mean of its
+    ``top_k`` highest patch tumour probabilities. ``augment``: ``hed`` stain jitter of
+    strength ``hed_sigma`` (Tellez et al. 2018), or ``none``. ``eval_patches_per_slide``:
+    patches scored per slide in the per-round validation (null: all). ``workers``:
+    DataLoader processes decoding patches (0: in the training process).
+    """
+
+    target_mpp: float = _setting(0.5, _positive)
+    patch_size: int = _setting(256, _positive)
+    validation_fraction: float = _setting(0.2, _unit_interval)
+    test_fraction: float = _setting(0.3, _unit_interval)
+    patches_per_slide: int = _setting(16, _positive)
+    privacy_unit: str = _setting("slide", _one_of(lambda: ("slide", "patch")))
+    top_k: int = _setting(5, _positive)
+    augment: str = _setting("hed", _one_of(lambda: ("hed", "none")))
+    hed_sigma: float = _setting(0.05, _unit_interval)
+    eval_patches_per_slide: int | None = _setting(None, _positive)
+    workers: int = _setting(0, _non_negative)
 
 
 @dataclass(frozen=True)
@@ -212,6 +256,7 @@ class FederationConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     dml: DMLConfig = field(default_factory=DMLConfig)
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
+    slides: SlidesConfig = field(default_factory=SlidesConfig)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -269,7 +314,16 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def config_to_dict(config: FederationConfig) -> dict[str, Any]:
     """The resolved configuration as plain nested dicts (what ``config.yaml`` holds)."""
-    return dataclasses.asdict(config)
+    return _lists(dataclasses.asdict(config))
+
+
+def _lists(tree: Any) -> Any:
+    """Tuples as lists, so that the tree is plain YAML."""
+    if isinstance(tree, dict):
+        return {key: _lists(value) for key, value in tree.items()}
+    if isinstance(tree, tuple):
+        return [_lists(value) for value in tree]
+    return tree
 
 
 def dump_config(config: FederationConfig) -> str:
@@ -371,6 +425,11 @@ def _coerce(value: Any, kind: Any, dotted: str, where: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{where}: {dotted} must not be null")
+    if typing.get_origin(kind) is tuple:  # tuple[X, ...]: a YAML list of X
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: {dotted} = {value!r}: expected a list")
+        (item_kind, _) = typing.get_args(kind)
+        return tuple(_coerce(v, item_kind, f"{dotted}[{i}]", where) for i, v in enumerate(value))
     expected = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
     if kind is bool and isinstance(value, bool):
         return value
@@ -401,6 +460,16 @@ def _as_float(value: Any) -> float | None:
 
 def _check_together(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
     """Constraints that involve two keys; the message names both."""
+    if config.data.name == "bags":
+        hospitals = config.data.hospitals
+        where = provenance.get("data.hospitals", provenance.get("clients", source))
+        if not hospitals:
+            raise ConfigError(f"{where}: data.name = bags needs data.hospitals, one name per "
+                              "client")
+        if len(hospitals) != config.clients:
+            raise ConfigError(f"{where}: clients = {config.clients} but data.hospitals names "
+                              f"{len(hospitals)} hospitals")
+        return
     spc = config.data.samples_per_client
     if spc is not None and config.optim.batch_size > spc:
         where = provenance.get("optim.batch_size", provenance.get("data.samples_per_client",

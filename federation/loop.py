@@ -23,9 +23,10 @@ import torch
 from tqdm import tqdm
 
 from federation.algorithms import ALGORITHMS, Algorithm
-from federation.client import load_client_data
 from federation.comm import Communicator, make_communicator
 from federation.config import FederationConfig
+from federation.data import ClientData, load_client_data
+from federation.model_files import save_model
 from federation.outputs import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,8 @@ def run_federation(
     if comm.size != config.clients:
         raise ValueError(f"clients = {config.clients} but the communicator has {comm.size}")
     threads = configure_threads(config, comm)
-    data, info = load_client_data(config, comm.owned)
-    algorithm: Algorithm = ALGORITHMS[config.algorithm](config, comm, data, info)
+    data = load_client_data(config, comm.owned)
+    algorithm: Algorithm = ALGORITHMS[config.algorithm](config, comm, data)
     run = RunDirectory(config.output_dir, is_root=comm.is_root)
     earlier = {"wall_s": 0.0, "seconds": {}}
     if resume and run.checkpoint_round() is not None:
@@ -90,6 +91,8 @@ def run_federation(
             log.warning("--resume: no checkpoint in %s; starting from round 1", run.root)
         run.start(config)
         completed = 0
+    for c in comm.owned:
+        data[c].write_records(run.hospital_dir(data[c].name))
     comm.barrier()
     if comm.is_root:
         log.info("%s: %d clients (%d in this process, %d torch threads each process), "
@@ -107,10 +110,11 @@ def run_federation(
         rows: dict[int, list[dict[str, Any]]] = {c: [] for c in comm.owned}
         for c, (epsilon, delta) in privacy.items():
             rows[c].append({"file": "privacy", "round": number, "client": c,
-                            "epsilon": epsilon, "delta": delta})
+                            "epsilon": epsilon, "delta": delta, "unit": data[c].unit})
         if number % config.eval_every == 0 or number == config.rounds:
             for c, models in algorithm.evaluate().items():
-                rows[c] += _metric_rows(number, c, models, losses.get(c, {}))
+                rows[c] += _metric_rows(number, c, models, losses.get(c, {}),
+                                        data[c].eval_split)
         gathered = comm.gather_rows(rows)
         if gathered is not None:
             run.append([r for r in gathered if r["file"] == "metrics"],
@@ -123,6 +127,9 @@ def run_federation(
             wall = earlier["wall_s"] + time.perf_counter() - started
             _checkpoint(run, algorithm, comm, number, wall)
 
+    with algorithm.stopwatch("evaluation"):
+        _save_final_models(run, algorithm, data, config)
+    comm.barrier()
     wall = earlier["wall_s"] + time.perf_counter() - started
     process = {"file": "process", "seconds": dict(algorithm.stopwatch.seconds),
                "elements_sent": sum(t.numel for t in comm.sent_log)}
@@ -137,14 +144,33 @@ def run_federation(
     return summary
 
 
+def _save_final_models(run: RunDirectory, algorithm: Algorithm, data: Mapping[int, ClientData],
+                       config: FederationConfig) -> None:
+    """Every model of every client of this process, as ``federation.model_files`` describes,
+    under its hospital's own directory."""
+    for c, client in algorithm.clients.items():
+        for name, model in client.models.items():
+            role = algorithm.roles[name]
+            options = {"num_classes": data[c].num_classes, **data[c].model_options()}
+            save_model(
+                run.hospital_dir(data[c].name) / "models" / f"{name}.pt", model.module,
+                architecture=getattr(config.model, role.architecture), model_options=options,
+                hospital=data[c].name, model=name, algorithm=config.algorithm,
+                round=config.rounds, seed=config.seed, shared=role.leaves_client,
+                data=data[c].describe(), decision=data[c].calibrate(model.module),
+                privacy={"dp": model.is_private, "epsilon": model.epsilon(),
+                         "delta": model.delta, "unit": data[c].unit})
+
+
 def _metric_rows(
-    number: int, client: int, models: Mapping[str, Mapping[str, float]], losses: Mapping[str, float]
+    number: int, client: int, models: Mapping[str, Mapping[str, float]],
+    losses: Mapping[str, float], split: str,
 ) -> list[dict[str, Any]]:
     rows = []
     for model, metrics in models.items():
         for metric, value in metrics.items():
             rows.append({"file": "metrics", "round": number, "client": client, "model": model,
-                         "split": "test", "metric": metric, "value": value})
+                         "split": split, "metric": metric, "value": value})
         if model in losses:
             rows.append({"file": "metrics", "round": number, "client": client, "model": model,
                          "split": "train", "metric": "loss", "value": losses[model]})
@@ -167,7 +193,7 @@ def _checkpoint(
 def _update_latest(latest: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Keep the most recent test metrics and ε per client (root only)."""
     for row in rows:
-        if row["file"] == "metrics" and row["split"] == "test":
+        if row["file"] == "metrics" and row["split"] != "train":
             latest.setdefault("metrics", {})[row["model"], row["metric"], row["client"]] = (
                 row["value"])
         elif row["file"] == "privacy":

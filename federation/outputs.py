@@ -4,10 +4,13 @@ Layout (the contract in DESIGN.md)::
 
     config.yaml                  the resolved configuration
     metrics.csv                  round, client, model, split, metric, value
-    privacy.csv                  round, client, epsilon, delta
+    privacy.csv                  round, client, epsilon, delta, unit
     summary.json                 final results and where the time went
     checkpoints/latest.json      {"round": r}: the last complete checkpoint
     checkpoints/round_<r>/client_<k>.pt
+    hospitals/<name>/            what belongs to one hospital, written by its process only:
+        splits.csv               its slides' train / validation / test split (slide data)
+        models/<model>.pt        its final models (federation.model_files)
 
 Only the root process writes the CSV files, the config and the summary; every process writes
 the checkpoints of its own clients. Every file is written under a temporary name and renamed,
@@ -41,7 +44,7 @@ from wsi.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 METRICS_COLUMNS = ("round", "client", "model", "split", "metric", "value")
-PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta")
+PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit")
 
 # Keys that may differ between a run and its resumption: how it is executed, and for how long.
 RESUMABLE_CHANGES = ("rounds", "backend", "threads", "checkpoint_every")
@@ -132,6 +135,10 @@ class RunDirectory:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
 
     # ------------------------------------------------------------------ checkpoints
+
+    def hospital_dir(self, name: str) -> Path:
+        """The directory of the hospital (client) ``name``: only its own process writes there."""
+        return self.root / "hospitals" / name
 
     def client_checkpoint(self, round: int, client: int) -> Path:
         return self.checkpoints / f"round_{round:06d}" / f"client_{client:04d}.pt"

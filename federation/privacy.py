@@ -57,15 +57,14 @@ import numpy as np
 import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +310,7 @@ class DPSettings:
 
 
 class PrivateTraining:
-    """DP-SGD for one model of one client: Poisson loader, clipping + noise, RDP accounting.
+    """DP-SGD for one model of one client: Poisson sampling, clipping + noise, RDP accounting.
 
     ``optimizer`` is any torch optimizer over ``model``'s parameters (ProxyFL: Adam); it is
     wrapped, so update through ``step()`` only. Hooks are attached to ``model`` itself (it is
@@ -325,9 +324,12 @@ class PrivateTraining:
     but not hardened against floating-point attacks on the Gaussian sampler (opacus'
     ``secure_mode``, which needs torchcsprng).
 
-    Per batch::
+    The client's data are ``num_units`` privacy units (images, or slides); each step takes
+    the units of one batch of ``batch_sampler`` (Poisson, q = batch_size / num_units). Per
+    batch::
 
-        for x, y in training.loader:
+        for units in training.batch_sampler:
+            x, y = rows_of(units)
             training.backward(per_sample_loss(model(x), y))   # shape (len(x),)
             training.step()
 
@@ -338,14 +340,13 @@ class PrivateTraining:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        dataset: Dataset,
         *,
+        num_units: int,
         batch_size: int,
         settings: DPSettings,
         seed: int,
-        collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
-        n = len(dataset)  # type: ignore[arg-type]
+        n = num_units
         if not 0 < batch_size <= n:
             raise ValueError(f"PrivateTraining: batch_size {batch_size} not in [1, {n}] records")
         ModuleValidator.validate(model, strict=True)
@@ -361,11 +362,10 @@ class PrivateTraining:
         device = next(model.parameters()).device
         self._sampling_rng = torch.Generator().manual_seed(int(sampling_seed))
         self._noise_rng = torch.Generator(device=device).manual_seed(int(noise_seed))
-        self.loader = DPDataLoader(
-            dataset,
-            sample_rate=self.sample_rate,
-            generator=self._sampling_rng,
-            collate_fn=collate_fn,
+        # Poisson sampling of the n privacy units: every unit joins a step with probability q,
+        # 1/q steps per epoch (opacus' sampler, the one its accountant assumes).
+        self.batch_sampler = UniformWithReplacementSampler(
+            num_samples=n, sample_rate=self.sample_rate, generator=self._sampling_rng
         )
 
         self._mechanism = MECHANISMS[settings.mechanism]
@@ -409,7 +409,8 @@ class PrivateTraining:
         """DP steps counted by the accountant so far."""
         return sum(steps for _, _, steps in self._accountant.history)
 
-    def backward(self, per_sample_loss: torch.Tensor) -> None:
+    def backward(self, per_sample_loss: torch.Tensor, groups: torch.Tensor | None = None
+                 ) -> None:
         """Clipped per-sample gradients of ``per_sample_loss`` (one entry per record, any
         loss: CE, or ProxyFL's DML loss) summed into the model's ``.grad``, ready for
         ``step()``. Each entry must depend on its own record only, and on this model's
@@ -419,6 +420,8 @@ class PrivateTraining:
                 f"PrivateTraining.backward: expected a per-sample loss vector, "
                 f"got shape {tuple(per_sample_loss.shape)}"
             )
+        if groups is not None and not torch.equal(groups, torch.arange(len(groups))):
+            raise NotImplementedError("per-unit clipping of several rows")
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)

@@ -17,9 +17,10 @@ from federation_synthetic import small_config, write_synthetic_digits
 from federation.algorithms import ALGORITHMS
 from federation.algorithms.fedavg import FedAvg
 from federation.algorithms.joint import Joint
-from federation.client import distillation_loss, load_client_data
+from federation.client import distillation_loss
 from federation.comm import LocalCommunicator
 from federation.config import config_from_dict
+from federation.data import load_client_data
 from federation.loop import run_federation
 from federation.topology import make_topology
 
@@ -35,8 +36,8 @@ def _config(digits: Path, out: Path, **overrides):
 
 def _algorithm(config):
     comm = LocalCommunicator(config.clients)
-    data, info = load_client_data(config, comm.owned)
-    return ALGORITHMS[config.algorithm](config, comm, data, info), comm
+    data = load_client_data(config, comm.owned)
+    return ALGORITHMS[config.algorithm](config, comm, data), comm
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -273,8 +274,8 @@ def test_test_sets_follow_the_client_or_the_whole_test_split(digits: Path, tmp_p
     ``global``: every test set follows the test split's label distribution."""
     def test_label_shares(distribution: str) -> np.ndarray:
         config = _config(digits, tmp_path, **{"data.test_distribution": distribution})
-        data, info = load_client_data(config, range(config.clients))
-        return np.stack([np.bincount(d.test.tensors[1].numpy(), minlength=info.num_classes)
+        data = load_client_data(config, range(config.clients))
+        return np.stack([np.bincount(d.test.tensors[1].numpy(), minlength=d.num_classes)
                          / len(d.test) for d in data.values()])
 
     skewed, spread = test_label_shares("client"), test_label_shares("global")

@@ -50,7 +50,8 @@ def test_outputs_have_the_promised_files_and_columns(digits: Path, tmp_path: Pat
     assert all(0 <= float(r["value"]) <= 1 for r in metrics if r["metric"] == "accuracy")
 
     columns, privacy = _read(tmp_path / "privacy.csv")
-    assert tuple(columns) == PRIVACY_COLUMNS == ("round", "client", "epsilon", "delta")
+    assert tuple(columns) == PRIVACY_COLUMNS == ("round", "client", "epsilon", "delta", "unit")
+    assert {r["unit"] for r in privacy} == {"record"}  # an image is one record
     assert len(privacy) == config.rounds * config.clients  # every round, not only evaluated ones
     for c in range(config.clients):
         epsilons = [float(r["epsilon"]) for r in privacy if r["client"] == str(c)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import weakref
 
 import pytest
 import torch
@@ -85,9 +86,24 @@ def _training(
         delta=delta,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    return PrivateTraining(
-        model, optimizer, dataset, batch_size=batch_size, settings=settings, seed=seed
+    training = PrivateTraining(
+        model, optimizer, num_units=len(dataset), batch_size=batch_size, settings=settings,
+        seed=seed
     )
+    _DATASETS[training] = dataset
+    return training
+
+
+# The records each PrivateTraining of these tests samples from.
+_DATASETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _batches(training: PrivateTraining):
+    """One epoch of the Poisson batches of ``training``'s records, as (x, y)."""
+    inputs, labels = _DATASETS[training].tensors
+    for units in training.batch_sampler:
+        index = torch.as_tensor(units, dtype=torch.int64)
+        yield inputs[index], labels[index]
 
 
 MODELS = {
@@ -162,7 +178,7 @@ def test_noise_is_added_with_std_sigma_c_over_b():
 def _run_rounds(training: PrivateTraining, model: nn.Module, rounds: int) -> list[float]:
     epsilons = []
     for _ in range(rounds):
-        for x, y in training.loader:
+        for x, y in _batches(training):
             training.backward(F.cross_entropy(model(x), y, reduction="none"))
             training.step()
         epsilons.append(training.epsilon())
@@ -174,7 +190,7 @@ def test_epsilon_grows_per_round_and_equals_opacus_accountant():
     training = _training(model, _images(40, 0), sigma=1.0, batch_size=10, delta=1e-4)
     epsilons = _run_rounds(training, model, rounds=3)
     assert epsilons[0] > 0 and epsilons[0] < epsilons[1] < epsilons[2]
-    assert training.steps_taken == 3 * 4  # opacus' Poisson loader: 1/q batches per pass
+    assert training.steps_taken == 3 * 4  # opacus' Poisson sampler: 1/q batches per pass
     reference = RDPAccountant()
     for _ in range(training.steps_taken):
         reference.step(noise_multiplier=1.0, sample_rate=10 / 40)
@@ -217,7 +233,7 @@ def test_same_seed_same_run_and_other_seed_differs():
         model = _small_mlp()
         training = _training(model, _images(60, 0), sigma=1.0, batch_size=15, seed=seed, lr=0.1)
         sizes = []
-        for x, y in training.loader:
+        for x, y in _batches(training):
             sizes.append(len(x))
             training.backward(F.cross_entropy(model(x), y, reduction="none"))
             training.step()
@@ -233,7 +249,7 @@ def test_same_seed_same_run_and_other_seed_differs():
 def test_poisson_batches_vary_around_the_expected_size():
     model = _small_mlp()
     training = _training(model, _images(200, 0), batch_size=20, seed=0)
-    sizes = [len(x) for _ in range(10) for x, _ in training.loader]
+    sizes = [len(x) for _ in range(10) for x, _ in _batches(training)]
     assert training.sample_rate == pytest.approx(0.1)
     assert len(set(sizes)) > 3
     assert sum(sizes) / len(sizes) == pytest.approx(20, rel=0.15)

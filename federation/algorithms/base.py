@@ -33,8 +33,6 @@ import torch
 
 from federation.client import (
     Client,
-    ClientData,
-    DataInfo,
     ModelRole,
     build_model,
     train_cross_entropy,
@@ -42,6 +40,7 @@ from federation.client import (
 )
 from federation.comm import Communicator
 from federation.config import FederationConfig
+from federation.data import ClientData
 from federation.topology import Topology, make_topology
 
 log = logging.getLogger(__name__)
@@ -99,7 +98,6 @@ class Algorithm(ABC):
         config: FederationConfig,
         comm: Communicator,
         data: dict[int, ClientData],
-        info: DataInfo,
     ) -> None:
         protected = [name for name, role in self.roles.items() if role.trains_with_dp]
         if len(protected) > 1:
@@ -108,7 +106,7 @@ class Algorithm(ABC):
         self.comm = comm
         self.stopwatch = Stopwatch()
         self.clients = {
-            c: Client(c, data[c], {name: build_model(config, name, role, c, data[c], info)
+            c: Client(c, data[c], {name: build_model(config, name, role, c, data[c])
                                    for name, role in self.roles.items()})
             for c in comm.owned
         }
@@ -214,11 +212,10 @@ class Algorithm(ABC):
     # ------------------------------------------------------------------ the loop's view
 
     def evaluate(self) -> dict[int, dict[str, dict[str, float]]]:
-        """Test accuracy and loss of every model of every client: client -> model -> metric."""
+        """Held-out metrics of every model of every client: client -> model -> metric."""
         with self.stopwatch("evaluation"):
             return {
-                c: {name: model.evaluate(client.data.test)
-                    for name, model in sorted(client.models.items())}
+                c: {name: model.evaluate() for name, model in sorted(client.models.items())}
                 for c, client in self.clients.items()
             }
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from federation.algorithms.base import Algorithm, Losses, register_algorithm
-from federation.client import ModelRole, derive_seed
+from federation.client import ModelRole
+from federation.seeds import derive_seed
 
 
 @register_algorithm("fedavg")
@@ -43,7 +44,7 @@ class FedAvg(Algorithm):
     def run_round(self, round: int) -> Losses:
         losses = self.train_locally("shared", only=self.sampled_clients(round))
         weights = {
-            c: float(client.data.num_train) if c in losses else 0.0
+            c: float(client.data.num_units) if c in losses else 0.0
             for c, client in self.clients.items()
         }
         self.weighted_average("shared", weights)

@@ -38,7 +38,7 @@ class FederatedMutualLearning(Algorithm):
     def run_round(self, round: int) -> Losses:
         losses = self.train_mutually("private", "shared")
         weights = {
-            c: float(client.data.num_train) if "shared" in losses[c] else 0.0
+            c: float(client.data.num_units) if "shared" in losses[c] else 0.0
             for c, client in self.clients.items()
         }
         self.weighted_average("shared", weights)

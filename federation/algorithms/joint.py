@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from federation.algorithms.base import Algorithm, Losses, register_algorithm
-from federation.client import ClientData, DataInfo, ModelRole
+from federation.client import ModelRole
 from federation.comm import Communicator
 from federation.config import FederationConfig
+from federation.data import Batch, ClientData
 
 
 @register_algorithm("joint")
@@ -45,14 +46,13 @@ class Joint(Algorithm):
         config: FederationConfig,
         comm: Communicator,
         data: dict[int, ClientData],
-        info: DataInfo,
     ) -> None:
-        super().__init__(config, comm, data, info)
+        super().__init__(config, comm, data)
         # Every process must take the same number of steps: learn the longest pass.
         passes = {}
         for c, client in self.clients.items():
             steps = torch.zeros(comm.size, dtype=torch.float64)
-            steps[c] = math.ceil(client.data.num_train / client.models["shared"].batch_size)
+            steps[c] = math.ceil(client.data.num_units / client.models["shared"].batch_size)
             passes[c] = steps
         self.steps_per_epoch = int(comm.allreduce_sum(passes).max())
 
@@ -78,7 +78,7 @@ class Joint(Algorithm):
 
     @staticmethod
     def _gradient_sum(
-        module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor] | None, total: list
+        module: nn.Module, batch: Batch | None, total: list
     ) -> torch.Tensor:
         """[Σ_batch ∇CE, |batch|] as one flat float64 buffer (zeros for a missing batch);
         float64 so that the sum is the same whatever order MPI adds it in (see
@@ -88,7 +88,7 @@ class Joint(Algorithm):
         parameters = list(module.parameters())
         if batch is None:
             return torch.zeros(sum(p.numel() for p in parameters) + 1, dtype=torch.float64)
-        x, y = batch
+        x, y, _ = batch
         loss = F.cross_entropy(module(x), y, reduction="sum")
         loss.backward()
         total[0] += float(loss.detach())

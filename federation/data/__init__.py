@@ -1,5 +1,17 @@
-"""Data for the federation engine: image data sets from local files and client partitions."""
+"""Data for the federation engine: image data sets and patch bags as client data.
 
+``load_client_data(config, clients)`` builds the ``ClientData`` of the clients a process
+runs, with the loader registered under ``config.data.name`` in ``DATA_LOADERS``: the image
+benchmarks (partitioned in memory) and ``bags`` (one hospital per client).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from federation.config import FederationConfig
+from federation.data.base import Batch, ClientData
+from federation.data.image_clients import load_image_clients
 from federation.data.images import (
     DATASETS,
     DatasetFormatError,
@@ -15,10 +27,27 @@ from federation.data.partition import (
     label_histogram,
     partition,
 )
+from federation.data.slides import load_slide_clients
+
+Loader = Callable[[FederationConfig, Iterable[int]], Mapping[int, ClientData]]
+
+DATA_LOADERS: dict[str, Loader] = {
+    **{name: load_image_clients for name in DATASETS},
+    "bags": load_slide_clients,
+}
+
+
+def load_client_data(config: FederationConfig, clients: Iterable[int]) -> dict[int, ClientData]:
+    """The ``ClientData`` of ``clients`` for the data set ``config.data.name``."""
+    return dict(DATA_LOADERS[config.data.name](config, clients))
+
 
 __all__ = [
     "DATASETS",
+    "DATA_LOADERS",
     "PARTITIONERS",
+    "Batch",
+    "ClientData",
     "DatasetFormatError",
     "DatasetNotFoundError",
     "ImageArrays",
@@ -26,6 +55,7 @@ __all__ = [
     "as_tensor_dataset",
     "client_test_indices",
     "label_histogram",
+    "load_client_data",
     "load_images",
     "partition",
 ]

@@ -1,0 +1,213 @@
+"""The engine's reader of patch bags (HDF5, format versions 1 and 2), with h5py alone.
+
+The bag format is owned by ``wsi/bag.py`` (README, "The patch bag"); the engine never
+imports ``wsi/`` (it must not depend on the slide library), so this module reads the
+documented layout itself:
+
+- ``coords`` int64 ``(N, 2)``; ``patches`` in the encoding its ``encoding`` attribute names
+  (``jpeg``: variable-length uint8, one JPEG file per patch; ``deflate``: uint8
+  ``(N, P, P, 3)``); root attributes ``format``, ``format_version``, ``slide_id``,
+  ``target_mpp``, ``patches.attrs["patch_size"]``.
+- version 2 adds ``labels`` float32 ``(N,)``, the tumour-area fraction of each patch, with
+  attributes ``source`` (``annotation``, or ``slide`` for weak labels copied from the slide
+  label) and ``threshold`` (a patch is tumour when its fraction is at least this), and
+  per-patch ``checksums`` (CRC-32 of each stored patch's bytes), which this reader verifies.
+
+A bag is read lazily: ``BagIndex`` holds a slide's metadata and patch labels (a few bytes
+per patch), and ``BagReader`` decodes the patches asked for, keeping a bounded number of
+files open per process, so neither a bag nor a cohort is ever in memory. Every problem is a
+``BagFormatError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torchvision.io import decode_jpeg
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "slidefed-bag"
+READABLE_VERSIONS = (1, 2)
+ENCODINGS = ("jpeg", "deflate")
+
+
+class BagFormatError(ValueError):
+    """A bag the engine cannot train on; ``str()`` is ``<path>: <reason>``."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class BagIndex:
+    """What the engine keeps in memory about one slide's bag.
+
+    ``patch_labels`` is int64 ``(N,)``: 1 for a tumour patch. ``label_source`` says where
+    they come from: ``annotation`` (tumour-area fraction ≥ the bag's threshold), ``slide``
+    (the slide label for every patch, weak supervision, also for bags of format version 1).
+    """
+
+    path: Path
+    slide_id: str
+    label: int
+    n_patches: int
+    patch_size: int
+    target_mpp: float
+    patch_labels: np.ndarray
+    label_source: str
+
+
+def index_bag(path: str | Path, label: int) -> BagIndex:
+    """Open ``path``, check it against the format, and index it for training.
+
+    ``label`` is the slide's 0/1 label from the manifest; it becomes every patch's label when
+    the bag has no annotation-derived labels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BagFormatError(path, "bag not found")
+    try:
+        with h5py.File(path, "r") as f:
+            return _index_open_bag(path, f, label)
+    except OSError as error:
+        raise BagFormatError(path, f"unreadable bag ({error})") from None
+
+
+def _index_open_bag(path: Path, f: h5py.File, label: int) -> BagIndex:
+    attrs = f.attrs
+    if attrs.get("format") != FORMAT_NAME:
+        raise BagFormatError(path, f"not a slidefed bag (format {attrs.get('format')!r})")
+    version = int(attrs.get("format_version", -1))
+    if version not in READABLE_VERSIONS:
+        raise BagFormatError(path, f"bag format version {version} is not one of "
+                                   f"{list(READABLE_VERSIONS)}; re-run preprocessing")
+    for name in ("slide_id", "target_mpp"):
+        if name not in attrs:
+            raise BagFormatError(path, f"missing root attribute {name!r}")
+    for name in ("coords", "patches"):
+        if name not in f:
+            raise BagFormatError(path, f"missing dataset {name!r}")
+    patches = f["patches"]
+    encoding = patches.attrs.get("encoding")
+    if encoding not in ENCODINGS:
+        raise BagFormatError(path, f"patch encoding {encoding!r} is not one of {list(ENCODINGS)}")
+    if "patch_size" not in patches.attrs:
+        raise BagFormatError(path, "patches lack attribute 'patch_size'")
+    n = int(f["coords"].shape[0])
+    if n == 0 or patches.shape[0] != n:
+        raise BagFormatError(path, "bag holds no patches" if n == 0 else
+                             f"{patches.shape[0]} patches for {n} coordinates")
+    patch_labels = np.full(n, label, np.int64)
+    source = "slide"
+    if "labels" in f:
+        labels = f["labels"]
+        if labels.shape != (n,):
+            raise BagFormatError(path, f"labels has shape {labels.shape}, expected ({n},)")
+        source = str(labels.attrs.get("source", ""))
+        if source == "annotation":
+            if "threshold" not in labels.attrs:
+                raise BagFormatError(path, "annotation labels lack attribute 'threshold'")
+            patch_labels = (labels[()] >= float(labels.attrs["threshold"])).astype(np.int64)
+        elif source != "slide":
+            raise BagFormatError(path, f"labels source {source!r} is not annotation or slide")
+    if source == "annotation" and label == 0 and patch_labels.any():
+        raise BagFormatError(path, "slide label is 0 but its annotations mark tumour patches")
+    return BagIndex(path=path, slide_id=str(attrs["slide_id"]), label=label, n_patches=n,
+                    patch_size=int(patches.attrs["patch_size"]),
+                    target_mpp=float(attrs["target_mpp"]), patch_labels=patch_labels,
+                    label_source=source)
+
+
+class BagReader:
+    """Decodes patches of bags, keeping at most ``max_open`` files open in this process.
+
+    Safe to hand to DataLoader worker processes: a process never uses handles it inherited
+    (HDF5 handles do not survive ``fork``), it opens its own on first use.
+    """
+
+    def __init__(self, max_open: int = 16) -> None:
+        if max_open < 1:
+            raise ValueError(f"BagReader: max_open must be at least 1, got {max_open}")
+        self.max_open = max_open
+        self._files: OrderedDict[Path, h5py.File] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {"max_open": self.max_open}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_open"])
+
+    def _file(self, path: Path) -> h5py.File:
+        if self._pid != os.getpid():  # forked: the parent's handles are not ours to use
+            self._files, self._pid = OrderedDict(), os.getpid()
+        handle = self._files.get(path)
+        if handle is not None:
+            self._files.move_to_end(path)
+            return handle
+        while len(self._files) >= self.max_open:
+            _, oldest = self._files.popitem(last=False)
+            oldest.close()
+        try:
+            handle = h5py.File(path, "r")
+        except OSError as error:
+            raise BagFormatError(path, f"unreadable bag ({error})") from None
+        self._files[path] = handle
+        return handle
+
+    @property
+    def open_files(self) -> int:
+        """Files this process holds open now."""
+        return len(self._files) if self._pid == os.getpid() else 0
+
+    def read(self, path: Path, indices: np.ndarray) -> torch.Tensor:
+        """Patches ``indices`` of the bag at ``path`` as uint8 ``(k, 3, P, P)``, in the order
+        given; checksums (format version 2) are verified."""
+        f = self._file(path)
+        indices = np.asarray(indices, np.int64)
+        order = np.argsort(indices, kind="stable")
+        ascending = indices[order]
+        unique, inverse = np.unique(ascending, return_inverse=True)
+        patches = f["patches"]
+        stored = patches[unique] if len(unique) else patches[0:0]
+        checksums = f["checksums"][unique] if "checksums" in f else None
+        decoded = []
+        for position, data in enumerate(stored):
+            stored_crc = zlib.crc32(np.ascontiguousarray(data).tobytes())
+            if checksums is not None and stored_crc != int(checksums[position]):
+                raise BagFormatError(path, f"patch {int(unique[position])} is corrupt "
+                                               "(checksum mismatch)")
+            decoded.append(self._decode(path, patches.attrs["encoding"], data,
+                                        int(unique[position])))
+        if not decoded:
+            size = int(patches.attrs["patch_size"])
+            return torch.empty((0, 3, size, size), dtype=torch.uint8)
+        stacked = torch.stack(decoded)[torch.from_numpy(inverse)]
+        result = torch.empty_like(stacked)
+        result[torch.from_numpy(order)] = stacked
+        return result
+
+    @staticmethod
+    def _decode(path: Path, encoding: str, data: np.ndarray, index: int) -> torch.Tensor:
+        if encoding == "deflate":
+            return torch.from_numpy(np.ascontiguousarray(data)).permute(2, 0, 1)
+        try:
+            return decode_jpeg(torch.from_numpy(data))
+        except RuntimeError as error:
+            raise BagFormatError(path, f"patch {index} does not decode ({error})") from None
+
+    def close(self) -> None:
+        """Close every file this process opened."""
+        if self._pid == os.getpid():
+            for handle in self._files.values():
+                handle.close()
+        self._files = OrderedDict()

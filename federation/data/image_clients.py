@@ -1,0 +1,124 @@
+"""Image benchmarks (MNIST, Fashion-MNIST, CIFAR-10) as client data: partitions in memory.
+
+Every process computes the whole partition (cheap, and the same everywhere because it is
+seeded from the run seed alone) and materialises tensors only for the clients it runs. Each
+client's test set follows its training label distribution (``client_test_indices``, as in
+ProxyFL's evaluation), or with ``data.test_distribution: global`` the test split's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from federation.config import FederationConfig
+from federation.data.base import Batch, ClientData
+from federation.data.images import as_tensor_dataset, load_images
+from federation.data.partition import client_test_indices, label_histogram, partition
+from federation.seeds import derive_seed
+
+log = logging.getLogger(__name__)
+
+# Test sets are scored in chunks of this many images: one or two forward passes for the
+# benchmarks, bounded memory for larger models.
+_EVAL_CHUNK = 2048
+
+
+class ImageClientData(ClientData):
+    """One client's training and test images as normalised in-memory tensors; one image is
+    one privacy unit."""
+
+    unit = "record"
+    eval_split = "test"
+
+    def __init__(self, name: str, train: TensorDataset, test: TensorDataset, *,
+                 num_classes: int, dataset: str, mean: tuple[float, ...],
+                 std: tuple[float, ...]) -> None:
+        self.name = name
+        self.train, self.test = train, test
+        self.num_classes = num_classes
+        self._dataset, self._mean, self._std = dataset, mean, std
+
+    @property
+    def num_units(self) -> int:
+        return len(self.train)
+
+    def model_options(self) -> dict[str, Any]:
+        _, channels, height, width = self.train.tensors[0].shape
+        if height != width:
+            raise ValueError(f"{self._dataset}: images are {height}x{width}; models expect "
+                             "square images")
+        return {"in_channels": int(channels), "image_size": int(height)}
+
+    def epoch(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        inputs, labels = self.train.tensors
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            yield Batch(inputs[index], labels[index])
+
+    def sampled(self, unit_batches: Iterable[list[int]], generator: torch.Generator
+                ) -> Iterator[Batch]:
+        inputs, labels = self.train.tensors
+        for indices in unit_batches:
+            index = torch.as_tensor(indices, dtype=torch.int64)
+            yield Batch(inputs[index], labels[index])
+
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module) -> dict[str, float]:
+        """Accuracy and mean cross-entropy on the test set, in as few passes as fit memory."""
+        module.eval()
+        inputs, labels = self.test.tensors
+        correct, loss = 0, 0.0
+        for start in range(0, len(labels), _EVAL_CHUNK):
+            x, y = inputs[start:start + _EVAL_CHUNK], labels[start:start + _EVAL_CHUNK]
+            logits = module(x)
+            correct += int((logits.argmax(1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        module.train()
+        return {"accuracy": correct / len(labels), "loss": loss / len(labels)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "images", "dataset": self._dataset, **self.model_options(),
+                "normalisation": {"mean": list(self._mean), "std": list(self._std)}}
+
+
+def load_image_clients(config: FederationConfig, clients: Iterable[int]
+                       ) -> dict[int, ImageClientData]:
+    """Partition ``config.data`` over ``config.clients`` clients; the data of ``clients``."""
+    spec = config.data
+    train = load_images(spec.name, spec.root, train=True)
+    test = load_images(spec.name, spec.root, train=False)
+    scheme_options: dict[str, dict[str, float]] = {
+        "class_skew": {"p_major": spec.p_major},
+        "dirichlet": {"alpha": spec.alpha},
+    }
+    options = scheme_options.get(spec.partition, {})
+    rng = np.random.default_rng(derive_seed(config.seed, "partition"))
+    parts = partition(train.labels, config.clients, spec.partition, spec.samples_per_client,
+                      rng, **options)
+    histogram = label_histogram(train.labels, parts, train.num_classes)
+    test_distributions = histogram
+    if spec.test_distribution == "global":
+        frequencies = np.bincount(test.labels, minlength=test.num_classes)
+        test_distributions = np.tile(frequencies, (config.clients, 1))
+    test_rng = np.random.default_rng(derive_seed(config.seed, "test"))
+    tests = client_test_indices(test.labels, test_distributions, spec.test_samples_per_client,
+                                test_rng)
+    for client, counts in enumerate(histogram):
+        log.debug("client %d: %d training images, classes %s", client, counts.sum(),
+                  counts.tolist())
+    return {
+        c: ImageClientData(f"client_{c}", as_tensor_dataset(train, parts[c]),
+                           as_tensor_dataset(test, tests[c]),
+                           num_classes=train.num_classes, dataset=spec.name, mean=train.mean,
+                           std=train.std)
+        for c in clients
+    }
