@@ -91,7 +91,7 @@ def _launch(command: list[str]) -> float:
 
 def _federate_command(config: Path, out: Path, rounds: int, threads: int,
                       *settings: str) -> list[str]:
-    command = [sys.executable, "-m", "preprocessing.cli", "-q", "federate", "--config",
+    command = [sys.executable, "-m", "slidefed", "-q", "federate", "--config",
                str(config), "--set", f"rounds={rounds}", "--set", f"output_dir={out}",
                "--set", f"threads={threads}", "--set", "checkpoint_every=0"]
     for setting in settings:
@@ -133,7 +133,7 @@ def bench_fedavg_vs_plain(config: Path, rounds: int, threads: int,
         start = time.perf_counter()
         plain_fedavg(base, data, info)
         plain.append(time.perf_counter() - start)
-    startup = _launch([sys.executable, "-c", "import preprocessing.cli, federation.loop"])
+    startup = _launch([sys.executable, "-c", "import slidefed.cli, federation.loop"])
     return {
         "engine_s": round(min(engine), 2),
         "plain_loop_s": round(min(plain), 2),

@@ -13,9 +13,8 @@ stop the others; the runner names the failed runs at the end and writes no repor
 How a run executes is chosen by backend in ``EXECUTORS``: ``local`` calls the round loop in
 this process: a fresh interpreter per run would import torch and opacus again each time
 (seconds, as long as a short run itself), and the runs are sequential, each one's models
-freed when it returns; ``mpi`` starts ``mpiexec -n K
-python -m preprocessing.cli federate`` with one rank per client, its output in the run's
-``federate.log``.
+freed when it returns; ``mpi`` starts ``mpiexec -n K python -m slidefed federate`` with one
+rank per client, its output in the run's ``federate.log``.
 """
 
 from __future__ import annotations
@@ -208,7 +207,7 @@ def _mpiexec() -> Path:
 
 def _run_under_mpiexec(run: PlannedRun, resume: bool) -> None:
     command = [str(_mpiexec()), "-n", str(run.config.clients), sys.executable, "-m",
-               "preprocessing.cli", "federate", "--config", str(run.config_path)]
+               "slidefed", "federate", "--config", str(run.config_path)]
     command += [part for override in run.overrides for part in ("--set", override)]
     command += ["--resume"] if resume else []
     run.directory.mkdir(parents=True, exist_ok=True)

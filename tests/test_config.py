@@ -15,7 +15,7 @@ from federation.config import (
     load_config,
     parse_override,
 )
-from preprocessing.cli import main
+from slidefed.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs" / "benchmarks").glob("*.yaml")) + [

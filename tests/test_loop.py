@@ -14,7 +14,7 @@ from federation.algorithms import ALGORITHMS
 from federation.config import ConfigError, config_from_dict, load_config
 from federation.loop import resolve_backend, run_federation
 from federation.outputs import METRICS_COLUMNS, PRIVACY_COLUMNS
-from preprocessing.cli import main
+from slidefed.cli import main
 
 
 @pytest.fixture(scope="module")
