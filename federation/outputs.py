@@ -36,7 +36,7 @@ from federation.config import (
     dump_config,
     load_config,
 )
-from wsi.atomic import atomic_path
+from slidefed.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
