@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from federation.config import FederationConfig
+from federation.config import DPConfig, FederationConfig
 from federation.data import (
     as_tensor_dataset,
     client_test_indices,
@@ -40,7 +40,7 @@ from federation.data import (
 )
 from federation.flat import FlatParameters
 from federation.models import create_model
-from federation.privacy import DPSettings, PrivateTraining
+from federation.privacy import PrivateTraining
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class LocalModel:
         weight_decay: float,
         batch_size: int,
         seed: int,
-        dp: DPSettings | None,
+        dp: DPConfig | None,
     ) -> None:
         self.name = name
         self.module = module
@@ -290,15 +290,7 @@ def build_model(
         image_size=info.image_size,
         seed=init_seed,
     )
-    dp = None
-    if role.trains_with_dp and config.dp.enabled:
-        dp = DPSettings(
-            noise_multiplier=config.dp.noise_multiplier,
-            max_grad_norm=config.dp.max_grad_norm,
-            delta=config.dp.delta,
-            epsilon_budget=config.dp.epsilon_budget,
-            mechanism=config.dp.mechanism,
-        )
+    dp = config.dp if role.trains_with_dp and config.dp.enabled else None
     return LocalModel(
         name,
         module,
