@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from federation import run_files
 from federation.client import ClientData, DataInfo, derive_seed, load_client_data
 from federation.config import FederationConfig, load_config
 from federation.loop import run_federation
@@ -109,7 +110,7 @@ def bench_proxyfl_mpi(config: Path, rounds: int, ranks: int, threads: int,
                    *_federate_command(config, out, rounds, threads, f"dp.enabled={dp}",
                                       "algorithm=proxyfl", "backend=mpi")]
         result[f"{label}_wall_s"] = round(_launch(command), 2)
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / run_files.SUMMARY).read_text())
         result[f"{label}_training_s"] = round(summary["time"]["training_s"], 2)
         result[f"{label}_in_run_wall_s"] = round(summary["time"]["wall_s"], 2)
     result["dp_over_no_dp_training"] = round(result["dp_training_s"]
