@@ -33,7 +33,7 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from federation import run_files
+from federation import catalog, run_files
 from federation.config import (
     ConfigError,
     FederationConfig,
@@ -243,9 +243,7 @@ def _seeds(text: str) -> list[int]:
 
 def run_bench_algorithms(args: argparse.Namespace) -> int:
     if args.algorithms is None:
-        from federation.algorithms import ALGORITHMS  # imports torch
-
-        args.algorithms = sorted(ALGORITHMS)
+        args.algorithms = sorted(catalog.ALGORITHMS)
     run_benchmark(args.config, args.algorithms, args.seeds, args.output, backend=args.backend,
                   overrides=args.set)
     print(f"{len(args.algorithms)} algorithms x {len(args.seeds)} seeds -> "

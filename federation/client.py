@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from federation import catalog
 from federation.config import DPConfig, FederationConfig
 from federation.data import (
     as_tensor_dataset,
@@ -47,10 +48,18 @@ log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float, float], torch.optim.Optimizer]
 
-OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
-    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, weight_decay=wd),
-}
+
+def adam(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Adam:
+    """``optim.name: adam``: Adam with L2 weight decay (ProxyFL's optimizer)."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def sgd(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.SGD:
+    """``optim.name: sgd``: plain SGD with L2 weight decay."""
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+
+OPTIMIZERS = catalog.OPTIMIZERS  # name -> OptimizerFactory
 
 # Test sets are scored in chunks of this many images: one or two forward passes for the
 # benchmarks, bounded memory for larger models.

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from federation import run_files
+from federation.config import ConfigError, FederationConfig, config_to_dict, load_config
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class RunResult:
     without DP."""
 
     directory: Path
-    config: dict[str, Any]
+    config: FederationConfig
     model: str
     accuracy: dict[int, np.ndarray]
     epsilon: dict[int, np.ndarray]
@@ -61,11 +61,11 @@ class RunResult:
 
     @property
     def algorithm(self) -> str:
-        return str(self.config["algorithm"])
+        return self.config.algorithm
 
     @property
     def seed(self) -> int:
-        return int(self.config["seed"])
+        return self.config.seed
 
 
 @dataclass(frozen=True)
@@ -164,19 +164,11 @@ def read_runs(runs_dir: Path) -> list[RunResult]:
     return runs
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path) -> FederationConfig:
     try:
-        config = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{path}: missing") from None
-    except yaml.YAMLError as error:
-        raise ReportError(f"{path}: not valid YAML ({_first_line(error)})") from None
-    required = ("algorithm", "seed", "rounds", "clients", "data")
-    if (not isinstance(config, dict) or any(key not in config for key in required)
-            or not isinstance(config["data"], dict) or "name" not in config["data"]):
-        raise ReportError(f"{path}: not a run configuration (needs keys {', '.join(required)}"
-                          ", data.name)")
-    return config
+        return load_config(path, source=str(path))
+    except ConfigError as error:  # one line, naming the file
+        raise ReportError(str(error)) from None
 
 
 def _read_reported_model(path: Path) -> str:
@@ -226,9 +218,9 @@ def _by_client(values: Mapping[int, Mapping[int, float]]) -> dict[int, np.ndarra
             for r, by_client in sorted(values.items())}
 
 
-def _setting(config: Mapping[str, Any]) -> dict[str, Any]:
+def _setting(config: FederationConfig) -> dict[str, Any]:
     """The config as flat dotted keys, without ``run_files.RUN_ONLY_KEYS``."""
-    return {key: value for key, value in run_files.flatten_config(config).items()
+    return {key: value for key, value in run_files.flatten_config(config_to_dict(config)).items()
             if key not in run_files.RUN_ONLY_KEYS}
 
 
@@ -274,7 +266,7 @@ def summarize(runs: Iterable[RunResult]) -> list[AlgorithmResult]:
             epsilon_max=float(max(_last(r.epsilon).max() for r in dp)) if dp else math.nan,
             delta=max(r.delta for r in dp) if dp else math.nan,
             seeds=len(group),
-            rounds=max(int(r.config["rounds"]) for r in group),
+            rounds=max(r.config.rounds for r in group),
         ))
     return results
 
@@ -366,7 +358,7 @@ def write_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     config = runs[0].config
     seeds = sorted({len(group) for group in _by_algorithm(runs).values()})
     seeds_text = "/".join(map(str, seeds)) + (" seed" if seeds == [1] else " seeds")
-    setting = f"{config['data']['name']}, {config['clients']} clients"
+    setting = f"{config.data.name}, {config.clients} clients"
 
     results = summarize(runs)
     caption = (f"*{setting}. Accuracy: each algorithm's reported model, test accuracy after the "

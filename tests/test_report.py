@@ -194,8 +194,10 @@ def _truncate_row(path: Path) -> None:
     ("summary.json", lambda p: p.write_text("{}"), "has no 'reported_model'"),
     ("summary.json", lambda p: p.write_text('{"reported_model": "teacher"}'),
      "no test accuracy of model 'teacher'"),
-    ("config.yaml", lambda p: p.write_text("algorithm: [proxyfl\n"), "not valid YAML"),
-    ("config.yaml", lambda p: p.write_text("algorithm: proxyfl\n"), "not a run configuration"),
+    ("config.yaml", lambda p: p.write_text("algorithm: [proxyfl\n"), "line 2 expected ','"),
+    ("config.yaml", lambda p: p.write_text("- proxyfl\n"), "expected a mapping of keys"),
+    ("config.yaml", lambda p: p.write_text("algorithm: teleport\n"),
+     "algorithm = 'teleport': unknown name"),
 ])
 def test_a_missing_or_garbled_file_is_a_one_line_error_naming_it(
     tmp_path: Path, file: str, damage, problem: str

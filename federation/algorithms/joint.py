@@ -14,13 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from federation.algorithms.base import Algorithm, Losses, register_algorithm
+from federation.algorithms.base import Algorithm, Losses
 from federation.client import ClientData, DataInfo, ModelRole
 from federation.comm import Communicator
 from federation.config import FederationConfig
 
 
-@register_algorithm("joint")
 class Joint(Algorithm):
     """One model, identical on every client, trained by synchronous data-parallel SGD.
 
