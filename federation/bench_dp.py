@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from federation.config import DPConfig
 from federation.models import create_model
-from federation.privacy import MECHANISMS, DPSettings, PrivateTraining, epsilon_from_history
+from federation.privacy import MECHANISMS, PrivateTraining, epsilon_from_history
 
 StepFn = Callable[[], None]
 
@@ -89,7 +90,7 @@ def _private_step(
         _adam(model),
         num_units=len(dataset),
         batch_size=args.batch_size,
-        settings=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, mechanism=mechanism),
+        settings=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, mechanism=mechanism),
         seed=args.seed,
     )
     inputs, labels = dataset.tensors

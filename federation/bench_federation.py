@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from federation import run_files
 from federation.config import FederationConfig, load_config
 from federation.data import load_client_data
 from federation.data.image_clients import ImageClientData
@@ -93,7 +94,7 @@ def _launch(command: list[str]) -> float:
 
 def _federate_command(config: Path, out: Path, rounds: int, threads: int,
                       *settings: str) -> list[str]:
-    command = [sys.executable, "-m", "preprocessing.cli", "-q", "federate", "--config",
+    command = [sys.executable, "-m", "slidefed", "-q", "federate", "--config",
                str(config), "--set", f"rounds={rounds}", "--set", f"output_dir={out}",
                "--set", f"threads={threads}", "--set", "checkpoint_every=0"]
     for setting in settings:
@@ -111,7 +112,7 @@ def bench_proxyfl_mpi(config: Path, rounds: int, ranks: int, threads: int,
                    *_federate_command(config, out, rounds, threads, f"dp.enabled={dp}",
                                       "algorithm=proxyfl", "backend=mpi")]
         result[f"{label}_wall_s"] = round(_launch(command), 2)
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / run_files.SUMMARY).read_text())
         result[f"{label}_training_s"] = round(summary["time"]["training_s"], 2)
         result[f"{label}_in_run_wall_s"] = round(summary["time"]["wall_s"], 2)
     result["dp_over_no_dp_training"] = round(result["dp_training_s"]
@@ -135,7 +136,7 @@ def bench_fedavg_vs_plain(config: Path, rounds: int, threads: int,
         start = time.perf_counter()
         plain_fedavg(base, data)
         plain.append(time.perf_counter() - start)
-    startup = _launch([sys.executable, "-c", "import preprocessing.cli, federation.loop"])
+    startup = _launch([sys.executable, "-c", "import slidefed.cli, federation.loop"])
     return {
         "engine_s": round(min(engine), 2),
         "plain_loop_s": round(min(plain), 2),

@@ -13,9 +13,8 @@ stop the others; the runner names the failed runs at the end and writes no repor
 How a run executes is chosen by backend in ``EXECUTORS``: ``local`` calls the round loop in
 this process: a fresh interpreter per run would import torch and opacus again each time
 (seconds, as long as a short run itself), and the runs are sequential, each one's models
-freed when it returns; ``mpi`` starts ``mpiexec -n K
-python -m preprocessing.cli federate`` with one rank per client, its output in the run's
-``federate.log``.
+freed when it returns; ``mpi`` starts ``mpiexec -n K python -m slidefed federate`` with one
+rank per client, its output in the run's ``federate.log``.
 """
 
 from __future__ import annotations
@@ -29,10 +28,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from federation import catalog, run_files
 from federation.config import (
     ConfigError,
     FederationConfig,
@@ -44,10 +45,6 @@ from federation.report import write_report
 
 log = logging.getLogger(__name__)
 
-# Keys the runner sets per run; an override of them would contradict --algorithms/--seeds/-o.
-_RUNNER_KEYS = ("algorithm", "seed", "output_dir", "backend")
-# Keys that change how a run executes but not its results: a finished run still counts.
-_EXECUTION_KEYS = ("backend", "threads", "checkpoint_every", "output_dir")
 
 
 class BenchmarkError(ValueError):
@@ -85,7 +82,7 @@ def plan_runs(
     overrides = tuple(overrides)
     for override in overrides:
         key, _ = parse_override(override)
-        if key in _RUNNER_KEYS:
+        if key in run_files.RUNNER_KEYS:
             raise BenchmarkError(f"--set {override}: the benchmark sets {key} itself "
                                  "(use --algorithms, --seeds, -o or --backend)")
     for what, values in (("algorithm", algorithms), ("seed", seeds)):
@@ -155,19 +152,17 @@ def run_benchmark(
 # ---------------------------------------------------------------------------- a run's state
 
 
-def _comparable(config: FederationConfig) -> dict:
-    settings = config_to_dict(config)
-    for key in _EXECUTION_KEYS:
-        settings.pop(key)
-    return settings
+def _comparable(config: FederationConfig) -> dict[str, Any]:
+    return {key: value for key, value in run_files.flatten_config(config_to_dict(config)).items()
+            if key not in run_files.EXECUTION_KEYS}
 
 
 def _is_finished(run: PlannedRun) -> bool:
     """``summary.json`` exists and the run had the settings planned now."""
-    if not (run.directory / "summary.json").is_file():
+    if not (run.directory / run_files.SUMMARY).is_file():
         return False
     try:
-        earlier = load_config(run.directory / "config.yaml")
+        earlier = load_config(run.directory / run_files.CONFIG)
     except ConfigError as error:
         log.warning("%s: %s; running it again", run.name, error)
         return False
@@ -208,11 +203,11 @@ def _mpiexec() -> Path:
 
 def _run_under_mpiexec(run: PlannedRun, resume: bool) -> None:
     command = [str(_mpiexec()), "-n", str(run.config.clients), sys.executable, "-m",
-               "preprocessing.cli", "federate", "--config", str(run.config_path)]
+               "slidefed", "federate", "--config", str(run.config_path)]
     command += [part for override in run.overrides for part in ("--set", override)]
     command += ["--resume"] if resume else []
     run.directory.mkdir(parents=True, exist_ok=True)
-    log_path = run.directory / "federate.log"
+    log_path = run.directory / run_files.FEDERATE_LOG
     with open(log_path, "a") as handle:
         handle.write(" ".join(command) + "\n")
         handle.flush()
@@ -248,9 +243,7 @@ def _seeds(text: str) -> list[int]:
 
 def run_bench_algorithms(args: argparse.Namespace) -> int:
     if args.algorithms is None:
-        from federation.algorithms import ALGORITHMS  # imports torch
-
-        args.algorithms = sorted(ALGORITHMS)
+        args.algorithms = sorted(catalog.ALGORITHMS)
     run_benchmark(args.config, args.algorithms, args.seeds, args.output, backend=args.backend,
                   overrides=args.set)
     print(f"{len(args.algorithms)} algorithms x {len(args.seeds)} seeds -> "

@@ -28,21 +28,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from federation.config import FederationConfig
+from federation import catalog
+from federation.config import DPConfig, FederationConfig
 from federation.data import Batch, ClientData
 from federation.flat import FlatParameters
 from federation.models import create_model
-from federation.privacy import DPSettings, PrivateTraining
+from federation.privacy import PrivateTraining
 from federation.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float, float], torch.optim.Optimizer]
 
-OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
-    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, weight_decay=wd),
-}
+
+def adam(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Adam:
+    """``optim.name: adam``: Adam with L2 weight decay (ProxyFL's optimizer)."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def sgd(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.SGD:
+    """``optim.name: sgd``: plain SGD with L2 weight decay."""
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+
+OPTIMIZERS = catalog.OPTIMIZERS  # name -> OptimizerFactory
 
 
 # ---------------------------------------------------------------------------- models
@@ -69,7 +78,7 @@ class LocalModel:
         weight_decay: float,
         batch_size: int,
         seed: int,
-        dp: DPSettings | None,
+        dp: DPConfig | None,
     ) -> None:
         self.name = name
         self.module = module
@@ -187,15 +196,7 @@ def build_model(
         seed=init_seed,
         **data.model_options(),
     )
-    dp = None
-    if role.trains_with_dp and config.dp.enabled:
-        dp = DPSettings(
-            noise_multiplier=config.dp.noise_multiplier,
-            max_grad_norm=config.dp.max_grad_norm,
-            delta=config.dp.delta,
-            epsilon_budget=config.dp.epsilon_budget,
-            mechanism=config.dp.mechanism,
-        )
+    dp = config.dp if role.trains_with_dp and config.dp.enabled else None
     return LocalModel(
         name,
         module,

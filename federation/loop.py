@@ -11,7 +11,6 @@ checkpoint and gives the same files as an uninterrupted run.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from federation import run_files
 from federation.algorithms import ALGORITHMS, Algorithm
 from federation.comm import Communicator, make_communicator
 from federation.config import FederationConfig
@@ -202,13 +202,11 @@ def _update_latest(latest: dict[str, Any], rows: list[dict[str, Any]]) -> dict[s
 
 
 def _latest_from_files(run: RunDirectory) -> dict[str, Any]:
-    with open(run.metrics_path, newline="") as handle:
-        metrics = [dict(row, value=float(row["value"]), client=int(row["client"]),
-                        file="metrics") for row in csv.DictReader(handle)]
-    with open(run.privacy_path, newline="") as handle:
-        privacy = [dict(row, epsilon=float(row["epsilon"]), delta=float(row["delta"]),
-                        client=int(row["client"]), file="privacy")
-                   for row in csv.DictReader(handle)]
+    metrics = [dict(row, value=float(row["value"]), client=int(row["client"]), file="metrics")
+               for _, row in run_files.read_rows(run.metrics_path, run_files.METRICS_COLUMNS)]
+    privacy = [dict(row, epsilon=float(row["epsilon"]), delta=float(row["delta"]),
+                    client=int(row["client"]), file="privacy")
+               for _, row in run_files.read_rows(run.privacy_path, run_files.PRIVACY_COLUMNS)]
     return _update_latest({}, metrics + privacy)
 
 

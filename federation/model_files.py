@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from federation.models import create_model
-from wsi.atomic import atomic_path
+from slidefed.atomic import atomic_path
 
 FORMAT_NAME = "slidefed-model"
 FORMAT_VERSION = 1

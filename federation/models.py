@@ -1,9 +1,10 @@
 """Model zoo of the federation engine, looked up by name (timm style).
 
 ``create_model("mlp", num_classes=10, in_channels=1, image_size=28)`` builds a model from
-the registry; options are keyword arguments of the model's factory. Adding a model means
-writing one factory function and decorating it with ``@register_model("name")``. Names of
-the form ``timm:<name>`` build a timm backbone with every BatchNorm replaced by GroupNorm.
+the registry, ``federation.catalog.MODELS``; options are keyword arguments of the model's
+factory. Adding a model means writing one factory function here and adding its line to the
+catalog. Names of the form ``timm:<name>`` build a timm backbone with every BatchNorm
+replaced by GroupNorm.
 
 Every model here trains under opacus' per-sample-gradient machinery: no BatchNorm (a sample's
 output must not depend on the other samples in its batch), no buffers updated in training.
@@ -20,12 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from federation.catalog import MODELS, TIMM_PREFIX, available_models
+
 log = logging.getLogger(__name__)
 
 ModelFactory = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, ModelFactory] = {}
-TIMM_PREFIX = "timm:"
 
 
 class UnknownModelError(KeyError):
@@ -35,27 +36,10 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator adding a factory ``f(*, num_classes, ...) -> nn.Module`` under ``name``."""
-
-    def decorator(factory: ModelFactory) -> ModelFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"models.py: model name {name!r} is registered twice")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
-
-
-def available_models() -> list[str]:
-    """Registered model names, plus the ``timm:<name>`` family."""
-    return sorted(_REGISTRY) + [f"{TIMM_PREFIX}<name>"]
-
-
 def create_model(
     name: str, *, num_classes: int, seed: int | None = None, **options: Any
 ) -> nn.Module:
-    """Build the model registered as ``name``.
+    """Build the model ``name`` (a key of ``federation.catalog.MODELS``, or ``timm:<name>``).
 
     ``options`` are passed to the model's factory (image models take ``in_channels`` and
     ``image_size``; ``attention_mil`` takes ``in_features``). With ``seed`` the weights are
@@ -65,8 +49,8 @@ def create_model(
     if name.startswith(TIMM_PREFIX):
         factory: ModelFactory = _timm_backbone
         options = {"timm_name": name[len(TIMM_PREFIX) :], **options}
-    elif name in _REGISTRY:
-        factory = _REGISTRY[name]
+    elif name in MODELS:
+        factory = MODELS[name]
     else:
         raise UnknownModelError(
             f"unknown model {name!r}; available: {', '.join(available_models())}"
@@ -96,7 +80,6 @@ def _conv_output_size(size: int, kernel: int, padding: int = 0, stride: int = 1)
 # --------------------------------------------------------------------------- MLP
 
 
-@register_model("mlp")
 def mlp(
     *,
     num_classes: int,
@@ -122,7 +105,6 @@ def mlp(
 # --------------------------------------------------------------------------- LeNet-5
 
 
-@register_model("lenet5")
 def lenet5(*, num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.Module:
     """LeNet-5 (LeCun, Bottou, Bengio & Haffner, Proc. IEEE 1998), with today's layers.
 
@@ -169,7 +151,6 @@ def _two_conv_pool_size(image_size: int, kernel: int) -> int:
     return size
 
 
-@register_model("cnn1")
 def cnn1(*, num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.Module:
     """CNN1 of the ProxyFL benchmarks (Kalra et al., Nat Commun 2023, arXiv 2111.11343): the
     small CNN, CIFAR-10's proxy.
@@ -193,7 +174,6 @@ def cnn1(*, num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.
     )
 
 
-@register_model("cnn2")
 def cnn2(*, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     """CNN2 of the ProxyFL benchmarks (Kalra et al., Nat Commun 2023, arXiv 2111.11343): the
     wide CNN, CIFAR-10's private model.
@@ -269,7 +249,6 @@ class GatedAttentionMIL(nn.Module):
         return self.attend(bags, mask)[0]
 
 
-@register_model("attention_mil")
 def attention_mil(
     *, num_classes: int, in_features: int = 512, embed_dim: int = 500, attention_dim: int = 128
 ) -> nn.Module:

@@ -1,19 +1,8 @@
 """A federation run's output directory: resolved config, metrics, privacy, summary, checkpoints.
 
-Layout (the contract in DESIGN.md)::
-
-    config.yaml                  the resolved configuration
-    metrics.csv                  round, client, model, split, metric, value
-    privacy.csv                  round, client, epsilon, delta, unit
-    summary.json                 final results and where the time went
-    checkpoints/latest.json      {"round": r}: the last complete checkpoint
-    checkpoints/round_<r>/client_<k>.pt
-    hospitals/<name>/            what belongs to one hospital, written by its process only:
-        splits.csv               its slides' train / validation / test split (slide data)
-        models/<model>.pt        its final models (federation.model_files)
-
-Only the root process writes the CSV files, the config and the summary; every process writes
-the checkpoints of its own clients. Every file is written under a temporary name and renamed,
+Its layout, file names and CSV columns are defined in ``federation.run_files``. Only the root
+process writes the CSV files, the config and the summary; every process writes the
+checkpoints of its own clients. Every file is written under a temporary name and renamed,
 and a checkpoint counts only once ``latest.json`` names it, which happens after every client's
 file is in place; older checkpoints are deleted after that. A run killed at any moment
 therefore leaves a complete checkpoint to resume from (or none), and the CSV rows of rounds
@@ -32,6 +21,7 @@ from typing import Any
 
 import torch
 
+from federation import run_files
 from federation.config import (
     ConfigError,
     FederationConfig,
@@ -39,15 +29,9 @@ from federation.config import (
     dump_config,
     load_config,
 )
-from wsi.atomic import atomic_path
+from slidefed.atomic import atomic_path
 
 log = logging.getLogger(__name__)
-
-METRICS_COLUMNS = ("round", "client", "model", "split", "metric", "value")
-PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit")
-
-# Keys that may differ between a run and its resumption: how it is executed, and for how long.
-RESUMABLE_CHANGES = ("rounds", "backend", "threads", "checkpoint_every")
 
 
 class RunDirectory:
@@ -56,12 +40,12 @@ class RunDirectory:
     def __init__(self, root: str | Path, *, is_root: bool) -> None:
         self.root = Path(root)
         self.is_root = is_root
-        self.config_path = self.root / "config.yaml"
-        self.metrics_path = self.root / "metrics.csv"
-        self.privacy_path = self.root / "privacy.csv"
-        self.summary_path = self.root / "summary.json"
-        self.checkpoints = self.root / "checkpoints"
-        self.latest_path = self.checkpoints / "latest.json"
+        self.config_path = self.root / run_files.CONFIG
+        self.metrics_path = self.root / run_files.METRICS
+        self.privacy_path = self.root / run_files.PRIVACY
+        self.summary_path = self.root / run_files.SUMMARY
+        self.checkpoints = self.root / run_files.CHECKPOINTS
+        self.latest_path = self.checkpoints / run_files.LATEST_CHECKPOINT
 
     # ------------------------------------------------------------------ starting
 
@@ -83,8 +67,8 @@ class RunDirectory:
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.config_path) as tmp:
             tmp.write_text(dump_config(config))
-        for path, columns in ((self.metrics_path, METRICS_COLUMNS),
-                              (self.privacy_path, PRIVACY_COLUMNS)):
+        for path, columns in ((self.metrics_path, run_files.METRICS_COLUMNS),
+                              (self.privacy_path, run_files.PRIVACY_COLUMNS)):
             with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
                 csv.writer(handle).writerow(columns)
         self.summary_path.unlink(missing_ok=True)
@@ -122,8 +106,8 @@ class RunDirectory:
     def append(self, metrics: Iterable[Mapping[str, Any]], privacy: Iterable[Mapping[str, Any]]
                ) -> None:
         """Append rows to metrics.csv and privacy.csv (root process only)."""
-        for path, columns, rows in ((self.metrics_path, METRICS_COLUMNS, metrics),
-                                    (self.privacy_path, PRIVACY_COLUMNS, privacy)):
+        for path, columns, rows in ((self.metrics_path, run_files.METRICS_COLUMNS, metrics),
+                                    (self.privacy_path, run_files.PRIVACY_COLUMNS, privacy)):
             rows = list(rows)
             if rows:
                 with open(path, "a", newline="") as handle:
@@ -138,10 +122,10 @@ class RunDirectory:
 
     def hospital_dir(self, name: str) -> Path:
         """The directory of the hospital (client) ``name``: only its own process writes there."""
-        return self.root / "hospitals" / name
+        return self.root / run_files.HOSPITALS / name
 
     def client_checkpoint(self, round: int, client: int) -> Path:
-        return self.checkpoints / f"round_{round:06d}" / f"client_{client:04d}.pt"
+        return self.checkpoints / run_files.client_checkpoint(round, client)
 
     def save_client(self, round: int, client: int, state: Mapping[str, Any]) -> None:
         """Write one client's state for the checkpoint after ``round`` rounds."""
@@ -179,16 +163,8 @@ def _keep_rounds_up_to(path: Path, completed: int) -> None:
 
 
 def _differences(saved: FederationConfig, current: FederationConfig) -> list[str]:
-    """Dotted keys whose values differ, ignoring ``RESUMABLE_CHANGES``."""
-    def flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, Mapping):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    old, new = flat(config_to_dict(saved)), flat(config_to_dict(current))
+    """Dotted keys whose values differ, ignoring ``run_files.RESUMABLE_CHANGES``."""
+    old = run_files.flatten_config(config_to_dict(saved))
+    new = run_files.flatten_config(config_to_dict(current))
     return [f"{key} ({old[key]!r} -> {new[key]!r})" for key in old
-            if key not in RESUMABLE_CHANGES and old[key] != new[key]]
+            if key not in run_files.RESUMABLE_CHANGES and old[key] != new[key]]

@@ -9,7 +9,7 @@ arXiv 1908.10530) — opacus' ``RDPAccountant``. In ProxyFL (Kalra et al., Natur
 Communications 2023, arXiv 2111.11343) the proxy, the only model that leaves a client, is
 trained this way; private models train without DP and do not need this module.
 
-How the per-sample clipping is computed is a named *mechanism* (``DPSettings.mechanism``):
+How the per-sample clipping is computed is a named *mechanism* (``DPConfig.mechanism``):
 
 - ``"bookkeeping"`` (default): ``BookkeepingClipping`` — one backward pass split in two
   halves around the per-record gradient norms (Bu et al., ICML 2023, arXiv 2210.00038),
@@ -65,6 +65,8 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
+
+from federation.config import DPConfig
 
 log = logging.getLogger(__name__)
 
@@ -273,42 +275,6 @@ MECHANISMS: dict[str, Mechanism] = {
 }
 
 
-@dataclass(frozen=True)
-class DPSettings:
-    """DP-SGD settings of one model.
-
-    noise_multiplier: σ, noise std in units of the clipping norm (ProxyFL images: 1.0).
-    max_grad_norm: C, the per-sample L2 clipping norm (ProxyFL images: 1.0).
-    delta: δ of the reported (ε, δ); ``None`` means 1/n for a client with n records.
-        The default 1e-5 is the ProxyFL Camelyon-17 value and well below 1/n for the
-        benchmarks' 1,000-3,000 records per client.
-    epsilon_budget: once ε reaches it, ``PrivateTraining.budget_exhausted`` turns true and
-        the client should stop sharing the model; ``None``: no budget.
-    mechanism: a key of ``MECHANISMS`` ("bookkeeping", "ghost" or "hooks").
-    """
-
-    noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
-    delta: float | None = 1e-5
-    epsilon_budget: float | None = None
-    mechanism: str = "bookkeeping"
-
-    def __post_init__(self) -> None:
-        if self.noise_multiplier < 0:
-            raise ValueError(f"DPSettings: noise_multiplier {self.noise_multiplier} is negative")
-        if self.max_grad_norm <= 0:
-            raise ValueError(f"DPSettings: max_grad_norm {self.max_grad_norm} must be positive")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise ValueError(f"DPSettings: delta {self.delta} must lie in (0, 1)")
-        if self.epsilon_budget is not None and self.epsilon_budget <= 0:
-            raise ValueError(f"DPSettings: epsilon_budget {self.epsilon_budget} must be positive")
-        if self.mechanism not in MECHANISMS:
-            raise ValueError(
-                f"DPSettings: unknown mechanism {self.mechanism!r}; "
-                f"available: {', '.join(sorted(MECHANISMS))}"
-            )
-
-
 class PrivateTraining:
     """DP-SGD for one model of one client: Poisson sampling, clipping + noise, RDP accounting.
 
@@ -343,7 +309,7 @@ class PrivateTraining:
         *,
         num_units: int,
         batch_size: int,
-        settings: DPSettings,
+        settings: DPConfig,
         seed: int,
     ) -> None:
         n = num_units

@@ -25,20 +25,18 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
+
+from federation import run_files
+from federation.config import ConfigError, FederationConfig, config_to_dict, load_config
 
 log = logging.getLogger(__name__)
 
-# Keys that say how or where a run executed, not what it computed; runs compared in one report
-# must agree on every other key but algorithm and seed.
-RUN_ONLY_KEYS = frozenset({"algorithm", "seed", "output_dir", "backend", "threads",
-                           "checkpoint_every", "eval_every", "data.root"})
 # Dashes as well as colours: algorithms with equal ε (same sampling, noise and steps) draw the
 # same curve, and dashes let the one beneath show through.
 LINESTYLES = ("-", "--", "-.", ":")
@@ -55,7 +53,7 @@ class RunResult:
     without DP."""
 
     directory: Path
-    config: dict[str, Any]
+    config: FederationConfig
     model: str
     accuracy: dict[int, np.ndarray]
     epsilon: dict[int, np.ndarray]
@@ -63,11 +61,11 @@ class RunResult:
 
     @property
     def algorithm(self) -> str:
-        return str(self.config["algorithm"])
+        return self.config.algorithm
 
     @property
     def seed(self) -> int:
-        return int(self.config["seed"])
+        return self.config.seed
 
 
 @dataclass(frozen=True)
@@ -104,14 +102,13 @@ class Curve:
 def read_run(directory: Path) -> RunResult:
     """Read one finished run's ``config.yaml``, ``summary.json``, ``metrics.csv`` and
     ``privacy.csv``; raises ``ReportError`` naming the file that is missing or garbled."""
-    config = _read_config(directory / "config.yaml")
-    model = _read_reported_model(directory / "summary.json")
+    config = _read_config(directory / run_files.CONFIG)
+    model = _read_reported_model(directory / run_files.SUMMARY)
 
-    metrics_path = directory / "metrics.csv"
+    metrics_path = directory / run_files.METRICS
     by_round: dict[int, dict[int, float]] = {}
     present: set[str] = set()
-    for line, row in _read_csv(metrics_path, ("round", "client", "model", "split", "metric",
-                                              "value")):
+    for line, row in _read_csv(metrics_path, run_files.METRICS_COLUMNS):
         # Every row is parsed, used or not: a garbled file is refused, not half read.
         round_, client = _round_and_client(metrics_path, line, row)
         value = _number(metrics_path, line, row["value"])
@@ -122,10 +119,10 @@ def read_run(directory: Path) -> RunResult:
         raise ReportError(f"{metrics_path}: no test accuracy of model {model!r} (the model "
                           f"summary.json reports); models present: {sorted(present)}")
 
-    privacy_path = directory / "privacy.csv"
+    privacy_path = directory / run_files.PRIVACY
     epsilon: dict[int, dict[int, float]] = {}
     deltas: set[float] = set()
-    for line, row in _read_csv(privacy_path, ("round", "client", "epsilon", "delta")):
+    for line, row in _read_csv(privacy_path, run_files.PRIVACY_COLUMNS):
         round_, client = _round_and_client(privacy_path, line, row)
         epsilon.setdefault(round_, {})[client] = _number(privacy_path, line, row["epsilon"])
         deltas.add(_number(privacy_path, line, row["delta"]))
@@ -136,12 +133,12 @@ def read_run(directory: Path) -> RunResult:
 
 def read_runs(runs_dir: Path) -> list[RunResult]:
     """Every finished run under ``runs_dir``, checked to be comparable: one run per
-    (algorithm, seed), and the same settings apart from ``RUN_ONLY_KEYS``."""
+    (algorithm, seed), and the same settings apart from ``run_files.RUN_ONLY_KEYS``."""
     if not runs_dir.is_dir():
         raise ReportError(f"{runs_dir}: no such directory")
     runs = []
-    for config_path in sorted(runs_dir.rglob("config.yaml")):
-        if (config_path.parent / "summary.json").is_file():
+    for config_path in sorted(runs_dir.rglob(run_files.CONFIG)):
+        if (config_path.parent / run_files.SUMMARY).is_file():
             runs.append(read_run(config_path.parent))
         else:
             log.warning("%s: unfinished (no summary.json); left out of the report",
@@ -167,19 +164,11 @@ def read_runs(runs_dir: Path) -> list[RunResult]:
     return runs
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path) -> FederationConfig:
     try:
-        config = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{path}: missing") from None
-    except yaml.YAMLError as error:
-        raise ReportError(f"{path}: not valid YAML ({_first_line(error)})") from None
-    required = ("algorithm", "seed", "rounds", "clients", "data")
-    if (not isinstance(config, dict) or any(key not in config for key in required)
-            or not isinstance(config["data"], dict) or "name" not in config["data"]):
-        raise ReportError(f"{path}: not a run configuration (needs keys {', '.join(required)}"
-                          ", data.name)")
-    return config
+        return load_config(path, source=str(path))
+    except ConfigError as error:  # one line, naming the file
+        raise ReportError(str(error)) from None
 
 
 def _read_reported_model(path: Path) -> str:
@@ -194,19 +183,16 @@ def _read_reported_model(path: Path) -> str:
     return summary["reported_model"]
 
 
-def _read_csv(path: Path, columns: Iterable[str]) -> list[tuple[int, dict[str, str]]]:
+def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) pairs of a CSV file with (at least) ``columns``."""
     try:
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in columns if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ReportError(f"{path}: header lacks column(s) {', '.join(missing)}")
-            return [(reader.line_num, row) for row in reader]
+        return run_files.read_rows(path, columns)
     except FileNotFoundError:
         raise ReportError(f"{path}: missing") from None
     except (csv.Error, UnicodeDecodeError) as error:
         raise ReportError(f"{path}: not a readable CSV file ({_first_line(error)})") from None
+    except ValueError as error:  # the header lacks a column
+        raise ReportError(str(error)) from None
 
 
 def _number(path: Path, line: int, text: str | None) -> float:
@@ -232,16 +218,10 @@ def _by_client(values: Mapping[int, Mapping[int, float]]) -> dict[int, np.ndarra
             for r, by_client in sorted(values.items())}
 
 
-def _setting(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The config as flat dotted keys, without ``RUN_ONLY_KEYS``."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_setting(value, f"{dotted}."))
-        elif dotted not in RUN_ONLY_KEYS:
-            flat[dotted] = value
-    return flat
+def _setting(config: FederationConfig) -> dict[str, Any]:
+    """The config as flat dotted keys, without ``run_files.RUN_ONLY_KEYS``."""
+    return {key: value for key, value in run_files.flatten_config(config_to_dict(config)).items()
+            if key not in run_files.RUN_ONLY_KEYS}
 
 
 def _first_line(error: Exception) -> str:
@@ -286,7 +266,7 @@ def summarize(runs: Iterable[RunResult]) -> list[AlgorithmResult]:
             epsilon_max=float(max(_last(r.epsilon).max() for r in dp)) if dp else math.nan,
             delta=max(r.delta for r in dp) if dp else math.nan,
             seeds=len(group),
-            rounds=max(int(r.config["rounds"]) for r in group),
+            rounds=max(r.config.rounds for r in group),
         ))
     return results
 
@@ -378,7 +358,7 @@ def write_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     config = runs[0].config
     seeds = sorted({len(group) for group in _by_algorithm(runs).values()})
     seeds_text = "/".join(map(str, seeds)) + (" seed" if seeds == [1] else " seeds")
-    setting = f"{config['data']['name']}, {config['clients']} clients"
+    setting = f"{config.data.name}, {config.clients} clients"
 
     results = summarize(runs)
     caption = (f"*{setting}. Accuracy: each algorithm's reported model, test accuracy after the "

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+
+from federation import catalog
 
 
 class Topology(ABC):
@@ -82,18 +84,10 @@ class FullyConnected(Topology):
         return others, list(others)
 
 
-_TOPOLOGIES: dict[str, Callable[[int], Topology]] = {
-    "exponential": ExponentialGraph,
-    "ring": Ring,
-    "full": FullyConnected,
-}
-
-
 def make_topology(name: str, num_clients: int) -> Topology:
-    """The topology registered as ``name`` ("exponential", "ring" or "full")."""
-    try:
-        factory = _TOPOLOGIES[name]
-    except KeyError:
-        choices = sorted(_TOPOLOGIES)
-        raise ValueError(f"unknown topology {name!r}; choose one of {choices}") from None
-    return factory(num_clients)
+    """The topology ``name`` of ``federation.catalog.TOPOLOGIES`` ("exponential", "ring" or
+    "full")."""
+    if name not in catalog.TOPOLOGIES:
+        choices = sorted(catalog.TOPOLOGIES)
+        raise ValueError(f"unknown topology {name!r}; choose one of {choices}")
+    return catalog.TOPOLOGIES[name](num_clients)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from wsi.atomic import atomic_path
+from slidefed.atomic import atomic_path
 from wsi.synthetic import (
     SyntheticSlide,
     SyntheticSlideSpec,

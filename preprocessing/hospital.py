@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 from tqdm import tqdm
 
-from wsi.atomic import atomic_path
+from slidefed.atomic import atomic_path
 from wsi.bag import BagError, check_bag
 
 from .isolation import run_isolated

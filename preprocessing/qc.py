@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from wsi.atomic import atomic_path
+from slidefed.atomic import atomic_path
 from wsi.tissue import Overview
 
 # QC pictures are scaled to a long side in this range: big enough to judge, small to store.

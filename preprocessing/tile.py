@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from wsi.atomic import remove_stale_partials
+from slidefed.atomic import remove_stale_partials
 from wsi.bag import BagAttributes, BagWriter, PatchEncoding, PatchGeometry
 from wsi.grid import grid_coords, tissue_fractions
 from wsi.patches import max_run_length, read_patch_run, split_runs

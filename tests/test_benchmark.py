@@ -15,7 +15,7 @@ from federation_synthetic import small_config, write_synthetic_digits
 from federation import benchmark
 from federation.benchmark import BenchmarkError, run_benchmark
 from federation.config import ConfigError
-from preprocessing.cli import main
+from slidefed.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from preprocessing.cli import main
+from slidefed.cli import main
 
-SLIDEFED = [sys.executable, "-m", "preprocessing.cli"]
+SLIDEFED = [sys.executable, "-m", "slidefed"]
 
 
 @pytest.mark.parametrize("args, mentions", [
@@ -51,3 +51,16 @@ def test_synthetic_slide_tile_and_validate_chain(tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"ok {bag}: ")
     bag.write_bytes(bag.read_bytes()[:2000])
     assert main(["validate", str(bag)]) == 1
+
+
+def test_help_runs_as_a_module_without_the_heavy_libraries():
+    # Every rank of `mpiexec ... python -m slidefed federate` and every Snakemake job parses
+    # the full parser: it must not pay for torch, opacus, MPI or OpenSlide.
+    probe = ("import sys; from slidefed.cli import build_parser; build_parser().format_help(); "
+             "print(sorted({m.split('.')[0] for m in sys.modules} "
+             "& {'torch', 'opacus', 'mpi4py', 'openslide', 'timm'}))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+    run = subprocess.run([*SLIDEFED, "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("usage: slidefed ")

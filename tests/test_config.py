@@ -15,7 +15,7 @@ from federation.config import (
     load_config,
     parse_override,
 )
-from preprocessing.cli import main
+from slidefed.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs" / "benchmarks").glob("*.yaml")) + [
@@ -159,8 +159,10 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path: Path, capsys) -> None:
     assert "missing.yaml: cannot read" in capsys.readouterr().err
 
 
-def test_dp_mechanism_default_matches_the_privacy_layer():
+def test_dp_config_built_in_code_is_checked_like_a_loaded_one():
     from federation.config import DPConfig
-    from federation.privacy import DPSettings
+    from federation.privacy import MECHANISMS
 
-    assert DPConfig().mechanism == DPSettings().mechanism
+    assert DPConfig().mechanism in MECHANISMS
+    with pytest.raises(ConfigError, match=r"^DPConfig: delta = 1.0: must lie in \(0, 1\)$"):
+        DPConfig(delta=1.0)

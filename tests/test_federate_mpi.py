@@ -49,7 +49,7 @@ def test_mpi_run_writes_the_local_backends_files(
 ) -> None:
     overrides = {"algorithm": algorithm, "rounds": 3, "fedavg.client_fraction": 0.5}
     path = _write_config(digits, tmp_path, **overrides)
-    result, _ = _mpiexec(4, "-m", "preprocessing.cli", "-q", "federate", "--config", str(path),
+    result, _ = _mpiexec(4, "-m", "slidefed", "-q", "federate", "--config", str(path),
                          "--backend", "mpi", "--set", f"output_dir={tmp_path / 'mpi'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith(f"{algorithm}: 3 rounds, 4 clients")

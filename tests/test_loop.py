@@ -13,8 +13,8 @@ from federation_synthetic import small_config, write_synthetic_digits
 from federation.algorithms import ALGORITHMS
 from federation.config import ConfigError, config_from_dict, load_config
 from federation.loop import resolve_backend, run_federation
-from federation.outputs import METRICS_COLUMNS, PRIVACY_COLUMNS
-from preprocessing.cli import main
+from federation.run_files import METRICS_COLUMNS, PRIVACY_COLUMNS
+from slidefed.cli import main
 
 
 @pytest.fixture(scope="module")

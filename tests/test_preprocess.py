@@ -19,7 +19,7 @@ from preprocessing.hospital import (
 )
 from preprocessing.isolation import run_isolated
 
-SLIDEFED = [sys.executable, "-m", "preprocessing.cli"]
+SLIDEFED = [sys.executable, "-m", "slidefed"]
 
 
 def _cohort(tmp_path: Path, real_slide: Path, n_good: int = 2) -> Path:

@@ -12,8 +12,9 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from federation.config import DPConfig
 from federation.models import create_model
-from federation.privacy import MECHANISMS, DPSettings, PrivateTraining, epsilon_from_history
+from federation.privacy import MECHANISMS, PrivateTraining, epsilon_from_history
 
 
 def _images(n: int, seed: int, shape: tuple[int, ...] = (1, 28, 28)) -> TensorDataset:
@@ -78,7 +79,7 @@ def _training(
     delta=1e-5,
     lr=0.0,
 ):
-    settings = DPSettings(
+    settings = DPConfig(
         noise_multiplier=sigma,
         max_grad_norm=clip,
         mechanism=mechanism,
@@ -353,8 +354,8 @@ def test_delta_defaults_to_one_over_n_when_none():
     ],
 )
 def test_invalid_settings_are_rejected(kwargs):
-    with pytest.raises(ValueError, match="DPSettings"):
-        DPSettings(**kwargs)
+    with pytest.raises(ValueError, match="DPConfig"):
+        DPConfig(**kwargs)
 
 
 def test_backward_rejects_a_reduced_loss_and_oversized_batches():

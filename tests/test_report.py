@@ -47,9 +47,9 @@ def _write_run(directory: Path, algorithm: str, seed: int, **config_changes) -> 
     epsilon = np.cumsum(rng.uniform(0.5, 1.5, size=(ROUNDS, CLIENTS)), axis=0) if dp else None
     with open(directory / "privacy.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["round", "client", "epsilon", "delta"])
+        writer.writerow(["round", "client", "epsilon", "delta", "unit"])
         if dp:
-            writer.writerows([t + 1, c, epsilon[t, c], DELTA]
+            writer.writerows([t + 1, c, epsilon[t, c], DELTA, "record"]
                              for t in range(ROUNDS) for c in range(CLIENTS))
     config = {"algorithm": algorithm, "rounds": ROUNDS, "seed": seed, "clients": CLIENTS,
               "backend": "local", "output_dir": str(directory),
@@ -177,7 +177,7 @@ def test_an_unfinished_run_is_left_out_with_a_warning(tmp_path: Path, caplog) ->
 
 def _truncate_row(path: Path) -> None:
     lines = path.read_text().splitlines()
-    lines[3] = lines[3].rsplit(",", 1)[0]
+    lines[3] = lines[3].rsplit(",", 2)[0]  # drop delta (and unit)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -194,8 +194,10 @@ def _truncate_row(path: Path) -> None:
     ("summary.json", lambda p: p.write_text("{}"), "has no 'reported_model'"),
     ("summary.json", lambda p: p.write_text('{"reported_model": "teacher"}'),
      "no test accuracy of model 'teacher'"),
-    ("config.yaml", lambda p: p.write_text("algorithm: [proxyfl\n"), "not valid YAML"),
-    ("config.yaml", lambda p: p.write_text("algorithm: proxyfl\n"), "not a run configuration"),
+    ("config.yaml", lambda p: p.write_text("algorithm: [proxyfl\n"), "line 2 expected ','"),
+    ("config.yaml", lambda p: p.write_text("- proxyfl\n"), "expected a mapping of keys"),
+    ("config.yaml", lambda p: p.write_text("algorithm: teleport\n"),
+     "algorithm = 'teleport': unknown name"),
 ])
 def test_a_missing_or_garbled_file_is_a_one_line_error_naming_it(
     tmp_path: Path, file: str, damage, problem: str

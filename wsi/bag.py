@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from .atomic import partial_path
+from slidefed.atomic import partial_path
 
 FORMAT_NAME = "slidefed-bag"
 FORMAT_VERSION = 1

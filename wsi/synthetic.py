@@ -35,7 +35,7 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
-from .atomic import atomic_path
+from slidefed.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Federated algorithms, one module each, found by name in ``ALGORITHMS``.
 
-Every algorithm subclasses ``Algorithm`` (``base.py``) and registers itself with
-``@register_algorithm("name")``; adding one means adding one module and importing it below.
+Every algorithm subclasses ``Algorithm`` (``base.py``); adding one means adding one module and
+one line to ``federation.catalog``, whose ``ALGORITHMS`` imports a module when its algorithm
+is first looked up. ``register_algorithm`` adds one at run time (plug-ins, tests).
 
 =========  ==============================================================  ==============
 name       what a client holds / what crosses clients                      reported model
@@ -18,8 +19,6 @@ proxyfl    private + DP proxy, mutual learning; proxies push-averaged      priva
 =========  ==============================================================  ==============
 """
 
-# The algorithm modules are imported for their registration side effect.
-from federation.algorithms import avgpush, cwt, fedavg, fml, joint, proxyfl, regular  # noqa: F401
 from federation.algorithms.base import ALGORITHMS, Algorithm, Losses, register_algorithm
 
 __all__ = ["ALGORITHMS", "Algorithm", "Losses", "register_algorithm"]

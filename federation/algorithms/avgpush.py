@@ -8,11 +8,10 @@ Rabbat, ICML 2019, arXiv 1811.10792) on the time-varying directed exponential gr
 
 from __future__ import annotations
 
-from federation.algorithms.base import Algorithm, Losses, register_algorithm
+from federation.algorithms.base import Algorithm, Losses
 from federation.client import ModelRole
 
 
-@register_algorithm("avgpush")
 class AvgPush(Algorithm):
     """Local DP training, then push-averaging.
 

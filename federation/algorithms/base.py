@@ -31,6 +31,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from federation import catalog
 from federation.client import (
     Client,
     ModelRole,
@@ -48,19 +49,17 @@ log = logging.getLogger(__name__)
 Losses = dict[int, dict[str, float]]
 """Mean training loss of each model each client trained this round: client -> model -> loss."""
 
-ALGORITHMS: dict[str, type[Algorithm]] = {}
+ALGORITHMS = catalog.ALGORITHMS
 
 A = TypeVar("A", bound="type[Algorithm]")
 
 
 def register_algorithm(name: str) -> Callable[[A], A]:
-    """Class decorator adding an ``Algorithm`` subclass to ``ALGORITHMS`` under ``name``."""
+    """Class decorator adding an ``Algorithm`` subclass outside ``federation.catalog`` (a
+    plug-in, a test) to ``ALGORITHMS`` under ``name``, at run time."""
 
     def decorator(cls: A) -> A:
-        if name in ALGORITHMS:
-            raise ValueError(f"algorithm name {name!r} is registered twice")
-        cls.name = name
-        ALGORITHMS[name] = cls
+        ALGORITHMS.add(name, cls)
         return cls
 
     return decorator
@@ -84,12 +83,11 @@ class Stopwatch:
 class Algorithm(ABC):
     """One federated algorithm over the clients of ``comm.owned``.
 
-    Class attributes: ``name`` (set by ``register_algorithm``), ``roles`` (model name ->
+    Found by name in ``federation.catalog.ALGORITHMS``. Class attributes: ``roles`` (model name ->
     ``ModelRole``), ``reported_model`` (the model whose accuracy the paper reports for it).
     At most one role trains with DP (``ModelRole.trains_with_dp``), so each client has one ε.
     """
 
-    name: ClassVar[str] = ""
     roles: ClassVar[dict[str, ModelRole]]
     reported_model: ClassVar[str]
 
@@ -203,7 +201,8 @@ class Algorithm(ABC):
         with self.stopwatch("communication"):
             total = self.comm.allreduce_sum(local)
         if total[-1] <= 0:
-            log.warning("%s: no client contributed to the average of %s", self.name, name)
+            log.warning("%s: no client contributed to the average of %s", self.config.algorithm,
+                        name)
             return
         average = (total[:-1] / total[-1]).to(torch.float32)
         for client in self.clients.values():
@@ -238,7 +237,7 @@ class Algorithm(ABC):
         if sorted(state) != sorted(models):
             raise ValueError(
                 f"checkpoint of client {client} holds models {sorted(state)}, "
-                f"{self.name} uses {sorted(models)}"
+                f"{self.config.algorithm} uses {sorted(models)}"
             )
         for name, model in models.items():
             model.load_state_dict(state[name])

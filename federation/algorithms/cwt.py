@@ -8,12 +8,11 @@ comparison of Kalra et al. (Nature Communications 2023, arXiv 2111.11343).
 
 from __future__ import annotations
 
-from federation.algorithms.base import Algorithm, Losses, register_algorithm
+from federation.algorithms.base import Algorithm, Losses
 from federation.client import ModelRole
 from federation.topology import make_topology
 
 
-@register_algorithm("cwt")
 class CyclicWeightTransfer(Algorithm):
     """Train, then hand the model on to the next client.
 

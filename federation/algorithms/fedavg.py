@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from federation.algorithms.base import Algorithm, Losses, register_algorithm
+from federation.algorithms.base import Algorithm, Losses
 from federation.client import ModelRole
 from federation.seeds import derive_seed
 
 
-@register_algorithm("fedavg")
 class FedAvg(Algorithm):
     """Client sampling, local DP training, data-weighted averaging.
 

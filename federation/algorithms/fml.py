@@ -9,11 +9,10 @@ Communications 2023, arXiv 2111.11343).
 
 from __future__ import annotations
 
-from federation.algorithms.base import Algorithm, Losses, register_algorithm
+from federation.algorithms.base import Algorithm, Losses
 from federation.client import ModelRole
 
 
-@register_algorithm("fml")
 class FederatedMutualLearning(Algorithm):
     """Mutual learning of local and meme model, then a data-weighted average of the memes.
 

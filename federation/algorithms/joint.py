@@ -14,14 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from federation.algorithms.base import Algorithm, Losses, register_algorithm
+from federation.algorithms.base import Algorithm, Losses
 from federation.client import ModelRole
 from federation.comm import Communicator
 from federation.config import FederationConfig
 from federation.data import Batch, ClientData
 
 
-@register_algorithm("joint")
 class Joint(Algorithm):
     """One model, identical on every client, trained by synchronous data-parallel SGD.
 

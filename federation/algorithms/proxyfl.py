@@ -8,11 +8,10 @@ Hospedales & Lu, CVPR 2018, arXiv 1706.00384); only proxies, trained with DP-SGD
 
 from __future__ import annotations
 
-from federation.algorithms.base import Algorithm, Losses, register_algorithm
+from federation.algorithms.base import Algorithm, Losses
 from federation.client import ModelRole
 
 
-@register_algorithm("proxyfl")
 class ProxyFL(Algorithm):
     """Mutual learning of private and proxy, then push-averaging of the proxies.
 

@@ -8,11 +8,10 @@ nothing), ``regular_dp`` with DP-SGD, as in the paper's experiments.
 
 from __future__ import annotations
 
-from federation.algorithms.base import Algorithm, Losses, register_algorithm
+from federation.algorithms.base import Algorithm, Losses
 from federation.client import ModelRole
 
 
-@register_algorithm("regular")
 class Regular(Algorithm):
     """Local training only: no DP, no communication.
 
@@ -30,7 +29,6 @@ class Regular(Algorithm):
         return self.train_locally("private")
 
 
-@register_algorithm("regular_dp")
 class RegularDP(Regular):
     """Regular with a released model: each client trains alone, with DP-SGD.
 

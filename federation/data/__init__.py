@@ -1,17 +1,17 @@
 """Data for the federation engine: image data sets and patch bags as client data.
 
 ``load_client_data(config, clients)`` builds the ``ClientData`` of the clients a process
-runs, with the loader registered under ``config.data.name`` in ``DATA_LOADERS``: the image
-benchmarks (partitioned in memory) and ``bags`` (one hospital per client).
+runs, with the loader ``federation.catalog.CLIENT_DATA`` names for ``config.data.name``: the
+image benchmarks (partitioned in memory) or ``bags`` (one hospital per client).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 
+from federation import catalog
 from federation.config import FederationConfig
 from federation.data.base import Batch, ClientData
-from federation.data.image_clients import load_image_clients
 from federation.data.images import (
     DATASETS,
     DatasetFormatError,
@@ -27,24 +27,15 @@ from federation.data.partition import (
     label_histogram,
     partition,
 )
-from federation.data.slides import load_slide_clients
-
-Loader = Callable[[FederationConfig, Iterable[int]], Mapping[int, ClientData]]
-
-DATA_LOADERS: dict[str, Loader] = {
-    **{name: load_image_clients for name in DATASETS},
-    "bags": load_slide_clients,
-}
 
 
 def load_client_data(config: FederationConfig, clients: Iterable[int]) -> dict[int, ClientData]:
     """The ``ClientData`` of ``clients`` for the data set ``config.data.name``."""
-    return dict(DATA_LOADERS[config.data.name](config, clients))
+    return dict(catalog.CLIENT_DATA[config.data.name](config, clients))
 
 
 __all__ = [
     "DATASETS",
-    "DATA_LOADERS",
     "PARTITIONERS",
     "Batch",
     "ClientData",

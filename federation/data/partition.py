@@ -1,6 +1,6 @@
 """Split a labelled data set into disjoint client shards, and draw matching client test sets.
 
-Schemes, found by name in ``PARTITIONERS``:
+Schemes, found by name in ``PARTITIONERS`` (``federation.catalog``):
 
 - ``iid``: a uniform random split.
 - ``class_skew``: client ``k`` has a major class; a fraction ``p_major`` of its samples come
@@ -20,18 +20,17 @@ Every scheme samples without replacement, so shards are disjoint, and is driven 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
+
+from federation import catalog
 
 log = logging.getLogger(__name__)
 
 
 class PartitionError(ValueError):
     """A partition or test-set request that the data cannot satisfy. ``str()`` is one line."""
-
-
-Partitioner = Callable[..., list[np.ndarray]]
 
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
@@ -188,11 +187,7 @@ def dirichlet(
     return _draw(labels, counts, rng)
 
 
-PARTITIONERS: dict[str, Partitioner] = {
-    "iid": iid,
-    "class_skew": class_skew,
-    "dirichlet": dirichlet,
-}
+PARTITIONERS = catalog.PARTITIONERS
 
 
 def partition(

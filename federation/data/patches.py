@@ -8,8 +8,9 @@ hospital prepares inputs identically). Saved models record these constants.
 HED stain augmentation (training only) jitters each patch's haematoxylin, eosin and DAB
 concentrations, after Tellez et al., "Whole-slide mitosis detection in H&E breast histology
 using PHH3 as a reference to train distilled stain-invariant convolutional networks", IEEE
-TMI 37(9), 2018 (arXiv 1808.05896): RGB is unmixed into stain concentrations by colour deconvolution (Ruifrok
-& Johnston 2001, the matrices of ``skimage.color``), each concentration is scaled by
+TMI 37(9), 2018 (arXiv 1808.05896): RGB is unmixed into stain concentrations by colour
+deconvolution (Ruifrok & Johnston 2001, the matrices of ``skimage.color``), each
+concentration is scaled by
 α ~ U(1 − σ, 1 + σ) and shifted by β ~ U(−σ, σ), and the result is mixed back. Hospitals
 stain differently; training on jittered stains makes a model rely less on its own
 hospital's colours. Concentrations are not clipped at zero, so σ = 0 returns the input.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi.atomic import atomic_path
+from slidefed.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

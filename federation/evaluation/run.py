@@ -37,7 +37,7 @@ from federation.evaluation.metrics import METRICS, metrics_with_intervals, point
 from federation.evaluation.scoring import patch_probabilities, top_k_score
 from federation.model_files import load_model
 from federation.outputs import RunDirectory
-from wsi.atomic import atomic_path
+from slidefed.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import time
 
 from federation.algorithms import Losses, register_algorithm
 from federation.algorithms.regular import Regular
-from preprocessing.cli import main
+from slidefed.cli import main
 
 
 @register_algorithm("regular_failing_on_client_2")

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from federation import commands as federation_commands
-
-from . import commands as preprocessing_commands
+from preprocessing import commands as preprocessing_commands
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -88,7 +87,3 @@ def console_main() -> NoReturn:
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
     os._exit(code)
-
-
-if __name__ == "__main__":
-    console_main()

@@ -1,0 +1,33 @@
+"""federation.run_files: the named key sets, config flattening and the CSV reader."""
+
+from __future__ import annotations
+
+import pytest
+
+from federation import run_files
+
+
+def test_key_sets_say_what_they_did_before_they_shared_a_module():
+    assert sorted(run_files.EXECUTION_KEYS) == ["backend", "checkpoint_every", "output_dir",
+                                                "threads"]
+    assert sorted(run_files.RESUMABLE_CHANGES) == ["backend", "checkpoint_every", "rounds",
+                                                   "threads"]
+    assert sorted(run_files.RUNNER_KEYS) == ["algorithm", "backend", "output_dir", "seed"]
+    assert sorted(run_files.RUN_ONLY_KEYS) == ["algorithm", "backend", "checkpoint_every",
+                                               "data.root", "eval_every", "output_dir", "seed",
+                                               "threads"]
+
+
+def test_flatten_config_gives_dotted_keys():
+    nested = {"rounds": 3, "dp": {"delta": None, "mechanism": "ghost"}, "data": {"name": "m"}}
+    assert run_files.flatten_config(nested) == {
+        "rounds": 3, "dp.delta": None, "dp.mechanism": "ghost", "data.name": "m"}
+
+
+def test_read_rows_numbers_lines_and_checks_the_header(tmp_path):
+    path = tmp_path / run_files.PRIVACY
+    path.write_text("round,client,epsilon,delta,unit\n1,0,0.5,1e-05,slide\n")
+    assert run_files.read_rows(path, run_files.PRIVACY_COLUMNS) == [
+        (2, {"round": "1", "client": "0", "epsilon": "0.5", "delta": "1e-05", "unit": "slide"})]
+    with pytest.raises(ValueError, match=r"privacy.csv: header lacks column\(s\) value$"):
+        run_files.read_rows(path, ("round", "value"))
