@@ -216,7 +216,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
 
     p = commands.add_parser("validate", help="check patch bags against the format")
     p.add_argument("bags", type=Path, nargs="+", help="bag files")
-    p.add_argument("--deep", action="store_true", help="decode every patch")
+    p.add_argument("--deep", action="store_true",
+                   help="verify the checksum of every patch and decode it")
     p.set_defaults(run=run_validate)
 
     p = bench.add_parser("tiling", help="slidefed tile vs bare OpenSlide read_region")

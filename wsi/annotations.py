@@ -95,6 +95,10 @@ def _features(path: Path, document: object) -> list:
                                 f"(type {kind!r})")
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def _classification(properties: dict) -> str | None:
     value = properties.get("classification")
     if isinstance(value, dict):
@@ -120,7 +124,7 @@ def read_tumour_annotation(path: str | Path, rules: AnnotationRules | None = Non
     except FileNotFoundError:
         raise AnnotationError(path, "annotation file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnnotationError(path, f"not valid JSON ({' '.join(str(exc).split())})") from None
+        raise AnnotationError(path, f"not valid JSON ({_one_line(exc)})") from None
     features = _features(path, document)
     skipped: Counter[str] = Counter()
     polygons: list[shapely.Geometry] = []
@@ -166,9 +170,10 @@ def _polygonal(path: Path, index: int, geometry: dict) -> shapely.Geometry:
 
     try:
         polygon = shape(geometry)
-    except (ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
+    except (ValueError, TypeError, IndexError, AttributeError, KeyError,
+            shapely.errors.ShapelyError) as exc:
         raise AnnotationError(path, f"feature {index}: malformed {geometry.get('type')} "
-                                    f"coordinates ({exc})") from None
+                                    f"coordinates ({_one_line(exc)})") from None
     if not np.isfinite(shapely.get_coordinates(polygon)).all():
         raise AnnotationError(path, f"feature {index}: coordinates are not finite numbers")
     if not polygon.is_valid:

@@ -278,14 +278,18 @@ def _small_dataset(f: h5py.File, name: str, data: np.ndarray) -> h5py.Dataset:
     return f.create_dataset(name, data=data, fletcher32=True)
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def _read(ds: h5py.Dataset, selection: int | tuple = ()) -> np.ndarray:
     """``ds[selection]``, with HDF5's read errors (a failed Fletcher-32 check among them) as a
     :class:`BagError` naming the dataset."""
     try:
         return ds[selection]
     except OSError as exc:
-        raise BagError(ds.file.filename, f"{ds.name.lstrip('/')} is damaged "
-                                         f"({' '.join(str(exc).split())})") from None
+        raise BagError(ds.file.filename,
+                       f"{ds.name.lstrip('/')} is damaged ({_one_line(exc)})") from None
 
 
 def bag_version(f: h5py.File) -> int:
@@ -313,13 +317,16 @@ def read_patches(f: h5py.File, indices: Sequence[int] | np.ndarray) -> np.ndarra
     sums = f["checksums"] if bag_version(f) >= 2 else None
     out = np.empty((len(indices), size, size, 3), np.uint8)
     for k, i in enumerate(np.asarray(indices, np.int64).tolist()):
-        data = codec.stored(ds, i)
+        try:
+            data = codec.stored(ds, i)
+        except OSError as exc:
+            raise BagError(f.filename, f"patch {i} is unreadable ({_one_line(exc)})") from None
         if sums is not None and checksum(data) != int(_read(sums, i)):
             raise BagError(f.filename, f"patch {i} is corrupt (checksum mismatch)")
         try:
             patch = codec.decode(data, size)
         except (OSError, ValueError, zlib.error) as exc:  # PIL raises OSError subclasses
-            raise BagError(f.filename, f"patch {i} does not decode ({exc})") from None
+            raise BagError(f.filename, f"patch {i} does not decode ({_one_line(exc)})") from None
         if patch.shape != (size, size, 3):
             raise BagError(f.filename, f"patch {i} does not decode to {size}x{size} RGB")
         out[k] = patch
@@ -439,7 +446,7 @@ def check_bag(path: str | Path, deep: bool = False) -> int:
     except BagError:
         raise
     except (OSError, KeyError, ValueError) as exc:
-        raise BagError(path, f"unreadable bag ({' '.join(str(exc).split())})") from exc
+        raise BagError(path, f"unreadable bag ({_one_line(exc)})") from exc
 
 
 def _check_open_bag(path: Path, f: h5py.File, deep: bool) -> int:
