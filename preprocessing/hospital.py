@@ -22,7 +22,14 @@ import h5py
 from tqdm import tqdm
 
 from wsi.atomic import atomic_path
-from wsi.bag import FORMAT_VERSION, BagError, bag_version, check_bag, read_labels
+from wsi.bag import (
+    FORMAT_VERSION,
+    BagError,
+    PatchLabels,
+    bag_version,
+    check_bag,
+    read_labels,
+)
 from wsi.slide import SlideError
 
 from .isolation import run_isolated
@@ -185,14 +192,26 @@ def _existing_bag_row(entry: SlideEntry, bag: Path,
     except BagError:
         return None
     with h5py.File(bag, "r") as f:
-        labels = read_labels(f)
-        found = None if labels is None else (labels.source, labels.threshold)
-        source = entry.label_source()
-        wanted = None if source is None else (source, options.tumour_threshold)
-        if bag_version(f) != FORMAT_VERSION or found != wanted:
+        if bag_version(f) != FORMAT_VERSION or not _labels_current(entry, options,
+                                                                   read_labels(f)):
             return None
         mpp = float(f.attrs["mpp_level0"])
     return ManifestRow(entry.slide_id, str(entry.path), entry.label, "ok", n, mpp, "")
+
+
+def _labels_current(entry: SlideEntry, options: TilingOptions,
+                    labels: PatchLabels | None) -> bool:
+    """Whether a bag's ``labels`` are those this run would write for ``entry`` (an edited
+    annotation file is not noticed: that needs ``--force``)."""
+    source = entry.label_source()
+    if labels is None or source is None:
+        return labels is None and source is None
+    if (labels.source, labels.threshold) != (source, options.tumour_threshold):
+        return False
+    try:
+        return source == "annotation" or bool((labels.values == entry.slide_label()).all())
+    except SlideError:  # re-tiling reports the bad label in the manifest
+        return False
 
 
 def _tile_entry(out_dir: Path, options: TilingOptions, entry: SlideEntry) -> TileResult:

@@ -178,6 +178,7 @@ def test_annotations_and_slide_labels_become_patch_labels_bad_ones_fail_alone(
                    "lost,s.tiff,1,ann/lost.geojson\n"
                    "odd,s.tiff,2,\n"
                    "weak,s.tiff,1,\n"
+                   "relabelled,s.tiff,1,\n"
                    "unlabelled,s.tiff,,\n")
     out = tmp_path / "out"
     options = TilingOptions(patch_size=128)
@@ -185,7 +186,7 @@ def test_annotations_and_slide_labels_become_patch_labels_bad_ones_fail_alone(
                                                        progress=False)}
     assert {k: r.status for k, r in rows.items()} == {
         "tumour": "ok", "normal": "ok", "broken": "failed", "lost": "failed", "odd": "failed",
-        "weak": "ok", "unlabelled": "ok"}
+        "weak": "ok", "relabelled": "ok", "unlabelled": "ok"}
     assert rows["broken"].error.startswith(f"{tmp_path / 'ann' / 'bad.geojson'}: not valid JSON")
     assert rows["lost"].error == f"{tmp_path / 'ann' / 'lost.geojson'}: annotation file not found"
     assert rows["odd"].error == f"{tmp_path / 's.tiff'}: slide label '2' is not 0 or 1"
@@ -198,12 +199,15 @@ def test_annotations_and_slide_labels_become_patch_labels_bad_ones_fail_alone(
     assert read_manifest(out / "manifest.csv") == list(rows.values())
 
     # An annotation directory, given later, labels the slides the CSV left without one, and
-    # the rerun re-tiles exactly those (their bags' labels would be stale), keeping the rest.
+    # the rerun re-tiles exactly those and the relabelled slide (their bags' labels would be
+    # stale), keeping the rest.
     (tmp_path / "ann" / "weak.geojson").symlink_to(annotation)
-    kept = (bags / "tumour.h5").stat().st_mtime_ns
+    csv.write_text(csv.read_text().replace("relabelled,s.tiff,1,", "relabelled,s.tiff,0,"))
+    kept = {s: (bags / f"{s}.h5").stat().st_mtime_ns for s in ("tumour", "unlabelled")}
     preprocess_hospital("h1", csv, out, options, annotations=tmp_path / "ann", progress=False)
-    assert (bags / "tumour.h5").stat().st_mtime_ns == kept
+    assert {s: (bags / f"{s}.h5").stat().st_mtime_ns for s in kept} == kept
     assert _labels(bags / "weak.h5").source == "annotation"
+    assert not _labels(bags / "relabelled.h5").values.any()
     assert read_slide_list(csv, tmp_path / "ann")[0].annotation == tmp_path / "ann/t.geojson"
     with pytest.raises(SlideListError, match="annotation directory not found"):
         read_slide_list(csv, tmp_path / "nowhere")
