@@ -8,6 +8,7 @@ import logging
 import math
 from pathlib import Path
 
+from wsi.annotations import DEFAULT_TUMOUR_CLASSES, AnnotationRules
 from wsi.bag import CODECS, PatchEncoding
 
 from .options import TilingOptions
@@ -65,19 +66,33 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
                              "deflate (lossless)")
     parser.add_argument("--encoding-level", type=int, default=None,
                         help="JPEG quality 1-95 (default 90) or deflate level 0-9 (default 1)")
+    parser.add_argument("--tumour-threshold", type=fraction, default=defaults.tumour_threshold,
+                        help="a patch is tumour when this fraction of it is annotated tumour "
+                             "(default %(default)s; the fraction itself is stored)")
+    parser.add_argument("--tumour-class", action="append", dest="tumour_classes",
+                        metavar="NAME",
+                        help="QuPath classification counted as tumour, case-insensitive; "
+                             f"repeat for several (default {', '.join(DEFAULT_TUMOUR_CLASSES)})")
+    parser.add_argument("--ignore-unclassified", action="store_true",
+                        help="annotations without a classification are not tumour (default: "
+                             "they are)")
 
 
 def tiling_options(args: argparse.Namespace) -> TilingOptions:
     return TilingOptions(target_mpp=args.mpp, patch_size=args.patch_size,
                          min_tissue=args.min_tissue, slide_mpp=args.slide_mpp,
-                         encoding=PatchEncoding(args.encoding, args.encoding_level))
+                         encoding=PatchEncoding(args.encoding, args.encoding_level),
+                         tumour_threshold=args.tumour_threshold,
+                         annotation_rules=AnnotationRules(
+                             tuple(args.tumour_classes or DEFAULT_TUMOUR_CLASSES),
+                             unclassified_is_tumour=not args.ignore_unclassified))
 
 
 def run_tile(args: argparse.Namespace) -> int:
     from .tile import tile_slide
 
     result = tile_slide(args.slide, args.output, tiling_options(args), workers=args.workers,
-                        qc_path=args.qc)
+                        qc_path=args.qc, annotation=args.annotation, slide_label=args.label)
     log.info("%s: %d patches in %.1f s -> %s", result.slide_id, result.n_patches,
              result.seconds, result.bag_path)
     return 0
@@ -87,7 +102,8 @@ def run_preprocess(args: argparse.Namespace) -> int:
     from .hospital import preprocess_hospital
 
     rows = preprocess_hospital(args.hospital, args.slides, args.output, tiling_options(args),
-                               workers=args.workers, force=args.force)
+                               workers=args.workers, annotations=args.annotations,
+                               force=args.force)
     failed = [r for r in rows if r.status != "ok"]
     print(f"{args.hospital}: {len(rows) - len(failed)} of {len(rows)} slides ok, "
           f"{sum(r.n_patches for r in rows)} patches; {len(failed)} failed")
@@ -154,13 +170,21 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("-o", "--output", type=Path, required=True, help="bag to write (.h5)")
     p.add_argument("--workers", type=positive_int, default=1, help="processes (default 1)")
     p.add_argument("--qc", type=Path, help="also write a QC picture (PNG) here")
+    p.add_argument("--annotation", type=Path,
+                   help="GeoJSON tumour annotation (level-0 px): patch labels are tumour "
+                        "fractions")
+    p.add_argument("--label", type=int, choices=(0, 1),
+                   help="slide label, copied to every patch when there is no --annotation")
     add_tiling_arguments(p)
     p.set_defaults(run=run_tile)
 
     p = commands.add_parser("preprocess", help="one hospital's slides to bags + manifest + QC")
     p.add_argument("--hospital", required=True, help="hospital name, for logs and summaries")
     p.add_argument("--slides", type=Path, required=True,
-                   help="directory of slides, or CSV with slide_id,path,label")
+                   help="directory of slides, or CSV with slide_id,path,label[,annotation]")
+    p.add_argument("--annotations", type=Path,
+                   help="directory of tumour annotations, DIR/<slide_id>.geojson, for slides "
+                        "the CSV gives none")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="slides tiled at once (default 1)")
@@ -192,7 +216,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
 
     p = commands.add_parser("validate", help="check patch bags against the format")
     p.add_argument("bags", type=Path, nargs="+", help="bag files")
-    p.add_argument("--deep", action="store_true", help="decode every patch")
+    p.add_argument("--deep", action="store_true",
+                   help="verify the checksum of every patch and decode it")
     p.set_defaults(run=run_validate)
 
     p = bench.add_parser("tiling", help="slidefed tile vs bare OpenSlide read_region")

@@ -3,13 +3,14 @@
 Layout, one directory per hospital (``hospital_a``, ``hospital_b``, ...)::
 
     <out>/<hospital>/slides/<slide_id>.tiff          synthetic H&E slide (wsi.synthetic)
-    <out>/<hospital>/labels.csv                      slide_id,path,label
+    <out>/<hospital>/labels.csv                      slide_id,path,label,annotation
     <out>/<hospital>/annotations/<slide_id>.geojson  tumour polygons, level-0 px
 
-``path`` in labels.csv is relative to the CSV's own directory, so a cohort can be moved or
-copied as a whole. ``label`` is 1 for a slide with tumour and 0 for a normal one; each hospital
-gets half of each (the odd one out is a tumour slide) and its own stain profile, so hospitals
-differ in colour as real ones do. Normal slides have an empty FeatureCollection.
+``path`` and ``annotation`` in labels.csv are relative to the CSV's own directory, so a cohort
+can be moved or copied as a whole. ``label`` is 1 for a slide with tumour and 0 for a normal
+one; each hospital gets half of each (the odd one out is a tumour slide) and its own stain
+profile, so hospitals differ in colour as real ones do. Normal slides have an empty
+FeatureCollection: annotated, no tumour, so their patches are labelled 0 from the annotation.
 
 Slides are 0.25 µm/px at level 0 with downsample-2 pyramid levels, so tiling at 0.5 µm/px reads
 level 1 as it is.
@@ -53,7 +54,7 @@ LEVEL_DOWNSAMPLE = 2
 SMALLEST_LEVEL_PX = 512
 MIN_SIZE = 2 * SMALLEST_LEVEL_PX
 MAX_HOSPITALS = len(string.ascii_lowercase)
-LABEL_COLUMNS = ("slide_id", "path", "label")
+LABEL_COLUMNS = ("slide_id", "path", "label", "annotation")
 
 
 class CohortError(ValueError):
@@ -112,6 +113,10 @@ def plan_demo_cohort(hospitals: int = DEFAULT_HOSPITALS,
     return plan
 
 
+def _annotation_path(hospital_dir: Path, slide_id: str) -> Path:
+    return hospital_dir / "annotations" / f"{slide_id}.geojson"
+
+
 def _materialize(out_dir: Path, planned: DemoSlide) -> SyntheticSlide:
     """Write one planned slide and its annotations (or keep an identical existing one)."""
     hospital_dir = out_dir / planned.hospital
@@ -125,7 +130,7 @@ def _materialize(out_dir: Path, planned: DemoSlide) -> SyntheticSlide:
     else:
         slide_path.parent.mkdir(parents=True, exist_ok=True)
         slide = write_synthetic_slide(slide_path, planned.spec)
-    _write_json(hospital_dir / "annotations" / f"{planned.slide_id}.geojson",
+    _write_json(_annotation_path(hospital_dir, planned.slide_id),
                 tumour_geojson(slide.tumour_polygons))
     return slide
 
@@ -167,5 +172,6 @@ def _write_labels(path: Path, slides: list[tuple[DemoSlide, SyntheticSlide]]) ->
         writer = csv.writer(f)
         writer.writerow(LABEL_COLUMNS)
         for planned, slide in slides:
+            annotation = _annotation_path(path.parent, planned.slide_id)
             writer.writerow([planned.slide_id, slide.path.relative_to(path.parent).as_posix(),
-                             planned.label])
+                             planned.label, annotation.relative_to(path.parent).as_posix()])

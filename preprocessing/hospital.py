@@ -3,6 +3,11 @@
 Every slide is tiled in its own process and recorded as ``ok`` or ``failed`` with a one-line
 reason; one bad slide never stops the others. A rerun skips slides whose bag is present and
 valid, so an interrupted job resumes where it stopped.
+
+Patch labels: a slide's tumour annotation is the ``annotation`` column of the CSV (a GeoJSON
+path relative to the CSV; empty for none) or else ``<annotations>/<slide_id>.geojson`` when
+an annotation directory is given and that file exists; its ``label`` column (0, 1 or empty)
+gives weak labels to slides without one. A label other than 0/1 fails that slide alone.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ import h5py
 from tqdm import tqdm
 
 from slidefed.atomic import atomic_path
-from wsi.bag import BagError, check_bag
+from wsi.bag import (
+    FORMAT_VERSION,
+    BagError,
+    PatchLabels,
+    bag_version,
+    check_bag,
+    read_labels,
+)
+from wsi.slide import SlideError
 
 from .isolation import run_isolated
 from .tile import TileResult, TilingOptions, tile_slide
@@ -41,7 +54,26 @@ class SlideEntry:
 
     slide_id: str
     path: Path
-    label: str = ""
+    label: str = ""  # as written in the slide list; see slide_label()
+    annotation: Path | None = None
+
+    def slide_label(self) -> int | None:
+        """The label as 0 or 1 (None when empty); :class:`SlideError` for anything else."""
+        if not self.label:
+            return None
+        try:
+            value = float(self.label)  # "1.0" from a spreadsheet is 1
+        except ValueError:
+            value = None
+        if value not in (0.0, 1.0):
+            raise SlideError(self.path, f"slide label {self.label!r} is not 0 or 1")
+        return int(value)
+
+    def label_source(self) -> str | None:
+        """The ``source`` its bag's labels will have (None: no labels)."""
+        if self.annotation is not None:
+            return "annotation"
+        return "slide" if self.label else None
 
 
 @dataclass(frozen=True)
@@ -57,17 +89,29 @@ class ManifestRow:
     error: str
 
 
-def read_slide_list(source: str | Path) -> list[SlideEntry]:
-    """Slides from a directory (by extension, sorted) or a CSV with ``slide_id,path,label``.
+def read_slide_list(source: str | Path,
+                    annotations: str | Path | None = None) -> list[SlideEntry]:
+    """Slides from a directory (by extension, sorted) or a CSV with ``slide_id,path,label``
+    and optionally ``annotation``; slides without an annotation there take
+    ``annotations/<slide_id>.geojson`` when that exists.
 
     Relative CSV paths are taken relative to the CSV's directory.
     """
     source = Path(source)
     if source.is_dir():
-        return _slides_in_directory(source)
-    if not source.is_file():
+        entries = _slides_in_directory(source)
+    elif source.is_file():
+        entries = _slides_in_csv(source)
+    else:
         raise SlideListError(f"{source}: no such directory or CSV file")
-    return _slides_in_csv(source)
+    if annotations is None:
+        return entries
+    annotations = Path(annotations)
+    if not annotations.is_dir():
+        raise SlideListError(f"{annotations}: annotation directory not found")
+    found = {p.stem: p for p in annotations.glob("*.geojson")}
+    return [replace(e, annotation=found.get(e.slide_id)) if e.annotation is None else e
+            for e in entries]
 
 
 def _slides_in_directory(directory: Path) -> list[SlideEntry]:
@@ -101,8 +145,10 @@ def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
             if "/" in slide_id or slide_id.startswith("."):
                 raise SlideListError(f"{csv_path}: line {line}: slide_id {slide_id!r} is not a "
                                      "plain file name")
-            full = Path(path) if Path(path).is_absolute() else csv_path.parent / path
-            entries.append(SlideEntry(slide_id, full, (row.get("label") or "").strip()))
+            annotation = (row.get("annotation") or "").strip()
+            entries.append(SlideEntry(slide_id, csv_path.parent / path,
+                                      (row.get("label") or "").strip(),
+                                      csv_path.parent / annotation if annotation else None))
     if not entries:
         raise SlideListError(f"{csv_path}: no slides listed")
     return _unique(csv_path, entries)
@@ -137,37 +183,61 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
                 for r in csv.DictReader(f)]
 
 
-def _existing_bag_row(entry: SlideEntry, bag: Path) -> ManifestRow | None:
+def _existing_bag_row(entry: SlideEntry, bag: Path,
+                      options: TilingOptions) -> ManifestRow | None:
+    """The manifest row of a bag that a rerun can keep: valid, of the current format, with
+    the labels this run would give it (an annotation added since is not missed)."""
     try:
         n = check_bag(bag)
     except BagError:
         return None
     with h5py.File(bag, "r") as f:
+        if bag_version(f) != FORMAT_VERSION or not _labels_current(entry, options,
+                                                                   read_labels(f)):
+            return None
         mpp = float(f.attrs["mpp_level0"])
     return ManifestRow(entry.slide_id, str(entry.path), entry.label, "ok", n, mpp, "")
+
+
+def _labels_current(entry: SlideEntry, options: TilingOptions,
+                    labels: PatchLabels | None) -> bool:
+    """Whether a bag's ``labels`` are those this run would write for ``entry`` (an edited
+    annotation file is not noticed: that needs ``--force``)."""
+    source = entry.label_source()
+    if labels is None or source is None:
+        return labels is None and source is None
+    if (labels.source, labels.threshold) != (source, options.tumour_threshold):
+        return False
+    try:
+        return source == "annotation" or bool((labels.values == entry.slide_label()).all())
+    except SlideError:  # re-tiling reports the bad label in the manifest
+        return False
 
 
 def _tile_entry(out_dir: Path, options: TilingOptions, entry: SlideEntry) -> TileResult:
     return tile_slide(entry.path, out_dir / "bags" / f"{entry.slide_id}.h5", options,
                       slide_id=entry.slide_id, qc_path=out_dir / "qc" / f"{entry.slide_id}.png",
+                      annotation=entry.annotation, slide_label=entry.slide_label(),
                       progress=False)
 
 
 def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
                         options: TilingOptions | None = None, *, workers: int = 1,
-                        force: bool = False, progress: bool = True) -> list[ManifestRow]:
+                        annotations: str | Path | None = None, force: bool = False,
+                        progress: bool = True) -> list[ManifestRow]:
     """Tile every slide of ``hospital`` into ``out_dir/bags``, with ``out_dir/manifest.csv``
-    and ``out_dir/qc/<slide_id>.png``. Returns the manifest rows, in slide-list order.
+    and ``out_dir/qc/<slide_id>.png``; ``annotations`` is a directory of
+    ``<slide_id>.geojson`` tumour annotations. Returns the manifest rows, in slide-list order.
     """
     out_dir = Path(out_dir)
     options = options or TilingOptions()
-    entries = read_slide_list(slides)
+    entries = read_slide_list(slides, annotations)
     (out_dir / "bags").mkdir(parents=True, exist_ok=True)
     rows: dict[str, ManifestRow] = {}
     todo = []
     for entry in entries:
-        existing = None if force else _existing_bag_row(entry, out_dir / "bags"
-                                                        / f"{entry.slide_id}.h5")
+        existing = None if force else _existing_bag_row(
+            entry, out_dir / "bags" / f"{entry.slide_id}.h5", options)
         if existing:
             rows[entry.slide_id] = existing
         else:

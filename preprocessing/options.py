@@ -4,18 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from wsi.annotations import AnnotationRules
 from wsi.bag import PatchEncoding
+
+# A patch counts as tumour when at least half its area is: its binary label then agrees with
+# the majority of its pixels, which minimises the area labelled wrongly. The fraction itself
+# is stored, so a reader can choose another threshold without re-tiling.
+DEFAULT_TUMOUR_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
 class TilingOptions:
-    """How slides are cut into patches; the same for every slide of a cohort."""
+    """How slides are cut into patches and labelled; the same for every slide of a cohort."""
 
     target_mpp: float = 0.5
     patch_size: int = 256
     min_tissue: float = 0.5
     slide_mpp: float | None = None
     encoding: PatchEncoding = PatchEncoding()
+    tumour_threshold: float = DEFAULT_TUMOUR_THRESHOLD
+    annotation_rules: AnnotationRules = AnnotationRules()
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
@@ -26,3 +34,5 @@ class TilingOptions:
             raise ValueError(f"min tissue must be a fraction in [0, 1], got {self.min_tissue}")
         if self.slide_mpp is not None and not self.slide_mpp > 0:
             raise ValueError(f"slide mpp must be positive, got {self.slide_mpp}")
+        if not 0.0 < self.tumour_threshold <= 1.0:
+            raise ValueError(f"tumour threshold must be in (0, 1], got {self.tumour_threshold}")

@@ -1,4 +1,9 @@
-"""One slide to one patch bag: resolution plan, tissue mask, patch grid, run reads, bag."""
+"""One slide to one patch bag: resolution plan, tissue mask, patch grid, labels, run reads, bag.
+
+Patch labels come from the slide's tumour annotation when it has one (the tumour-area
+fraction of each patch, source ``annotation``), else from its slide label (every patch gets
+it, source ``slide``), else there are none.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from shapely import Polygon
 from tqdm import tqdm
 
 from slidefed.atomic import remove_stale_partials
-from wsi.bag import BagAttributes, BagWriter, PatchEncoding, PatchGeometry
+from wsi.annotations import read_tumour_annotation, tumour_fractions
+from wsi.bag import (
+    BagAttributes,
+    BagWriter,
+    PatchEncoding,
+    PatchGeometry,
+    PatchLabels,
+    checksum,
+)
 from wsi.grid import grid_coords, tissue_fractions
 from wsi.patches import max_run_length, read_patch_run, split_runs
 from wsi.resolution import ReadPlan, plan_reading
@@ -62,9 +76,30 @@ def plan_layout(slide: Slide, options: TilingOptions) -> SlideLayout:
                        split_runs(coords, plan.step_level0, max_run_length(plan)))
 
 
+def patch_labels(slide_id: str, layout: SlideLayout, threshold: float,
+                 tumour: list[Polygon] | None, slide_label: int | None) -> PatchLabels | None:
+    """Labels of the kept patches: the fraction of each covered by the ``tumour`` polygons of
+    an annotation when there is one, else ``slide_label`` for every patch, else None."""
+    n = len(layout.coords)
+    if tumour is None:
+        if slide_label is None:
+            return None
+        return PatchLabels(np.full(n, slide_label, np.float32), "slide", threshold)
+    labels = PatchLabels(tumour_fractions(tumour, layout.coords, layout.plan.step_level0),
+                         "annotation", threshold)
+    n_tumour = int(labels.tumour.sum())
+    log.info("%s: %d of %d patches are tumour (fraction >= %g)", slide_id, n_tumour, n,
+             threshold)
+    if slide_label == 0 and n_tumour:
+        log.warning("%s: slide label is 0 but %d patches are annotated tumour", slide_id,
+                    n_tumour)
+    return labels
+
+
 def _encode_run(slide: Slide, plan: ReadPlan, coords: np.ndarray,
-                encoding: PatchEncoding) -> list[bytes]:
-    return [encoding.encode(p) for p in read_patch_run(slide, plan, coords)]
+                encoding: PatchEncoding) -> tuple[list[bytes], list[int]]:
+    chunks = [encoding.encode(p) for p in read_patch_run(slide, plan, coords)]
+    return chunks, [checksum(c) for c in chunks]
 
 
 # Worker-process state for parallel tiling of one slide: each worker opens the slide once.
@@ -77,14 +112,14 @@ def _worker_open(path: Path, slide_mpp: float | None) -> None:
 
 
 def _worker_encode(args: tuple[ReadPlan, np.ndarray, PatchEncoding, int],
-                   ) -> tuple[int, list[bytes]]:
+                   ) -> tuple[int, tuple[list[bytes], list[int]]]:
     plan, coords, encoding, start = args
     assert _worker_slide is not None
     return start, _encode_run(_worker_slide, plan, coords, encoding)
 
 
-def _encoded_runs(slide: Slide, layout: SlideLayout, options: TilingOptions,
-                  workers: int) -> Iterator[tuple[int, list[bytes]]]:
+def _encoded_runs(slide: Slide, layout: SlideLayout, options: TilingOptions, workers: int,
+                  ) -> Iterator[tuple[int, tuple[list[bytes], list[int]]]]:
     encoding = options.encoding
     if workers <= 1:
         for run in layout.runs:
@@ -101,22 +136,31 @@ def _encoded_runs(slide: Slide, layout: SlideLayout, options: TilingOptions,
 def tile_slide(slide_path: str | Path, bag_path: str | Path,
                options: TilingOptions | None = None, *, slide_id: str | None = None,
                workers: int = 1, qc_path: str | Path | None = None,
+               annotation: str | Path | None = None, slide_label: int | None = None,
                progress: bool = True) -> TileResult:
     """Cut the tissue of ``slide_path`` into patches and write them to the bag ``bag_path``.
 
-    Raises :class:`~wsi.slide.SlideError` naming the slide when it cannot be used or holds no
-    tissue patch. The bag appears only when complete; a QC picture (overview, tissue mask, kept
-    patches) is written to ``qc_path`` first when given.
+    ``annotation`` (GeoJSON tumour polygons, level-0 px) or else ``slide_label`` (0 or 1)
+    gives the patches their labels. Raises :class:`~wsi.slide.SlideError` naming the slide
+    when it cannot be used or holds no tissue patch, and
+    :class:`~wsi.annotations.AnnotationError` naming the annotation when that is unusable.
+    The bag appears only when complete; a QC picture (overview, tissue mask, kept patches)
+    is written to ``qc_path`` first when given.
     """
     started = time.perf_counter()
     options = options or TilingOptions()
     slide_path, bag_path = Path(slide_path), Path(bag_path)
+    if slide_label not in (None, 0, 1):
+        raise SlideError(slide_path, f"slide label must be 0 or 1, got {slide_label!r}")
     slide_id = slide_id or slide_path.stem
     bag_path.parent.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_partials(bag_path):
         log.info("removed %s left by an interrupted run", stale)
     with open_slide(slide_path, options.slide_mpp) as slide:
         info = slide.info
+        # Before any pixel is read, so that a bad annotation fails in milliseconds.
+        tumour = None if annotation is None else read_tumour_annotation(
+            annotation, options.annotation_rules, extent=(info.width, info.height))
         layout = plan_layout(slide, options)
         n = len(layout.coords)
         log.info("%s: %s, %d levels, %dx%d px at %.4g µm/px (%s); reading level %d, %d patches",
@@ -126,18 +170,20 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
             write_qc_picture(qc_path, layout.overview, layout.coords, layout.plan.step_level0)
         if n == 0:
             raise SlideError(slide_path, f"no patch has tissue fraction >= {options.min_tissue}")
+        labels = patch_labels(slide_id, layout, options.tumour_threshold, tumour, slide_label)
         attributes = BagAttributes(
             slide_id=slide_id, source_path=str(slide_path.resolve()), mpp_level0=info.mpp,
-            target_mpp=options.target_mpp, read_level=layout.plan.read_level,
-            level0_width=info.width, level0_height=info.height, vendor=info.vendor)
+            mpp_source=info.mpp_source, target_mpp=options.target_mpp,
+            read_level=layout.plan.read_level, level0_width=info.width,
+            level0_height=info.height, vendor=info.vendor)
         geometry = PatchGeometry(options.patch_size, layout.plan.read_size,
                                  layout.plan.step_level0)
         with BagWriter(bag_path, attributes, geometry, layout.coords, layout.tissue,
-                       options.encoding) as writer, \
+                       options.encoding, labels) as writer, \
                 tqdm(total=n, unit="patch", desc=slide_id, disable=None if progress else True,
                      leave=False) as bar:
-            for start, chunks in _encoded_runs(slide, layout, options, workers):
-                writer.write_chunks(start, chunks)
+            for start, (chunks, checksums) in _encoded_runs(slide, layout, options, workers):
+                writer.write_chunks(start, chunks, checksums)
                 bar.update(len(chunks))
     return TileResult(slide_id=slide_id, bag_path=bag_path, n_patches=n, mpp=info.mpp,
                       read_level=layout.plan.read_level, seconds=time.perf_counter() - started)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import h5py
+import numpy as np
 import pytest
 
 from slidefed.cli import main
@@ -64,3 +67,34 @@ def test_help_runs_as_a_module_without_the_heavy_libraries():
     assert run.stdout.strip() == "[]"
     run = subprocess.run([*SLIDEFED, "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.startswith("usage: slidefed ")
+
+
+def test_tile_with_an_annotation_and_validate_deep_finds_a_damaged_patch(tmp_path, capsys):
+    slide, bag, annotation = tmp_path / "s.tiff", tmp_path / "s.h5", tmp_path / "s.geojson"
+    annotation.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {
+        "type": "Polygon", "coordinates": [[[0, 0], [1024, 0], [1024, 2048], [0, 2048]]]}}))
+    assert main(["-q", "synthetic-slide", "-o", str(slide), "--width", "2048", "--seed", "4"]) == 0
+    assert main(["-q", "tile", str(slide), "-o", str(bag), "--patch-size", "128",
+                 "--annotation", str(annotation), "--label", "1",
+                 "--tumour-threshold", "0.25"]) == 0
+    with h5py.File(bag, "r") as f:
+        labels = f["labels"]
+        assert labels.attrs["source"] == "annotation" and labels.attrs["threshold"] == 0.25
+        left = f["coords"][:, 0] + f["coords"].attrs["patch_size_level0"] <= 1024
+        np.testing.assert_array_equal(labels[()], left.astype(np.float32))
+        last = len(left) - 2
+        stored = bytes(f["patches"][last])
+    data = bytearray(bag.read_bytes())
+    data[data.find(stored) + len(stored) // 2] ^= 0xFF
+    bag.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["validate", str(bag)]) == 0  # the shallow check reads the last patch only
+    assert main(["validate", "--deep", str(bag)]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"error: {bag}: patch {last} is corrupt (checksum mismatch)")
+
+
+def test_label_must_be_0_or_1(tmp_path):
+    run = subprocess.run([*SLIDEFED, "tile", str(tmp_path / "s.svs"), "-o",
+                          str(tmp_path / "b.h5"), "--label", "2"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--label" in run.stderr

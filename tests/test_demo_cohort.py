@@ -24,7 +24,7 @@ def cohort(tmp_path_factory):
 def read_labels(hospital_dir):
     with (hospital_dir / "labels.csv").open(newline="") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == ["slide_id", "path", "label"]
+        assert reader.fieldnames == ["slide_id", "path", "label", "annotation"]
         return list(reader)
 
 
@@ -45,7 +45,8 @@ def test_writes_one_directory_per_hospital_with_the_promised_files(cohort):
             with openslide.OpenSlide(hospital_dir / row["path"]) as slide:
                 assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == 0.25
                 assert slide.level_downsamples[1] == 2.0  # 0.5 µm/px as it is
-            assert (hospital_dir / "annotations" / f"{row['slide_id']}.geojson").is_file()
+            assert row["annotation"] == f"annotations/{row['slide_id']}.geojson"
+            assert (hospital_dir / row["annotation"]).is_file()
         assert sorted(p.name for p in hospital_dir.iterdir()) == [
             "annotations", "labels.csv", "slides"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 
 from preprocessing.hospital import (
@@ -18,6 +20,9 @@ from preprocessing.hospital import (
     read_slide_list,
 )
 from preprocessing.isolation import run_isolated
+from preprocessing.options import TilingOptions
+from wsi.bag import read_labels
+from wsi.synthetic import SyntheticSlideSpec, tumour_geojson, write_synthetic_slide
 
 SLIDEFED = [sys.executable, "-m", "slidefed"]
 
@@ -137,3 +142,72 @@ def test_sigterm_mid_run_leaves_no_partial_bag_and_rerun_completes(tmp_path, rea
     assert rerun.returncode == 0, rerun.stderr
     assert "10 of 10 slides ok" in rerun.stdout
     assert f"{len(done)} of 10 slides already have a valid bag" in rerun.stderr
+
+
+@pytest.fixture(scope="module")
+def annotated_slide(tmp_path_factory):
+    """A small synthetic slide with tumour, and its annotation."""
+    out = tmp_path_factory.mktemp("annotated")
+    spec = SyntheticSlideSpec(width=2048, height=2048, tumour_regions=2, seed=11,
+                              level_downsample=2, smallest_level_px=512)
+    slide = write_synthetic_slide(out / "t.tiff", spec)
+    annotation = out / "t.geojson"
+    annotation.write_text(json.dumps(tumour_geojson(slide.tumour_polygons)))
+    return slide.path, annotation
+
+
+def _labels(bag):
+    with h5py.File(bag, "r") as f:
+        return read_labels(f)
+
+
+def test_annotations_and_slide_labels_become_patch_labels_bad_ones_fail_alone(
+        tmp_path, annotated_slide):
+    slide, annotation = annotated_slide
+    (tmp_path / "s.tiff").symlink_to(slide)
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "t.geojson").symlink_to(annotation)
+    (tmp_path / "ann" / "none.geojson").write_text('{"type": "FeatureCollection", '
+                                                   '"features": []}')
+    (tmp_path / "ann" / "bad.geojson").write_text('{"type": "FeatureCollection", "feat')
+    csv = tmp_path / "labels.csv"
+    csv.write_text("slide_id,path,label,annotation\n"
+                   "tumour,s.tiff,1,ann/t.geojson\n"
+                   "normal,s.tiff,0,ann/none.geojson\n"
+                   "broken,s.tiff,1,ann/bad.geojson\n"
+                   "lost,s.tiff,1,ann/lost.geojson\n"
+                   "odd,s.tiff,2,\n"
+                   "weak,s.tiff,1,\n"
+                   "relabelled,s.tiff,1,\n"
+                   "unlabelled,s.tiff,,\n")
+    out = tmp_path / "out"
+    options = TilingOptions(patch_size=128)
+    rows = {r.slide_id: r for r in preprocess_hospital("h1", csv, out, options, workers=2,
+                                                       progress=False)}
+    assert {k: r.status for k, r in rows.items()} == {
+        "tumour": "ok", "normal": "ok", "broken": "failed", "lost": "failed", "odd": "failed",
+        "weak": "ok", "relabelled": "ok", "unlabelled": "ok"}
+    assert rows["broken"].error.startswith(f"{tmp_path / 'ann' / 'bad.geojson'}: not valid JSON")
+    assert rows["lost"].error == f"{tmp_path / 'ann' / 'lost.geojson'}: annotation file not found"
+    assert rows["odd"].error == f"{tmp_path / 's.tiff'}: slide label '2' is not 0 or 1"
+    assert all("\n" not in r.error for r in rows.values())
+    bags = out / "bags"
+    tumour, normal, weak = (_labels(bags / f"{s}.h5") for s in ("tumour", "normal", "weak"))
+    assert tumour.source == normal.source == "annotation" and weak.source == "slide"
+    assert tumour.tumour.any() and not normal.values.any() and (weak.values == 1).all()
+    assert _labels(bags / "unlabelled.h5") is None
+    assert read_manifest(out / "manifest.csv") == list(rows.values())
+
+    # An annotation directory, given later, labels the slides the CSV left without one, and
+    # the rerun re-tiles exactly those and the relabelled slide (their bags' labels would be
+    # stale), keeping the rest.
+    (tmp_path / "ann" / "weak.geojson").symlink_to(annotation)
+    csv.write_text(csv.read_text().replace("relabelled,s.tiff,1,", "relabelled,s.tiff,0,"))
+    kept = {s: (bags / f"{s}.h5").stat().st_mtime_ns for s in ("tumour", "unlabelled")}
+    preprocess_hospital("h1", csv, out, options, annotations=tmp_path / "ann", progress=False)
+    assert {s: (bags / f"{s}.h5").stat().st_mtime_ns for s in kept} == kept
+    assert _labels(bags / "weak.h5").source == "annotation"
+    assert not _labels(bags / "relabelled.h5").values.any()
+    assert read_slide_list(csv, tmp_path / "ann")[0].annotation == tmp_path / "ann/t.geojson"
+    with pytest.raises(SlideListError, match="annotation directory not found"):
+        read_slide_list(csv, tmp_path / "nowhere")

@@ -1,15 +1,22 @@
-"""Tiling a real Aperio slide: patches come from tissue and equal what OpenSlide reads."""
+"""Tiling: patches of a real Aperio slide come from tissue and equal what OpenSlide reads;
+patch labels of a synthetic slide are the exact tumour fractions of its annotation."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import replace
 
 import h5py
 import numpy as np
 import openslide
 import pytest
+import shapely
 from PIL import Image
 
 from preprocessing.tile import TilingOptions, tile_slide
-from wsi.bag import PatchEncoding, check_bag, read_patches
+from wsi.bag import PatchEncoding, check_bag, read_labels, read_patches
+from wsi.slide import SlideError
+from wsi.synthetic import SyntheticSlideSpec, tumour_geojson, write_synthetic_slide
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +98,56 @@ def test_resized_patches_match_a_downscaled_read(real_slide, tmp_path):
     reference = np.asarray(Image.fromarray(region).resize((128, 128), Image.Resampling.LANCZOS),
                            dtype=float)
     assert np.abs(patch - reference).mean() < 8
+
+
+@pytest.fixture(scope="module")
+def tumour_slide(tmp_path_factory):
+    """A synthetic slide with two tumour regions and their GeoJSON annotation."""
+    out = tmp_path_factory.mktemp("tumour")
+    spec = SyntheticSlideSpec(width=3072, height=2560, tumour_regions=2, seed=5,
+                              level_downsample=2, smallest_level_px=512)
+    slide = write_synthetic_slide(out / "t.tiff", spec)
+    annotation = out / "t.geojson"
+    annotation.write_text(json.dumps(tumour_geojson(slide.tumour_polygons)))
+    return slide, annotation
+
+
+SMALL_PATCHES = TilingOptions(patch_size=128)
+
+
+def test_annotated_slide_bag_holds_exact_tumour_fractions(tumour_slide, tmp_path):
+    slide, annotation = tumour_slide
+    result = tile_slide(slide.path, tmp_path / "t.h5", SMALL_PATCHES, annotation=annotation,
+                        slide_label=1, progress=False)
+    assert check_bag(result.bag_path, deep=True) == result.n_patches
+    with h5py.File(result.bag_path, "r") as f:
+        labels, coords = f["labels"], f["coords"][()]
+        step = int(f["coords"].attrs["patch_size_level0"])
+        assert labels.dtype == np.float32 and labels.shape == (len(coords),)
+        assert labels.attrs["source"] == "annotation" and labels.attrs["threshold"] == 0.5
+        assert f.attrs["mpp_source"] == "file" and f.attrs["format_version"] == 2
+        fractions = labels[()]
+    # The annotation as written (coordinates rounded to 0.01 px), read here by shapely alone.
+    tumour = shapely.union_all([shapely.geometry.shape(f["geometry"]) for f in
+                                json.loads(annotation.read_text())["features"]])
+    expected = [shapely.box(x, y, x + step, y + step).intersection(tumour).area / step ** 2
+                for x, y in coords]
+    np.testing.assert_allclose(fractions, expected, atol=1e-6)
+    assert (fractions >= 0.5).sum() >= 5 and (fractions == 0).sum() >= 5  # both kinds exist
+    assert ((fractions > 0) & (fractions < 1)).any()  # and patches on the border
+
+
+def test_weak_labels_no_labels_and_user_mpp(tumour_slide, tmp_path):
+    slide, _ = tumour_slide
+    weak = tile_slide(slide.path, tmp_path / "w.h5", SMALL_PATCHES, slide_label=1,
+                      progress=False)
+    none = tile_slide(slide.path, tmp_path / "n.h5", replace(SMALL_PATCHES, slide_mpp=0.25),
+                      progress=False)
+    with h5py.File(weak.bag_path, "r") as f:
+        labels = read_labels(f)
+        assert labels.source == "slide" and (labels.values == 1).all()
+        assert len(labels.values) == weak.n_patches
+    with h5py.File(none.bag_path, "r") as f:
+        assert "labels" not in f and f.attrs["mpp_source"] == "user"
+    with pytest.raises(SlideError, match="slide label must be 0 or 1, got 2"):
+        tile_slide(slide.path, tmp_path / "x.h5", SMALL_PATCHES, slide_label=2, progress=False)

@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 import yaml
 
-from wsi.bag import check_bag
+from wsi.bag import check_bag, read_labels
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
@@ -41,6 +42,10 @@ def test_snakemake_runs_the_demo_workflow_on_a_tiny_cohort(tmp_path):
         for row in rows:
             bag = out / "preprocessed" / hospital / "bags" / f"{row['slide_id']}.h5"
             assert check_bag(bag) == int(row["n_patches"]) > 0
+            with h5py.File(bag, "r") as f:  # labels.csv names each slide's annotation
+                labels = read_labels(f)
+            assert labels.source == "annotation"
+            assert labels.tumour.any() == (row["label"] == "1")
     assert not (out / "preprocessed" / "hospital_c").exists()
     again = subprocess.run([*command, "-n"], cwd=REPO, env=env, capture_output=True, text=True)
     assert "Nothing to be done" in again.stdout + again.stderr

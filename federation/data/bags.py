@@ -11,7 +11,8 @@ documented layout itself:
 - version 2 adds ``labels`` float32 ``(N,)``, the tumour-area fraction of each patch, with
   attributes ``source`` (``annotation``, or ``slide`` for weak labels copied from the slide
   label) and ``threshold`` (a patch is tumour when its fraction is at least this), and
-  per-patch ``checksums`` (CRC-32 of each stored patch's bytes), which this reader verifies.
+  per-patch ``checksums`` (CRC-32 of each stored patch's bytes: the JPEG file, or the
+  deflate chunk's zlib stream), which this reader verifies before decoding.
 
 A bag is read lazily: ``BagIndex`` holds a slide's metadata and patch labels (a few bytes
 per patch), and ``BagReader`` decodes the patches asked for, keeping a bounded number of
@@ -173,36 +174,39 @@ class BagReader:
         """Patches ``indices`` of the bag at ``path`` as uint8 ``(k, 3, P, P)``, in the order
         given; checksums (format version 2) are verified."""
         f = self._file(path)
-        indices = np.asarray(indices, np.int64)
-        order = np.argsort(indices, kind="stable")
-        ascending = indices[order]
-        unique, inverse = np.unique(ascending, return_inverse=True)
+        unique, inverse = np.unique(np.asarray(indices, np.int64), return_inverse=True)
         patches = f["patches"]
-        stored = patches[unique] if len(unique) else patches[0:0]
+        encoding = patches.attrs["encoding"]
         checksums = f["checksums"][unique] if "checksums" in f else None
         decoded = []
-        for position, data in enumerate(stored):
-            stored_crc = zlib.crc32(np.ascontiguousarray(data).tobytes())
-            if checksums is not None and stored_crc != int(checksums[position]):
-                raise BagFormatError(path, f"patch {int(unique[position])} is corrupt "
-                                               "(checksum mismatch)")
-            decoded.append(self._decode(path, patches.attrs["encoding"], data,
-                                        int(unique[position])))
+        for position, index in enumerate(unique.tolist()):
+            stored = self._stored_bytes(patches, encoding, index)
+            if checksums is not None and zlib.crc32(stored) != int(checksums[position]):
+                raise BagFormatError(path, f"patch {index} is corrupt (checksum mismatch)")
+            decoded.append(self._decode(path, patches, encoding, stored, index))
         if not decoded:
             size = int(patches.attrs["patch_size"])
             return torch.empty((0, 3, size, size), dtype=torch.uint8)
-        stacked = torch.stack(decoded)[torch.from_numpy(inverse)]
-        result = torch.empty_like(stacked)
-        result[torch.from_numpy(order)] = stacked
-        return result
+        return torch.stack(decoded)[torch.from_numpy(inverse.reshape(-1))]
 
     @staticmethod
-    def _decode(path: Path, encoding: str, data: np.ndarray, index: int) -> torch.Tensor:
+    def _stored_bytes(patches: h5py.Dataset, encoding: str, index: int) -> bytes:
+        """Patch ``index`` as stored: a JPEG file, or the chunk's zlib stream (deflate), the
+        bytes its checksum covers."""
         if encoding == "deflate":
-            return torch.from_numpy(np.ascontiguousarray(data)).permute(2, 0, 1)
+            return patches.id.read_direct_chunk((index, 0, 0, 0))[1]
+        return patches[index].tobytes()
+
+    @staticmethod
+    def _decode(path: Path, patches: h5py.Dataset, encoding: str, stored: bytes,
+                index: int) -> torch.Tensor:
         try:
-            return decode_jpeg(torch.from_numpy(data))
-        except RuntimeError as error:
+            if encoding == "deflate":
+                size = int(patches.attrs["patch_size"])
+                pixels = np.frombuffer(zlib.decompress(stored), np.uint8)
+                return torch.from_numpy(pixels.reshape(size, size, 3).copy()).permute(2, 0, 1)
+            return decode_jpeg(torch.frombuffer(bytearray(stored), dtype=torch.uint8))
+        except (RuntimeError, zlib.error, ValueError) as error:
             raise BagFormatError(path, f"patch {index} does not decode ({error})") from None
 
     def close(self) -> None:
