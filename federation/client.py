@@ -83,6 +83,7 @@ class LocalModel:
         self.name = name
         self.module = module
         self.data = data
+        self.device = next(module.parameters()).device
         self.flat = FlatParameters(module, name)
         self.optimizer = optimizer(module.parameters(), lr, weight_decay)
         self.batch_size = min(batch_size, data.num_units)
@@ -106,10 +107,14 @@ class LocalModel:
         return self.privacy is not None and self.privacy.budget_exhausted
 
     def batches(self) -> Iterator[Batch]:
-        """One epoch of training batches: Poisson-sampled units with DP, else a shuffled pass."""
+        """One epoch of training batches, on the model's device: Poisson-sampled units with
+        DP, else a shuffled pass."""
         if self.privacy is not None:
-            return self.data.sampled(self.privacy.batch_sampler, self._order)
-        return self.data.epoch(self.batch_size, self._order)
+            batches = self.data.sampled(self.privacy.batch_sampler, self._order)
+        else:
+            batches = self.data.epoch(self.batch_size, self._order)
+        for batch in batches:
+            yield Batch(*(None if t is None else t.to(self.device) for t in batch))
 
     def step(self, per_sample_loss: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         """One update from a per-row loss vector: DP-SGD for a DP model (each privacy unit of
@@ -186,8 +191,9 @@ def build_model(
     role: ModelRole,
     client: int,
     data: ClientData,
+    device: torch.device,
 ) -> LocalModel:
-    """The ``LocalModel`` named ``name`` of ``client``, built as ``role`` says."""
+    """The ``LocalModel`` named ``name`` of ``client`` on ``device``, built as ``role`` says."""
     init_seed = (derive_seed(config.seed, "init", name) if role.common_init
                  else derive_seed(config.seed, "init", name, client))
     module = create_model(
@@ -195,7 +201,7 @@ def build_model(
         num_classes=data.num_classes,
         seed=init_seed,
         **data.model_options(),
-    )
+    ).to(device)
     dp = config.dp if role.trains_with_dp and config.dp.enabled else None
     return LocalModel(
         name,

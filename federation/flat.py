@@ -50,11 +50,12 @@ class FlatParameters:
         dtypes = {p.dtype for p in self._params}
         if len(dtypes) != 1:
             raise TypeError(f"{name}: parameters mix dtypes {sorted(map(str, dtypes))}")
-        devices = {p.device.type for p in self._params}
-        if devices != {"cpu"}:
-            raise ValueError(f"{name}: parameters must be on the CPU, found {sorted(devices)}")
+        devices = {p.device for p in self._params}
+        if len(devices) != 1:
+            raise ValueError(f"{name}: parameters lie on several devices "
+                             f"{sorted(map(str, devices))}")
         self.numel = sum(p.numel() for p in self._params)
-        self._buffer = torch.empty(self.numel, dtype=dtypes.pop())
+        self._buffer = torch.empty(self.numel, dtype=dtypes.pop(), device=devices.pop())
         offset = 0
         with torch.no_grad():
             for p in self._params:
@@ -75,12 +76,19 @@ class FlatParameters:
         self._check_bound()
         return self._buffer
 
+    def host(self) -> torch.Tensor:
+        """The parameters in host memory, which is what MPI sends: the flat buffer itself for a
+        model on the CPU (no copy), a copy for a model on an accelerator."""
+        return self.pack().cpu()
+
     @torch.no_grad()
     def unpack(self, buffer: torch.Tensor) -> None:
-        """Copy ``buffer`` into the parameters in place, keeping the same ``Parameter`` objects."""
+        """Copy ``buffer`` into the parameters in place, keeping the same ``Parameter`` objects
+        (nothing to copy when ``buffer`` is the flat buffer itself)."""
         self._check_bound()
         self.check(buffer)
-        self._buffer.copy_(buffer.reshape(-1))
+        if buffer.data_ptr() != self._buffer.data_ptr():
+            self._buffer.copy_(buffer.reshape(-1))
 
     def check(self, buffer: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``buffer`` has exactly this model's number of elements."""

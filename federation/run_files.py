@@ -49,7 +49,8 @@ PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit")
 #
 # EXECUTION_KEYS: how and where a run executes, not what it computes. The benchmark runner
 # counts a finished run as done although these differ from what it plans now.
-EXECUTION_KEYS = frozenset({"backend", "threads", "checkpoint_every", "output_dir"})
+EXECUTION_KEYS = frozenset({"backend", "threads", "device", "checkpoint_every", "output_dir",
+                            "slides.workers"})
 # RESUMABLE_CHANGES: what may differ between a run and its resumption (``outputs``, on
 # ``--resume``): how it executes, and for how long. output_dir is where the run is found.
 RESUMABLE_CHANGES = (EXECUTION_KEYS - {"output_dir"}) | {"rounds"}

@@ -70,13 +70,23 @@ def test_unpack_rejects_a_buffer_of_the_wrong_size() -> None:
         flat.unpack(torch.zeros(10))
 
 
-def test_mixed_dtypes_and_non_cpu_parameters_are_refused() -> None:
+def test_mixed_dtypes_and_mixed_devices_are_refused() -> None:
     model = _mlp(0)
     model[2].double()
     with pytest.raises(TypeError, match="mix dtypes"):
         FlatParameters(model)
-    with pytest.raises(ValueError, match=r"must be on the CPU, found \['meta'\]"):
-        FlatParameters(nn.Linear(3, 2, device="meta"))
+    mixed = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2, device="meta"))
+    with pytest.raises(ValueError, match=r"several devices \['cpu', 'meta'\]"):
+        FlatParameters(mixed)
+
+
+def test_host_is_the_buffer_itself_on_the_cpu_and_unpacking_it_keeps_the_values() -> None:
+    model = _mlp(0)
+    flat = FlatParameters(model)
+    assert flat.host().data_ptr() == flat.pack().data_ptr()
+    before = flat.pack().clone()
+    flat.unpack(flat.host())
+    assert torch.equal(flat.pack(), before)
 
 
 @pytest.mark.parametrize(

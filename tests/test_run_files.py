@@ -7,15 +7,15 @@ import pytest
 from federation import run_files
 
 
-def test_key_sets_say_what_they_did_before_they_shared_a_module():
-    assert sorted(run_files.EXECUTION_KEYS) == ["backend", "checkpoint_every", "output_dir",
-                                                "threads"]
-    assert sorted(run_files.RESUMABLE_CHANGES) == ["backend", "checkpoint_every", "rounds",
-                                                   "threads"]
+def test_key_sets_name_how_a_run_executes_and_what_runs_compare():
+    execution = ["backend", "checkpoint_every", "device", "output_dir", "slides.workers",
+                 "threads"]
+    assert sorted(run_files.EXECUTION_KEYS) == execution
+    assert sorted(run_files.RESUMABLE_CHANGES) == sorted(
+        {*execution, "rounds"} - {"output_dir"})
     assert sorted(run_files.RUNNER_KEYS) == ["algorithm", "backend", "output_dir", "seed"]
-    assert sorted(run_files.RUN_ONLY_KEYS) == ["algorithm", "backend", "checkpoint_every",
-                                               "data.root", "eval_every", "output_dir", "seed",
-                                               "threads"]
+    assert sorted(run_files.RUN_ONLY_KEYS) == sorted(
+        {*execution, "algorithm", "seed", "data.root", "eval_every"})
 
 
 def test_flatten_config_gives_dotted_keys():

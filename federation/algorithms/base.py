@@ -42,6 +42,7 @@ from federation.client import (
 from federation.comm import Communicator
 from federation.config import FederationConfig
 from federation.data import ClientData
+from federation.devices import resolve_device
 from federation.topology import Topology, make_topology
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,10 @@ class Algorithm(ABC):
         self.config = config
         self.comm = comm
         self.stopwatch = Stopwatch()
+        self.device = resolve_device(config.device)
         self.clients = {
-            c: Client(c, data[c], {name: build_model(config, name, role, c, data[c])
+            c: Client(c, data[c], {name: build_model(config, name, role, c, data[c],
+                                                     self.device)
                                    for name, role in self.roles.items()})
             for c in comm.owned
         }
@@ -171,14 +174,14 @@ class Algorithm(ABC):
         models received (and of itself, with ``keep_own``): push-averaging,
         x_i ← (x_i + Σ_{j→i} x_j) / (1 + |{j→i}|), or with ``keep_own=False`` adoption of the
         received model (cyclic transfer)."""
-        outgoing = {c: client.models[name].flat.pack() for c, client in self.clients.items()}
+        outgoing = {c: client.models[name].flat.host() for c, client in self.clients.items()}
         send_to, recv_from = topology.routes(self.comm.owned, round)
         with self.stopwatch("communication"):
             received = self.comm.exchange(outgoing, send_to, recv_from)
         for c, buffers in received.items():
             if not buffers:
                 continue
-            own = outgoing[c]  # the model's own parameters: updated in place
+            own = outgoing[c]  # the model's own parameters (on the CPU: updated in place)
             if keep_own:
                 for buffer in buffers:
                     own.add_(buffer)
@@ -188,6 +191,7 @@ class Algorithm(ABC):
                 for buffer in buffers[1:]:
                     own.add_(buffer)
                 own.div_(len(buffers))
+            self.clients[c].models[name].flat.unpack(own)  # a no-op copy for a CPU model
 
     @torch.no_grad()
     def weighted_average(self, name: str, weights: dict[int, float]) -> None:
@@ -195,7 +199,7 @@ class Algorithm(ABC):
         in one allreduce of [w_k x_k, w_k]; a client outside the average passes w_k = 0. If
         every weight is zero the models stay as they are."""
         local = {
-            c: _with_count(client.models[name].flat.pack(), weights[c])
+            c: _with_count(client.models[name].flat.host(), weights[c])
             for c, client in self.clients.items()
         }
         with self.stopwatch("communication"):

@@ -71,7 +71,7 @@ class Joint(Algorithm):
                     gradient = (total[:-1] / total[-1]).to(torch.float32)
                     for client in self.clients.values():
                         model = client.models["shared"]
-                        _set_gradient(model.module, gradient.clone())
+                        _set_gradient(model.module, gradient.to(model.device, copy=True))
                         model.optimizer.step()
         return {c: {"shared": loss / count} for c, (loss, count) in totals.items() if count}
 
@@ -87,14 +87,16 @@ class Joint(Algorithm):
         parameters = list(module.parameters())
         if batch is None:
             return torch.zeros(sum(p.numel() for p in parameters) + 1, dtype=torch.float64)
-        x, y, _ = batch
+        device = next(module.parameters()).device
+        x, y = batch.inputs.to(device), batch.labels.to(device)
         loss = F.cross_entropy(module(x), y, reduction="sum")
         loss.backward()
         total[0] += float(loss.detach())
         total[1] += len(y)
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
                  for p in parameters]
-        return torch.cat([*grads, torch.tensor([float(len(y))])]).to(torch.float64)
+        return torch.cat([*(g.cpu() for g in grads), torch.tensor([float(len(y))])]).to(
+            torch.float64)
 
 
 def _set_gradient(module: nn.Module, flat: torch.Tensor) -> None:

@@ -75,10 +75,12 @@ class ImageClientData(ClientData):
     def evaluate(self, module: nn.Module) -> dict[str, float]:
         """Accuracy and mean cross-entropy on the test set, in as few passes as fit memory."""
         module.eval()
+        device = next(module.parameters()).device
         inputs, labels = self.test.tensors
         correct, loss = 0, 0.0
         for start in range(0, len(labels), _EVAL_CHUNK):
-            x, y = inputs[start:start + _EVAL_CHUNK], labels[start:start + _EVAL_CHUNK]
+            x = inputs[start:start + _EVAL_CHUNK].to(device)
+            y = labels[start:start + _EVAL_CHUNK].to(device)
             logits = module(x)
             correct += int((logits.argmax(1) == y).sum())
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
