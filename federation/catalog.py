@@ -115,6 +115,8 @@ MODELS = Registry("model", {
     "lenet5": "federation.models:lenet5",
     "cnn1": "federation.models:cnn1",
     "cnn2": "federation.models:cnn2",
+    "patch_cnn": "federation.models:patch_cnn",
+    "patch_cnn_small": "federation.models:patch_cnn_small",
     "attention_mil": "federation.models:attention_mil",
 })
 

@@ -32,7 +32,7 @@ from federation import catalog
 from federation.config import DPConfig, FederationConfig
 from federation.data import Batch, ClientData
 from federation.flat import FlatParameters
-from federation.models import create_model
+from federation.models import create_model, load_pretrained
 from federation.privacy import PrivateTraining
 from federation.seeds import derive_seed
 
@@ -201,7 +201,10 @@ def build_model(
         num_classes=data.num_classes,
         seed=init_seed,
         **data.model_options(),
-    ).to(device)
+    )
+    if role.architecture == "private" and config.model.weights is not None:
+        load_pretrained(module, config.model.weights)
+    module = module.to(device)
     dp = config.dp if role.trains_with_dp and config.dp.enabled else None
     return LocalModel(
         name,

@@ -155,10 +155,13 @@ class SlidesConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """Architectures by registry name (``federation.models``): the private model, and the proxy,
-    which is also the architecture of the model the baselines share."""
+    which is also the architecture of the model the baselines share. ``weights``: a local file
+    of pretrained weights for the private architecture (nothing is downloaded; parameters
+    whose names and shapes match are loaded, the rest keep their random initialisation)."""
 
     private: str = _setting("mlp", _model_name)
     proxy: str = _setting("mlp", _model_name)
+    weights: str | None = None
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,16 @@ from torch import nn
 
 from federation.models import (
     FreshOutput,
+    ModelOptionsError,
     UnknownModelError,
     available_models,
     create_model,
     group_norm_groups,
+    load_pretrained,
     replace_batchnorm_with_groupnorm,
 )
 
-IMAGE_MODELS = ["mlp", "lenet5", "cnn1", "cnn2", "timm:resnet18"]
+IMAGE_MODELS = ["mlp", "lenet5", "cnn1", "cnn2", "patch_cnn", "timm:resnet18"]
 INPUTS = {"mnist": (1, 28), "cifar": (3, 32)}
 
 
@@ -108,8 +110,36 @@ def test_unknown_model_lists_the_available_ones():
 
 
 def test_unknown_option_names_the_accepted_ones():
-    with pytest.raises(TypeError, match="in_features; it takes: in_channels, image_size"):
+    with pytest.raises(ModelOptionsError, match=r"in_features \(it takes: in_channels, image_size"):
         create_model("mlp", num_classes=2, in_features=4)
+    # A model of feature vectors asked to take patches: a one-line ValueError, not a traceback
+    with pytest.raises(ValueError, match="'attention_mil' does not take option.s. image_size"):
+        create_model("attention_mil", num_classes=2, in_channels=3, image_size=64)
+
+
+def test_patch_cnn_classifies_any_patch_size_with_its_documented_size():
+    model = create_model("patch_cnn", num_classes=2, in_channels=3, image_size=64, seed=0)
+    assert sum(p.numel() for p in model.parameters()) == 23_938
+    small = create_model("patch_cnn_small", num_classes=2, seed=0)
+    assert sum(p.numel() for p in small.parameters()) == 6_210
+    for side in (32, 64, 96):
+        assert model(torch.randn(2, 3, side, side)).shape == (2, 2)
+
+
+def test_pretrained_weights_load_where_names_and_shapes_match(tmp_path):
+    source = create_model("patch_cnn", num_classes=5, seed=1)  # another head size
+    path = tmp_path / "pretrained.pt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    target = create_model("patch_cnn", num_classes=2, seed=2)
+    head_before = target[-1].weight.clone()
+    load_pretrained(target, path)
+    assert torch.equal(target[0].weight, source[0].weight)
+    assert torch.equal(target[-1].weight, head_before)  # 5-class head does not fit: kept
+    torch.save({"unrelated": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match="no parameter matches"):
+        load_pretrained(target, path)
+    with pytest.raises(FileNotFoundError, match="missing.pt: pretrained weights not found"):
+        load_pretrained(target, tmp_path / "missing.pt")
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
