@@ -324,13 +324,14 @@ class Mechanism:
     grad-sample mode whose ``DPOptimizer`` adds the noise ("ghost": noise on ``.grad``,
     which already holds the clipped sum; "hooks": clip ``.grad_sample`` first); backward
     (handle, optimizer, per-sample loss, groups) leaves the clipped sum for that optimizer,
-    clipping per row or, given ``Groups``, per group of rows — or refuses groups it cannot
-    clip with a ``ValueError``.
+    clipping per row or, given ``Groups``, per group of rows. ``clips_groups`` False: the
+    mechanism clips rows only, and is never handed groups of more than one row.
     """
 
     attach: Callable[[nn.Module, float], ClippingHandle]
     optimizer_mode: str
     backward: Callable[[ClippingHandle, DPOptimizer, torch.Tensor, Groups | None], None]
+    clips_groups: bool
 
 
 def _attach_opacus(mode: str) -> Callable[[nn.Module, float], GradSampleHooks]:
@@ -354,12 +355,8 @@ def _attach_opacus(mode: str) -> Callable[[nn.Module, float], GradSampleHooks]:
 def _backward_ghost(
     hooks: GradSampleHooks, optimizer: DPOptimizer, loss: torch.Tensor, groups: Groups | None
 ) -> None:
-    # opacus' ghost clipping clips each row; one row per group is the same thing.
-    if groups is not None and not groups.trivial:
-        raise ValueError(
-            "mechanism 'ghost' clips each row alone and cannot clip groups of rows; "
-            "use 'bookkeeping' or 'hooks'"
-        )
+    # opacus' ghost clipping clips each row; groups reach it only as one row per group,
+    # which is the same thing.
     DPTensorFastGradientClipping(hooks, optimizer, loss, loss_reduction="mean").backward()
 
 
@@ -385,9 +382,9 @@ def _backward_bookkeeping(
 
 
 MECHANISMS: dict[str, Mechanism] = {
-    "bookkeeping": Mechanism(BookkeepingClipping, "ghost", _backward_bookkeeping),
-    "ghost": Mechanism(_attach_opacus("ghost"), "ghost", _backward_ghost),
-    "hooks": Mechanism(_attach_opacus("hooks"), "hooks", _backward_hooks),
+    "bookkeeping": Mechanism(BookkeepingClipping, "ghost", _backward_bookkeeping, True),
+    "ghost": Mechanism(_attach_opacus("ghost"), "ghost", _backward_ghost, False),
+    "hooks": Mechanism(_attach_opacus("hooks"), "hooks", _backward_hooks, True),
 }
 
 
@@ -448,12 +445,12 @@ class PrivateTraining:
             training.backward(per_sample_loss(model(x), y))   # shape (len(x),)
             training.step()
 
+    then once per round ``training.epsilon()`` and ``training.budget_exhausted``.
+
     For slide-level DP, ``dataset`` and ``batch_size`` count slides (the loader samples
     slides; ``batch_size`` is the expected slides per step, which divides the noisy sum),
     and each batch's patches come with their slide index:
     ``training.backward(per_sample_loss(model(x), y), groups=slide_of_patch)``.
-
-    then once per round ``training.epsilon()`` and ``training.budget_exhausted``.
     """
 
     def __init__(
@@ -542,8 +539,9 @@ class PrivateTraining:
         at least once: each unit's *summed* gradient Σ_{i∈s} ∇loss_i is clipped to C
         (user-level DP, McMahan et al., arXiv 1710.06963), and the step's noise and its
         divisor, ``expected_batch_size``, are then in units (expected slides per step).
-        Each entry must depend on its own row only, and on this model's parameters only
-        through this model (detach other models' outputs)."""
+        Each entry must depend on its own unit's rows only (its own row, without groups),
+        and on this model's parameters only through this model (detach other models'
+        outputs); within a slide, rows may interact (e.g. pooling over its patches)."""
         if per_sample_loss.dim() != 1:
             raise ValueError(
                 f"PrivateTraining.backward: expected a per-sample loss vector, "
@@ -552,6 +550,12 @@ class PrivateTraining:
         units = None
         if groups is not None:
             units = Groups(groups, len(per_sample_loss), per_sample_loss.device)
+            if not (units.trivial or self._mechanism.clips_groups):
+                alternatives = [name for name, m in MECHANISMS.items() if m.clips_groups]
+                raise ValueError(
+                    f"mechanism {self.settings.mechanism!r} clips each row alone and cannot "
+                    f"clip groups of rows; use {' or '.join(map(repr, alternatives))}"
+                )
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)

@@ -18,7 +18,11 @@ from privacy_reference import (
 from federation.models import create_model
 from federation.privacy import MECHANISMS, PrivateTraining
 
-GROUPING = ["bookkeeping", "hooks"]  # the mechanisms that clip groups of rows
+GROUPING = sorted(name for name, mechanism in MECHANISMS.items() if mechanism.clips_groups)
+
+
+def test_every_mechanism_but_ghost_clips_groups():
+    assert GROUPING == ["bookkeeping", "hooks"]
 
 # Patch counts per slide: unequal, one single-patch slide, and a largest slide of 9 so that
 # both halves of bookkeeping's linear-layer rule run (2·9² = 162 against d_in·d_out).
@@ -93,6 +97,34 @@ def test_clipped_sum_is_the_per_slide_reference(mechanism, model_name):
 
     grad = _clipped_grad(build, mechanism, x, y, groups, clip, expected_slides)
     torch.testing.assert_close(grad, reference, rtol=1e-10, atol=1e-12)
+
+
+def _pooled_loss(logits: torch.Tensor, y: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per-patch CE of the patch's logits plus its slide's mean logits: rows of one slide
+    interact, as in slide-level pooling, but never rows of two slides."""
+    slides = int(groups.max()) + 1
+    counts = torch.bincount(groups, minlength=slides).clamp(min=1)
+    means = logits.new_zeros(slides, logits.shape[1]).index_add(0, groups, logits)
+    return F.cross_entropy(logits + (means / counts[:, None])[groups], y, reduction="none")
+
+
+@pytest.mark.parametrize("mechanism", GROUPING)
+def test_rows_of_a_slide_may_interact(mechanism):
+    build, shape = MODELS["gn_cnn"]
+    groups = _slides(PATCHES_PER_SLIDE, seed=2)
+    x, y = _batch(shape, len(groups))
+    per_slide = unit_grads(
+        build().double(),
+        lambda model, rows: _pooled_loss(model(x[rows]), y[rows], groups[rows]),
+        groups,
+    )
+    clip = per_slide.norm(dim=1).median().item()
+    model = build().double()
+    training = private_training(model, images(20, 0), mechanism=mechanism, clip=clip, batch_size=5)
+    training.backward(_pooled_loss(model(x), y, groups), groups)
+    training.step()
+    reference = clipped_sum(per_slide, clip) / 5
+    torch.testing.assert_close(flat_grad(model), reference, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("mechanism", sorted(MECHANISMS))
