@@ -303,6 +303,7 @@ def test_bench_reports_every_mechanism():
 
     args = argparse.Namespace(
         model="mlp",
+        classes=10,
         in_channels=1,
         image_size=28,
         records=40,
@@ -324,3 +325,32 @@ def test_bench_reports_every_mechanism():
     assert set(report["cpu_ms_per_step"]["median"]) == {"no_dp", *MECHANISMS}
     assert report["epsilon_steps_in_history"] == 8
     assert report["epsilon_ms_per_call"]["epsilon_from_history"] > 0
+
+
+def test_bench_reports_slide_level_clipping():
+    from federation.bench_dp import run_slides
+
+    args = argparse.Namespace(
+        model="cnn1",
+        classes=2,
+        in_channels=3,
+        image_size=16,
+        slides=2,
+        patches_per_slide=3,
+        threads=1,
+        device="cpu",
+        steps=1,
+        warmup=1,
+        repeats=1,
+        seed=0,
+    )
+    threads = torch.get_num_threads()
+    try:
+        report = run_slides(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(report["cpu_ms_per_step"]["ratio_to_no_dp_median"]) == {
+        *(f"{name}_per_patch" for name in MECHANISMS),
+        *(f"{name}_per_slide" for name, mechanism in MECHANISMS.items() if mechanism.clips_groups),
+    }
+    assert report["setting"]["patches"] == 6

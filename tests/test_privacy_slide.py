@@ -14,6 +14,7 @@ from privacy_reference import (
     small_gn_cnn,
     unit_grads,
 )
+from torch import nn
 
 from federation.models import create_model
 from federation.privacy import MECHANISMS, PrivateTraining
@@ -24,15 +25,33 @@ GROUPING = sorted(name for name, mechanism in MECHANISMS.items() if mechanism.cl
 def test_every_mechanism_but_ghost_clips_groups():
     assert GROUPING == ["bookkeeping", "hooks"]
 
+
 # Patch counts per slide: unequal, one single-patch slide, and a largest slide of 9 so that
 # both halves of bookkeeping's linear-layer rule run (2·9² = 162 against d_in·d_out).
 PATCHES_PER_SLIDE = [3, 1, 9, 4, 2, 6]
+
+
+def _conv_options() -> nn.Module:
+    """Convolutions with padding (zeros, "same", reflect), stride, dilation, channel groups."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, dilation=2, groups=2),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding="same"),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.Flatten(),
+        nn.Linear(4 * 10 * 10, 2),
+    )
+
 
 MODELS = {
     # Linear(784, 16): ghost norm of the group sequence; Linear(16, 10): per-group gradient
     "mlp": (lambda: create_model("mlp", num_classes=2, hidden=(16,), seed=1), (1, 28, 28)),
     # Conv2d + GroupNorm (segment-summed per-row gradients) + Linear
     "gn_cnn": (small_gn_cnn, (1, 28, 28)),
+    "conv_options": (_conv_options, (1, 28, 28)),
     # the patch CNN proxy: Conv2d, Linear(576, 64) ghost, Linear(64, 2) per-group gradient
     "cnn1": (
         lambda: create_model("cnn1", num_classes=2, in_channels=3, image_size=32, seed=1),
@@ -76,8 +95,24 @@ def _row_loss(x: torch.Tensor, y: torch.Tensor):
     return lambda model, rows: F.cross_entropy(model(x[rows]), y[rows], reduction="none")
 
 
-@pytest.mark.parametrize("model_name", sorted(MODELS))
-@pytest.mark.parametrize("mechanism", GROUPING)
+# opacus' per-row convolution rule pads with zeros whatever the layer's padding_mode
+OPACUS_CONV_PADDING = pytest.mark.xfail(
+    reason="opacus' conv grad sampler ignores padding_mode", strict=True
+)
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "model_name"),
+    [
+        pytest.param(
+            mechanism,
+            name,
+            marks=OPACUS_CONV_PADDING if (mechanism, name) == ("hooks", "conv_options") else (),
+        )
+        for mechanism in GROUPING
+        for name in sorted(MODELS)
+    ],
+)
 def test_clipped_sum_is_the_per_slide_reference(mechanism, model_name):
     """σ = 0: the gradient is Σ_s min(1, C/‖G_s‖)·G_s / B with G_s the gradient of slide s's
     summed loss, from one backward per slide. In float64, so that summation order cannot
@@ -218,4 +253,3 @@ def test_a_batch_without_slides_is_a_noise_only_step(mechanism):
     assert torch.isfinite(grad).all()
     assert grad.std().item() == pytest.approx(training.noise_std, rel=0.05)
     assert training.steps_taken == 1
-
