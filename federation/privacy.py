@@ -154,8 +154,10 @@ class Groups:
         self.index = index
         self.count = len(counts)
         self.largest = int(counts.max()) if rows else 0
-        # the rows sorted by unit, for split(), and each row's slot within its unit, for the
-        # padded (unit, slot, ...) layout of pad()
+        # the rows sorted by unit, for split() (a loader that keeps a slide's patches together
+        # needs no reordering), and each row's slot within its unit, for the padded
+        # (unit, slot, ...) layout of pad()
+        self._sorted = bool((index[1:] >= index[:-1]).all())
         self._order = torch.argsort(index, stable=True)
         self._sizes = counts.tolist()
         starts = counts.cumsum(0) - counts
@@ -176,7 +178,8 @@ class Groups:
 
     def split(self, per_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(N, ...) → S tensors, unit s's rows."""
-        return per_row[self._order].split(self._sizes)
+        rows = per_row if self._sorted else per_row.index_select(0, self._order)
+        return rows.split(self._sizes)
 
     def pad(self, per_row: torch.Tensor) -> torch.Tensor:
         """(N, ...) → (S, largest, ...): each unit's rows side by side, zero-padded."""
