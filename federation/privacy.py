@@ -44,9 +44,9 @@ per-slide loop). ``bookkeeping`` takes each slide's gradient norm layer by layer
 each patch by its slide's factor; ``hooks`` sums opacus' per-patch gradients per slide
 before opacus clips them; ``ghost`` clips rows only and refuses slides of several patches.
 On a patch CNN (cnn1, 8 slides × 16 patches of 3×64×64, one thread, ``bench_dp --slides``)
-per-slide bookkeeping took ~1.7× the CPU time of a non-private step, hooks ~3.6× (median
-of five repeats on a shared machine). Sampling slides and bounding k is the loader's job,
-not this module's.
+per-slide bookkeeping took 1.7-2.0× the CPU time of a non-private step, hooks 3.6-4.2×
+(medians of five repeats, three runs on a loaded, shared machine). Sampling slides and
+bounding k is the loader's job, not this module's.
 
 Loss reduction is the mean over the *expected* batch size B = q·n, as in opacus'
 ``loss_reduction="mean"``: the step's gradient is (Σ_i clip(g_i) + N(0, σ²C²I)) / B, so the
