@@ -12,6 +12,13 @@ steps; median and minimum over repeats; wall-clock time, and this thread's CPU t
 other processes' load inflates far less), their ratios to no DP, and the cost of one ε evaluation
 after a 300-round run's steps with opacus' accountant and with ours — what evaluating ε
 inside every step, as opposed to once per round, would add to each step.
+
+With ``--slides S`` it times slide-level DP instead: one batch of S slides × k patches
+(``--patches-per-slide``), each step on that same batch (the slide loader is not part of
+the timing), without DP, with per-patch clipping (``groups=None``) for every mechanism, and
+with per-slide clipping (``groups`` = each patch's slide) for every mechanism that clips
+groups. The patch-classifier setting: ``python -m federation.bench_dp --slides 8
+--patches-per-slide 16 --model cnn1 --in-channels 3 --image-size 64 --classes 2``.
 """
 
 from __future__ import annotations
@@ -31,13 +38,17 @@ from federation.config import DPConfig
 from federation.models import create_model
 from federation.privacy import MECHANISMS, PrivateTraining, epsilon_from_history
 
+# a slide-level client for the per-slide case: slides held, of which a batch is the expected
+# number per step (the sampling rate changes the noise, not the cost)
+SLIDES_PER_CLIENT = 64
+
 StepFn = Callable[[], None]
 
 
-def _dataset(n: int, image_size: int, in_channels: int, seed: int) -> TensorDataset:
-    rng = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, in_channels, image_size, image_size, generator=rng)
-    labels = torch.randint(0, 10, (n,), generator=rng)
+def _dataset(args: argparse.Namespace, n: int) -> TensorDataset:
+    rng = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(n, args.in_channels, args.image_size, args.image_size, generator=rng)
+    labels = torch.randint(0, args.classes, (n,), generator=rng)
     return TensorDataset(images, labels)
 
 
@@ -49,7 +60,7 @@ def _endless(batches: Iterable) -> Iterator:
 def _model(args: argparse.Namespace) -> torch.nn.Module:
     return create_model(
         args.model,
-        num_classes=10,
+        num_classes=args.classes,
         in_channels=args.in_channels,
         image_size=args.image_size,
         seed=args.seed,
@@ -154,16 +165,10 @@ def _epsilon_costs(steps_in_run: int, sample_rate: float, calls: int) -> dict[st
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
-    """Measure and return the JSON-ready results."""
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dataset = _dataset(args.records, args.image_size, args.in_channels, args.seed)
-    variants: dict[str, Callable[[], StepFn]] = {
-        "no_dp": lambda: _plain_step(args, dataset, device)
-    }
-    for name in MECHANISMS:
-        variants[name] = lambda name=name: _private_step(args, dataset, device, name)
+def _time_variants(
+    variants: dict[str, Callable[[], StepFn]], args: argparse.Namespace, device: torch.device
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Summaries of wall and CPU ms per step of each variant, ``args.repeats`` times each."""
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved, so load from other processes hits all alike
@@ -171,31 +176,126 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             wall_ms, cpu_ms = _time_steps(build(), args.steps, args.warmup, device)
             wall[name].append(wall_ms)
             cpu[name].append(cpu_ms)
+    return _summary(wall), _summary(cpu)
+
+
+def _setting(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+    return {
+        "model": args.model,
+        "classes": args.classes,
+        "input": [args.in_channels, args.image_size, args.image_size],
+        "threads": args.threads,
+        "device": str(device),
+        "steps_timed": args.steps,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "opacus": opacus.__version__,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """Measure and return the JSON-ready results."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dataset = _dataset(args, args.records)
+    variants: dict[str, Callable[[], StepFn]] = {
+        "no_dp": lambda: _plain_step(args, dataset, device)
+    }
+    for name in MECHANISMS:
+        variants[name] = lambda name=name: _private_step(args, dataset, device, name)
+    wall, cpu = _time_variants(variants, args, device)
     sample_rate = args.batch_size / args.records
     steps_in_run = args.rounds * round(1 / sample_rate)
     return {
         "setting": {
-            "model": args.model,
-            "input": [args.in_channels, args.image_size, args.image_size],
+            **_setting(args, device),
             "records": args.records,
             "batch_size": args.batch_size,
-            "threads": args.threads,
-            "device": str(device),
-            "steps_timed": args.steps,
-            "repeats": args.repeats,
-            "torch": torch.__version__,
-            "opacus": opacus.__version__,
         },
-        "wall_ms_per_step": _summary(wall),
-        "cpu_ms_per_step": _summary(cpu),
+        "wall_ms_per_step": wall,
+        "cpu_ms_per_step": cpu,
         "epsilon_ms_per_call": _epsilon_costs(steps_in_run, sample_rate, args.epsilon_calls),
         "epsilon_steps_in_history": steps_in_run,
+    }
+
+
+def _fixed_batch_step(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> StepFn:
+    model = _model(args).to(x.device)
+    optimizer = _adam(model)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def _fixed_batch_private_step(
+    args: argparse.Namespace,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mechanism: str,
+    groups: torch.Tensor | None,
+) -> StepFn:
+    """A DP step on the batch; per slide (``groups``), the client holds SLIDES_PER_CLIENT
+    slides and expects ``args.slides`` per step, per patch their patches and batch rows."""
+    model = _model(args).to(x.device)
+    per_slide = groups is not None
+    patches = args.patches_per_slide
+    records = SLIDES_PER_CLIENT if per_slide else SLIDES_PER_CLIENT * patches
+    training = PrivateTraining(
+        model,
+        _adam(model),
+        num_units=records,  # sizes the sampling rate; the bench steps on one fixed batch
+        batch_size=args.slides if per_slide else len(x),
+        settings=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, mechanism=mechanism),
+        seed=args.seed,
+    )
+
+    def step() -> None:
+        training.backward(F.cross_entropy(model(x), y, reduction="none"), groups)
+        training.step()
+
+    return step
+
+
+def run_slides(args: argparse.Namespace) -> dict[str, object]:
+    """Measure slide-level DP on one batch of ``args.slides`` × ``args.patches_per_slide``
+    patches and return the JSON-ready results."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    x = _dataset(args, args.slides * args.patches_per_slide).tensors[0].to(device)
+    groups = torch.arange(args.slides, device=device).repeat_interleave(args.patches_per_slide)
+    rng = torch.Generator().manual_seed(args.seed)
+    # weak labels: each patch carries its slide's label
+    y = torch.randint(0, args.classes, (args.slides,), generator=rng).to(device)[groups]
+    variants: dict[str, Callable[[], StepFn]] = {"no_dp": lambda: _fixed_batch_step(args, x, y)}
+    for name, mechanism in MECHANISMS.items():
+        variants[f"{name}_per_patch"] = lambda name=name: _fixed_batch_private_step(
+            args, x, y, name, None
+        )
+        if mechanism.clips_groups:
+            variants[f"{name}_per_slide"] = lambda name=name: _fixed_batch_private_step(
+                args, x, y, name, groups
+            )
+    wall, cpu = _time_variants(variants, args, device)
+    return {
+        "setting": {
+            **_setting(args, device),
+            "slides": args.slides,
+            "patches_per_slide": args.patches_per_slide,
+            "patches": len(x),
+        },
+        "wall_ms_per_step": wall,
+        "cpu_ms_per_step": cpu,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mlp")
+    parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--in-channels", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--records", type=int, default=1000)
@@ -208,7 +308,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=300, help="run length for the ε timing")
     parser.add_argument("--epsilon-calls", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    print(json.dumps(run(parser.parse_args(argv)), indent=2))
+    parser.add_argument("--slides", type=int, default=0, help="time slide-level DP instead")
+    parser.add_argument("--patches-per-slide", type=int, default=16)
+    args = parser.parse_args(argv)
+    print(json.dumps(run_slides(args) if args.slides else run(args), indent=2))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from opacus.accountants import RDPAccountant
+from privacy_reference import (
+    clipped_sum,
+    dml_loss,
+    flat_grad,
+    images,
+    poisson_batches,
+    private_training,
+    small_gn_cnn,
+    unit_grads,
+)
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -17,99 +26,13 @@ from federation.models import create_model
 from federation.privacy import MECHANISMS, PrivateTraining, epsilon_from_history
 
 
-def _images(n: int, seed: int, shape: tuple[int, ...] = (1, 28, 28)) -> TensorDataset:
-    rng = torch.Generator().manual_seed(seed)
-    return TensorDataset(
-        torch.randn(n, *shape, generator=rng), torch.randint(0, 10, (n,), generator=rng)
-    )
-
-
 def _small_mlp() -> nn.Module:
     return create_model("mlp", num_classes=10, hidden=(16,), seed=1)
 
 
-def _small_gn_cnn() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, stride=2),
-        nn.GroupNorm(4, 8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2),
-        nn.GroupNorm(2, 8),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(8 * 6 * 6, 10),
-    )
-
-
-def _dml_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """ProxyFL's proxy loss per sample: 0.5·CE + 0.5·KL(teacher ‖ model)."""
-    ce = F.cross_entropy(logits, y, reduction="none")
-    kl = F.kl_div(
-        F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none"
-    )
-    return 0.5 * ce + 0.5 * kl.sum(-1)
-
-
-def _flat_grad(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
-def _per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor):
-    """Brute force: one backward per record."""
-    grads = []
-    for i in range(len(x)):
-        model.zero_grad()
-        _dml_loss(model(x[i : i + 1]), y[i : i + 1], teacher[i : i + 1]).sum().backward()
-        grads.append(_flat_grad(model).clone())
-    model.zero_grad()
-    return torch.stack(grads)
-
-
-def _training(
-    model,
-    dataset,
-    *,
-    mechanism="bookkeeping",
-    sigma=0.0,
-    clip=1.0,
-    batch_size=8,
-    seed=0,
-    budget=None,
-    delta=1e-5,
-    lr=0.0,
-):
-    settings = DPConfig(
-        noise_multiplier=sigma,
-        max_grad_norm=clip,
-        mechanism=mechanism,
-        epsilon_budget=budget,
-        delta=delta,
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    training = PrivateTraining(
-        model, optimizer, num_units=len(dataset), batch_size=batch_size, settings=settings,
-        seed=seed
-    )
-    _DATASETS[training] = dataset
-    return training
-
-
-# The records each PrivateTraining of these tests samples from.
-_DATASETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _batches(training: PrivateTraining):
-    """One epoch of the Poisson batches of ``training``'s records, as (x, y)."""
-    inputs, labels = _DATASETS[training].tensors
-    for units in training.batch_sampler:
-        index = torch.as_tensor(units, dtype=torch.int64)
-        yield inputs[index], labels[index]
-
-
 MODELS = {
     "mlp": (lambda: create_model("mlp", num_classes=10, seed=1), (1, 28, 28)),
-    "gn_cnn": (_small_gn_cnn, (1, 28, 28)),
+    "gn_cnn": (small_gn_cnn, (1, 28, 28)),
     # bags of 5 patch-feature vectors: Linear layers on (B, N, D) inputs
     "attention_mil": (
         lambda: create_model(
@@ -138,21 +61,23 @@ def test_mechanisms_give_the_reference_clipped_gradient(model_name):
     x, y = torch.randn(8, *shape, dtype=torch.float64), torch.randint(0, 10, (8,))
     teacher = torch.randn(8, 10, dtype=torch.float64)
     expected_batch = 10
-    per_sample = _per_sample_grads(build().double(), x, y, teacher)
-    norms = per_sample.norm(dim=1)
-    clip = norms.median().item()  # half the records are clipped, half are not
-    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-    reference = (factors[:, None] * per_sample).sum(0) / expected_batch
+    per_sample = unit_grads(
+        build().double(),
+        lambda model, rows: dml_loss(model(x[rows]), y[rows], teacher[rows]),
+        torch.arange(8),
+    )
+    clip = per_sample.norm(dim=1).median().item()  # half the records are clipped, half not
+    reference = clipped_sum(per_sample, clip) / expected_batch
 
     grads = {}
     for mechanism in MECHANISMS:
         model = build().double()
-        training = _training(
-            model, _images(20, 0, shape), mechanism=mechanism, clip=clip, batch_size=expected_batch
+        training = private_training(
+            model, images(20, 0, shape), mechanism=mechanism, clip=clip, batch_size=expected_batch
         )
-        training.backward(_dml_loss(model(x), y, teacher))
+        training.backward(dml_loss(model(x), y, teacher))
         training.step()
-        grads[mechanism] = _flat_grad(model)
+        grads[mechanism] = flat_grad(model)
         assert torch.allclose(grads[mechanism], reference, rtol=1e-9, atol=1e-12), mechanism
     for mechanism in MECHANISMS:
         assert torch.allclose(grads[mechanism], grads["hooks"], rtol=1e-9, atol=1e-12)
@@ -163,10 +88,12 @@ def test_noise_is_added_with_std_sigma_c_over_b():
     grads = {}
     for sigma in (0.0, 1.5):
         model = create_model("mlp", num_classes=10, seed=1)
-        training = _training(model, _images(64, 0), sigma=sigma, clip=0.5, batch_size=16, seed=3)
+        training = private_training(
+            model, images(64, 0), sigma=sigma, clip=0.5, batch_size=16, seed=3
+        )
         training.backward(F.cross_entropy(model(x), y, reduction="none"))
         training.step()
-        grads[sigma] = _flat_grad(model)
+        grads[sigma] = flat_grad(model)
     noise = grads[1.5] - grads[0.0]
     assert not torch.allclose(grads[1.5], grads[0.0])
     expected_std = 1.5 * 0.5 / 16
@@ -179,7 +106,7 @@ def test_noise_is_added_with_std_sigma_c_over_b():
 def _run_rounds(training: PrivateTraining, model: nn.Module, rounds: int) -> list[float]:
     epsilons = []
     for _ in range(rounds):
-        for x, y in _batches(training):
+        for x, y in poisson_batches(training):
             training.backward(F.cross_entropy(model(x), y, reduction="none"))
             training.step()
         epsilons.append(training.epsilon())
@@ -188,7 +115,7 @@ def _run_rounds(training: PrivateTraining, model: nn.Module, rounds: int) -> lis
 
 def test_epsilon_grows_per_round_and_equals_opacus_accountant():
     model = _small_mlp()
-    training = _training(model, _images(40, 0), sigma=1.0, batch_size=10, delta=1e-4)
+    training = private_training(model, images(40, 0), sigma=1.0, batch_size=10, delta=1e-4)
     epsilons = _run_rounds(training, model, rounds=3)
     assert epsilons[0] > 0 and epsilons[0] < epsilons[1] < epsilons[2]
     assert training.steps_taken == 3 * 4  # opacus' Poisson sampler: 1/q batches per pass
@@ -210,17 +137,19 @@ def test_mechanisms_account_identically():
     epsilons = {}
     for mechanism in MECHANISMS:
         model = _small_mlp()
-        training = _training(model, _images(40, 0), mechanism=mechanism, sigma=0.8, batch_size=10)
+        training = private_training(
+            model, images(40, 0), mechanism=mechanism, sigma=0.8, batch_size=10
+        )
         epsilons[mechanism] = _run_rounds(training, model, rounds=2)
     assert all(values == epsilons["hooks"] for values in epsilons.values())
 
 
 def test_budget_exhausted_once_epsilon_reaches_budget():
     model = _small_mlp()
-    probe = _training(_small_mlp(), _images(40, 0), sigma=1.0, batch_size=10)
+    probe = private_training(_small_mlp(), images(40, 0), sigma=1.0, batch_size=10)
     first, second = _run_rounds(probe, probe.model, rounds=2)
-    training = _training(
-        model, _images(40, 0), sigma=1.0, batch_size=10, budget=(first + second) / 2
+    training = private_training(
+        model, images(40, 0), sigma=1.0, batch_size=10, budget=(first + second) / 2
     )
     _run_rounds(training, model, rounds=1)
     assert not training.budget_exhausted
@@ -232,9 +161,11 @@ def test_budget_exhausted_once_epsilon_reaches_budget():
 def test_same_seed_same_run_and_other_seed_differs():
     def final_parameters(seed: int) -> tuple[torch.Tensor, list[int]]:
         model = _small_mlp()
-        training = _training(model, _images(60, 0), sigma=1.0, batch_size=15, seed=seed, lr=0.1)
+        training = private_training(
+            model, images(60, 0), sigma=1.0, batch_size=15, seed=seed, lr=0.1
+        )
         sizes = []
-        for x, y in _batches(training):
+        for x, y in poisson_batches(training):
             sizes.append(len(x))
             training.backward(F.cross_entropy(model(x), y, reduction="none"))
             training.step()
@@ -249,8 +180,8 @@ def test_same_seed_same_run_and_other_seed_differs():
 
 def test_poisson_batches_vary_around_the_expected_size():
     model = _small_mlp()
-    training = _training(model, _images(200, 0), batch_size=20, seed=0)
-    sizes = [len(x) for _ in range(10) for x, _ in _batches(training)]
+    training = private_training(model, images(200, 0), batch_size=20, seed=0)
+    sizes = [len(x) for _ in range(10) for x, _ in poisson_batches(training)]
     assert training.sample_rate == pytest.approx(0.1)
     assert len(set(sizes)) > 3
     assert sum(sizes) / len(sizes) == pytest.approx(20, rel=0.15)
@@ -259,11 +190,11 @@ def test_poisson_batches_vary_around_the_expected_size():
 @pytest.mark.parametrize("mechanism", sorted(MECHANISMS))
 def test_empty_batch_is_a_noise_only_step(mechanism):
     model = _small_mlp()
-    training = _training(model, _images(20, 0), mechanism=mechanism, sigma=1.0, batch_size=5)
+    training = private_training(model, images(20, 0), mechanism=mechanism, sigma=1.0, batch_size=5)
     x, y = torch.empty(0, 1, 28, 28), torch.empty(0, dtype=torch.long)
     training.backward(F.cross_entropy(model(x), y, reduction="none"))
     training.step()
-    grad = _flat_grad(model)
+    grad = flat_grad(model)
     assert torch.isfinite(grad).all()
     assert grad.std().item() == pytest.approx(training.noise_std, rel=0.02)
     assert training.steps_taken == 1
@@ -272,14 +203,14 @@ def test_empty_batch_is_a_noise_only_step(mechanism):
 def test_state_dict_resumes_accounting_and_noise():
     def fresh() -> tuple[nn.Module, PrivateTraining]:
         model = _small_mlp()
-        return model, _training(model, _images(40, 0), sigma=1.0, batch_size=10, seed=5)
+        return model, private_training(model, images(40, 0), sigma=1.0, batch_size=10, seed=5)
 
     model, training = fresh()
     _run_rounds(training, model, rounds=1)
     saved = training.state_dict()
     epsilon_after_one = training.epsilon()
     _run_rounds(training, model, rounds=1)
-    continued = _flat_grad(model)
+    continued = flat_grad(model)
 
     resumed_model, resumed = fresh()
     resumed.load_state_dict(saved)
@@ -287,14 +218,14 @@ def test_state_dict_resumes_accounting_and_noise():
     _run_rounds(resumed, resumed_model, rounds=1)
     # parameters were not restored (lr = 0 keeps them equal), so the last noisy gradient
     # matches only if sampling and noise continue where they stopped
-    assert torch.equal(_flat_grad(resumed_model), continued)
+    assert torch.equal(flat_grad(resumed_model), continued)
 
 
 @pytest.mark.parametrize("mechanism", sorted(MECHANISMS))
 def test_model_stays_unwrapped_and_close_removes_hooks(mechanism):
     model = _small_mlp()
     keys = list(model.state_dict())
-    training = _training(model, _images(20, 0), mechanism=mechanism, batch_size=5)
+    training = private_training(model, images(20, 0), mechanism=mechanism, batch_size=5)
     assert training.model is model and list(model.state_dict()) == keys
     assert any(m._forward_hooks for m in model.modules())
     training.close()
@@ -316,12 +247,12 @@ class _InPlaceResidual(nn.Module):
 def test_bookkeeping_refuses_in_place_outputs_and_double_forwards():
     x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
     model = _InPlaceResidual()
-    training = _training(model, TensorDataset(x, y), batch_size=3)
+    training = private_training(model, TensorDataset(x, y), batch_size=3)
     with pytest.raises(RuntimeError, match="Linear was modified in place"):
         training.backward(F.cross_entropy(model(x), y, reduction="none"))
 
     model = _small_mlp()
-    training = _training(model, _images(20, 0), batch_size=5)
+    training = private_training(model, images(20, 0), batch_size=5)
     x, y = torch.randn(5, 1, 28, 28), torch.randint(0, 10, (5,))
     model(x)  # e.g. a teacher forward that should have run under torch.no_grad()
     with pytest.raises(RuntimeError, match="ran twice before backward"):
@@ -331,7 +262,7 @@ def test_bookkeeping_refuses_in_place_outputs_and_double_forwards():
 def test_bookkeeping_gives_layers_the_forward_skipped_a_zero_gradient():
     model = nn.ModuleDict({"used": nn.Linear(4, 3), "unused": nn.Linear(4, 3)})
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    training = _training(model, TensorDataset(x, y), batch_size=3)
+    training = private_training(model, TensorDataset(x, y), batch_size=3)
     training.backward(F.cross_entropy(model["used"](x), y, reduction="none"))
     training.step()
     assert torch.count_nonzero(model["unused"].weight.grad) == 0
@@ -340,7 +271,8 @@ def test_bookkeeping_gives_layers_the_forward_skipped_a_zero_gradient():
 
 def test_delta_defaults_to_one_over_n_when_none():
     model = _small_mlp()
-    assert _training(model, _images(50, 0), batch_size=5, delta=None).delta == pytest.approx(1 / 50)
+    training = private_training(model, images(50, 0), batch_size=5, delta=None)
+    assert training.delta == pytest.approx(1 / 50)
 
 
 @pytest.mark.parametrize(
@@ -360,12 +292,12 @@ def test_invalid_settings_are_rejected(kwargs):
 
 def test_backward_rejects_a_reduced_loss_and_oversized_batches():
     model = _small_mlp()
-    training = _training(model, _images(20, 0), batch_size=5)
+    training = private_training(model, images(20, 0), batch_size=5)
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     with pytest.raises(ValueError, match="per-sample loss vector"):
         training.backward(F.cross_entropy(model(x), y))
     with pytest.raises(ValueError, match="batch_size 30"):
-        _training(_small_mlp(), _images(20, 0), batch_size=30)
+        private_training(_small_mlp(), images(20, 0), batch_size=30)
 
 
 def test_bench_reports_every_mechanism():
@@ -373,6 +305,7 @@ def test_bench_reports_every_mechanism():
 
     args = argparse.Namespace(
         model="mlp",
+        classes=10,
         in_channels=1,
         image_size=28,
         records=40,
@@ -394,3 +327,32 @@ def test_bench_reports_every_mechanism():
     assert set(report["cpu_ms_per_step"]["median"]) == {"no_dp", *MECHANISMS}
     assert report["epsilon_steps_in_history"] == 8
     assert report["epsilon_ms_per_call"]["epsilon_from_history"] > 0
+
+
+def test_bench_reports_slide_level_clipping():
+    from federation.bench_dp import run_slides
+
+    args = argparse.Namespace(
+        model="cnn1",
+        classes=2,
+        in_channels=3,
+        image_size=16,
+        slides=2,
+        patches_per_slide=3,
+        threads=1,
+        device="cpu",
+        steps=1,
+        warmup=1,
+        repeats=1,
+        seed=0,
+    )
+    threads = torch.get_num_threads()
+    try:
+        report = run_slides(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(report["cpu_ms_per_step"]["ratio_to_no_dp_median"]) == {
+        *(f"{name}_per_patch" for name in MECHANISMS),
+        *(f"{name}_per_slide" for name, mechanism in MECHANISMS.items() if mechanism.clips_groups),
+    }
+    assert report["setting"]["patches"] == 6
