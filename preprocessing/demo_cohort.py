@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 # Tiling resolution of configs/demo.yaml: the coarsest pyramid level of every demo slide.
 TILING_MPP = 1.0
 LEVEL_DOWNSAMPLE = 2
-# 640 µm is 640 px at 1.0 µm/px: with tissue on 50-65 % of it, 37-66 patches of 64 px (median
-# 49 in the default cohort) that are at least half tissue. Rendering time grows with tissue
-# area, so the slides carry more tissue and less glass than the generator's default.
+# 640 µm is 640 px at 1.0 µm/px: with tissue on 50-65 % of it, `make demo` tiles 38-75 patches
+# of 64 px from each slide (median 52). Rendering time grows with tissue area, so the slides
+# carry more tissue and less glass than the generator's default.
 DEFAULT_SIZE_UM = 640
 TISSUE_FRACTION = (0.5, 0.65)
 # Slide sides are whole 16-µm steps, so each level of either scanner has an integer size.
