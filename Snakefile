@@ -39,20 +39,27 @@ rule all:
 
 if "demo_cohort" in config:
     DEMO = config["demo_cohort"]
+    # Optional keys become options; slides_per_hospital is one number or one per hospital.
+    DEMO_OPTIONS = {
+        key: " ".join(map(str, value)) if isinstance(value, list) else value
+        for key, value in DEMO.items()
+        if key in ("slides_per_hospital", "size_um", "tumour_contrast")
+    }
 
     rule demo_cohort:
         output:
             [HOSPITALS[h] for h in HOSPITALS],
         params:
             root=f"{OUT}/cohort",
-            size=f"--size {DEMO['size']}" if "size" in DEMO else "",
+            options=" ".join(
+                f"--{key.replace('_', '-')} {value}" for key, value in DEMO_OPTIONS.items()
+            ),
         threads: workflow.cores
         log:
             f"{OUT}/logs/demo_cohort.log",
         shell:
             "slidefed demo-cohort -o {params.root} --hospitals {DEMO[hospitals]} "
-            "--slides-per-hospital {DEMO[slides_per_hospital]} --seed {DEMO[seed]} "
-            "{params.size} --workers {threads} > {log} 2>&1"
+            "--seed {DEMO[seed]} {params.options} --workers {threads} > {log} 2>&1"
 
 
 rule preprocess:

@@ -117,7 +117,8 @@ def run_demo_cohort(args: argparse.Namespace) -> int:
 
     kwargs = {k: v for k, v in (("hospitals", args.hospitals),
                                 ("slides_per_hospital", args.slides_per_hospital),
-                                ("size", args.size)) if v is not None}
+                                ("size_um", args.size_um),
+                                ("tumour_contrast", args.tumour_contrast)) if v is not None}
     for hospital in make_demo_cohort(args.output, seed=args.seed, workers=args.workers,
                                      **kwargs):
         print(hospital)
@@ -192,11 +193,22 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     add_tiling_arguments(p)
     p.set_defaults(run=run_preprocess)
 
-    p = commands.add_parser("demo-cohort", help="write a small synthetic multi-hospital cohort")
+    p = commands.add_parser(
+        "demo-cohort", help="write a synthetic multi-hospital cohort",
+        description="Synthetic H&E slides, labels.csv and tumour annotations per hospital. "
+        "Hospitals differ in stain, scanner (hospital b at 20x, 0.5 µm/px; the others at 40x, "
+        "0.25 µm/px), tumour prevalence and size (default 48, 60, 16, 46 slides; hospital c "
+        "is small); some tumour slides hold only small foci, and inflamed regions mimic "
+        "tumour. Every slide has a 1.0 µm/px level.")
     p.add_argument("-o", "--output", type=Path, required=True, help="cohort directory")
-    p.add_argument("--hospitals", type=positive_int, help="number of hospitals")
-    p.add_argument("--slides-per-hospital", type=positive_int, help="slides per hospital")
-    p.add_argument("--size", type=positive_int, help="slide side in level-0 pixels")
+    p.add_argument("--hospitals", type=positive_int, help="number of hospitals (default 4)")
+    p.add_argument("--slides-per-hospital", type=positive_int, nargs="+", metavar="N",
+                   help="slides per hospital: one number for all, or one per hospital "
+                   "(default: each hospital's own)")
+    p.add_argument("--size-um", type=positive_int,
+                   help="slide width in µm, a multiple of 16 (default 640)")
+    p.add_argument("--tumour-contrast", type=float,
+                   help="difficulty, 0 (tumour looks normal) to 1 (obvious); default 0.4")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="slides written at once (default 1)")

@@ -126,6 +126,43 @@ def test_tumour_has_more_and_darker_nuclei_than_normal_tissue(tumour_slide):
         assert dark[tumour].mean() > 3 * dark[normal].mean()
 
 
+def test_tumour_contrast_moves_tumour_nuclei_from_normal_to_full(tmp_path):
+    ratios = []
+    for contrast in (0.0, 0.5, 1.0):
+        spec = SyntheticSlideSpec(1024, 1024, tumour_regions=1, seed=11, tumour_contrast=contrast)
+        slide = write_synthetic_slide(tmp_path / f"{contrast}.tiff", spec)
+        rgb = read_level(slide.path, 0)
+        hematoxylin = rgb2hed(rgb)[..., 0]
+        tumour = slide.tumour_mask(1)
+        normal = ~glass_mask(rgb) & ~tumour
+        assert tumour.mean() > 0.05
+        ratios.append(hematoxylin[tumour].mean() / hematoxylin[normal].mean())
+    assert ratios[0] < 1.2 < ratios[1] < ratios[2], ratios
+
+
+def test_inflamed_regions_crowd_dark_nuclei_and_are_not_tumour(tmp_path):
+    spec = SyntheticSlideSpec(1024, 1024, inflamed_regions=2, seed=12)
+    slide = write_synthetic_slide(tmp_path / "inflamed.tiff", spec)
+    assert slide.tumour_polygons == []
+    polygons = synthetic._SlideModel(spec).inflamed_polygons
+    assert len(polygons) == 2
+    inflamed = SyntheticSlide(slide.path, spec, polygons).tumour_mask(1)
+    rgb = read_level(slide.path, 0)
+    normal = ~glass_mask(rgb) & ~inflamed
+    dark = rgb.astype(int).sum(axis=-1) < 350
+    assert inflamed.mean() > 0.01
+    assert dark[inflamed].mean() > 1.5 * dark[normal].mean()
+
+
+def test_tumour_foci_are_small():
+    spec = SyntheticSlideSpec(2560, 2240, tumour_foci=2, seed=13)
+    polygons = SyntheticSlide.from_spec(Path("unused.tiff"), spec).tumour_polygons
+    assert len(polygons) == 2
+    for polygon in polygons:
+        radius_um = math.sqrt(synthetic._polygon_area(polygon) / math.pi) * spec.mpp
+        assert 30 < radius_um < 75
+
+
 def test_lower_levels_look_like_block_averaged_level_zero(three_level_slide):
     level0 = read_level(three_level_slide.path, 0)
     for level, factor in ((1, 2), (2, 4)):
@@ -184,7 +221,9 @@ def test_stain_profile_normalises_and_validates():
 
 
 @pytest.mark.parametrize("field, value", [("width", 0), ("tile_size", 100), ("mpp", 0.0),
-                                          ("jpeg_quality", 101), ("level_downsample", 1)])
+                                          ("jpeg_quality", 101), ("level_downsample", 1),
+                                          ("tumour_foci", -1), ("tumour_contrast", 1.5),
+                                          ("tissue_fraction", (0.7, 0.5))])
 def test_invalid_spec_is_rejected(field, value):
     arguments = {"width": 512, "height": 512, field: value}
     with pytest.raises(ValueError, match=field):

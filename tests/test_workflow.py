@@ -25,9 +25,10 @@ def test_snakemake_runs_the_demo_workflow_on_a_tiny_cohort(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
         "output_dir": str(out),
-        "demo_cohort": {"hospitals": 2, "slides_per_hospital": 2, "seed": 3, "size": 2048},
+        "demo_cohort": {"hospitals": 2, "slides_per_hospital": [2, 2], "seed": 3,
+                        "size_um": 512},
         "hospitals": hospitals,
-        "tiling": {"mpp": 0.5, "patch_size": 128, "min_tissue": 0.5},
+        "tiling": {"mpp": 1.0, "patch_size": 64, "min_tissue": 0.5},
         "preprocess_workers": 2,
     }))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -36,7 +37,7 @@ def test_snakemake_runs_the_demo_workflow_on_a_tiny_cohort(tmp_path):
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    for hospital in hospitals:  # only the configured hospitals, not the demo config's third
+    for hospital in hospitals:  # only the configured hospitals, not the demo config's others
         rows = list(csv.DictReader((out / "preprocessed" / hospital / "manifest.csv").open()))
         assert [r["status"] for r in rows] == ["ok", "ok"]
         for row in rows:

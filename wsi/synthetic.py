@@ -8,7 +8,8 @@ through bare glass.
 
 The slide is one continuous description in level-0 pixel coordinates (tissue blobs from
 thresholded smooth noise, fibrous eosin stroma, hematoxylin nuclei hashed onto a fixed
-level-0 cell grid, optional tumour polygons with denser, larger, darker nuclei). Every pyramid
+level-0 cell grid, optional tumour polygons with denser, larger, darker nuclei, optional
+inflamed polygons packed with small dark lymphocytes that mimic tumour). Every pyramid
 level is rendered from that description at its own resolution, tile by tile: texture finer than
 a level's pixels is faded out rather than aliased, and each nucleus deposits its exact area, so
 a low level looks like the block-averaged level 0 without level 0 ever being in memory. Memory
@@ -28,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,16 @@ class SyntheticSlideSpec:
 
     ``mpp`` is level 0's µm per pixel (``None`` writes no resolution tags). Levels shrink by
     ``level_downsample`` until the smallest level's longer side is at most ``smallest_level_px``.
+    The share of the slide covered by tissue is drawn from the range ``tissue_fraction``.
+
+    Tumour: ``tumour_regions`` large regions share 40-55 % of the tissue; ``tumour_foci`` small
+    ones are 36-72 µm in radius (one to four 64-µm patches). ``tumour_contrast`` is the
+    difficulty knob: at 1 tumour nuclei are as dense, large, dark and irregular as they get
+    here (and tumour cytoplasm as pale-purple); at 0 tumour cells look like normal stroma
+    (only their nuclei's random orientation is left); in between every one of those
+    properties is the linear blend. ``inflamed_regions`` are normal tissue that mimics
+    tumour at low power: 40-120 µm patches crowded with small dark lymphocytes, never
+    annotated as tumour. The defaults draw neither foci nor mimics, at full contrast.
     """
 
     width: int
@@ -122,8 +133,14 @@ class SyntheticSlideSpec:
     jpeg_quality: int = 85
     level_downsample: int = 4
     smallest_level_px: int = 2048
+    tumour_foci: int = 0
+    tumour_contrast: float = 1.0
+    inflamed_regions: int = 0
+    tissue_fraction: tuple[float, float] = (0.4, 0.6)
 
     def __post_init__(self) -> None:
+        # A list from YAML or JSON becomes the tuple the spec's JSON and equality expect.
+        object.__setattr__(self, "tissue_fraction", tuple(float(v) for v in self.tissue_fraction))
         checks = {
             "width": self.width >= 1,
             "height": self.height >= 1,
@@ -134,6 +151,11 @@ class SyntheticSlideSpec:
             "jpeg_quality": 1 <= self.jpeg_quality <= 100,
             "level_downsample": self.level_downsample >= 2,
             "smallest_level_px": self.smallest_level_px >= 1,
+            "tumour_foci": self.tumour_foci >= 0,
+            "tumour_contrast": 0.0 <= self.tumour_contrast <= 1.0,
+            "inflamed_regions": self.inflamed_regions >= 0,
+            "tissue_fraction": len(self.tissue_fraction) == 2
+            and 0.0 < self.tissue_fraction[0] <= self.tissue_fraction[1] < 1.0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -351,10 +373,33 @@ class _NucleusKind:
 _STROMAL = _NucleusKind(2.8, 0.35, 1.3, 1.0, 1.15, 0.35, 0.02, 0.04, True)
 _LYMPHOCYTE = _NucleusKind(2.2, 0.2, 1.0, 0.15, 1.6, 0.3, 0.0, 0.03, False)
 _TUMOUR = _NucleusKind(4.0, 0.35, 1.0, 0.6, 1.75, 0.5, 0.05, 0.12, False)
-_NUCLEUS_KINDS = (_STROMAL, _LYMPHOCYTE, _TUMOUR)
 _LYMPHOCYTE_SHARE = 0.3
 _TUMOUR_CELL_PROBABILITY = 0.88
-_TUMOUR_CENTRE_TRIES = 6
+_TUMOUR_EOSIN, _TUMOUR_CYTOPLASM = 0.8, 2.3  # tumour stroma: less eosin, more (purple) cytoplasm
+_INFLAMED_CELL_PROBABILITY = 0.85
+_FOCUS_RADIUS_UM = (36.0, 72.0)  # area of one to four 64-µm patches
+_INFLAMED_RADIUS_UM = (40.0, 120.0)
+_REGION_CENTRE_TRIES = 6
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    """a at t = 0, b at t = 1; exactly b at t = 1, so full contrast reproduces older slides."""
+    return a * (1.0 - t) + b * t
+
+
+def _tumour_kind(contrast: float) -> _NucleusKind:
+    """Tumour nuclei at ``contrast``: stromal ones at 0, :data:`_TUMOUR` at 1."""
+    blended = {f.name: _lerp(getattr(_STROMAL, f.name), getattr(_TUMOUR, f.name), contrast)
+               for f in fields(_NucleusKind) if f.name != "follows_fibres"}
+    return _NucleusKind(**blended, follows_fibres=_TUMOUR.follows_fibres)
+
+
+@dataclass(frozen=True)
+class _NearbyRegions:
+    """The tumour and inflamed polygons that can touch one tile's pixels."""
+
+    tumour: list[np.ndarray]
+    inflamed: list[np.ndarray]
 
 
 class _SlideModel:
@@ -364,10 +409,16 @@ class _SlideModel:
         self.spec = spec
         self.px_per_um = 1.0 / (spec.mpp or NOMINAL_MPP)
         self.cell = _CELL_UM * self.px_per_um
+        contrast = spec.tumour_contrast
+        self.tumour_kind = _tumour_kind(contrast)
+        self.tumour_cell_probability = _lerp(0.0, _TUMOUR_CELL_PROBABILITY, contrast)
+        self.tumour_eosin = _lerp(1.0, _TUMOUR_EOSIN, contrast)
+        self.tumour_cytoplasm = _lerp(1.0, _TUMOUR_CYTOPLASM, contrast)
         # Farthest a nucleus reaches from its centre, in level-0 px.
         self.nucleus_extent = self.px_per_um * max(
             kind.radius * (1 + kind.radius_spread) * math.sqrt(kind.aspect + kind.aspect_spread)
-            * (1 + kind.irregularity + kind.irregularity_spread) for kind in _NUCLEUS_KINDS)
+            * (1 + kind.irregularity + kind.irregularity_spread)
+            for kind in (_STROMAL, _LYMPHOCYTE, self.tumour_kind))
         stain = spec.stain
         # Optical density per unit concentration, per colour channel.
         self.hematoxylin = np.float32(stain.hematoxylin_intensity) * np.asarray(
@@ -385,7 +436,7 @@ class _SlideModel:
         self.blob_weight = rng.uniform(0.7, 1.0, blobs).astype(np.float32)
         self.tissue_scales = (extent / 3.0, extent / 9.0, 60.0 * self.px_per_um)
         self.fibre_angle = float(rng.uniform(0.0, math.pi))
-        tissue_fraction = float(rng.uniform(0.4, 0.6))
+        tissue_fraction = float(rng.uniform(*spec.tissue_fraction))
 
         step_x, step_y = spec.width / _TISSUE_GRID, spec.height / _TISSUE_GRID
         grid_x = (np.arange(_TISSUE_GRID) + 0.5) * step_x
@@ -397,8 +448,8 @@ class _SlideModel:
         boundary = np.abs(field_grid - self.threshold) < 0.05 * field_grid.std()
         slope = np.hypot(gx, gy)[boundary] if boundary.any() else np.hypot(gx, gy).ravel()
         self.edge_slope = float(np.median(slope)) + 1e-12
-        self.tumour_polygons = self._tumour_polygons(rng, field_grid > self.threshold,
-                                                     grid_x, grid_y)
+        self.tumour_polygons, self.inflamed_polygons = self._regions(
+            rng, field_grid > self.threshold, grid_x, grid_y)
 
     # -- tissue layout ---------------------------------------------------------------------------
 
@@ -435,36 +486,44 @@ class _SlideModel:
         noise = _value_noise(self.spec.seed, 11, xs, ys, 150.0 * self.px_per_um)
         return 0.2 + 0.22 * noise
 
-    def _tumour_polygons(self, rng: np.random.Generator, tissue: np.ndarray, grid_x: np.ndarray,
-                         grid_y: np.ndarray) -> list[np.ndarray]:
-        """Star-shaped polygons deep in tissue, each kept inside the tissue outline.
+    def _regions(self, rng: np.random.Generator, tissue: np.ndarray, grid_x: np.ndarray,
+                 grid_y: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Tumour polygons (large regions, then foci) and inflamed polygons, deep in tissue.
 
+        Star-shaped, each kept inside the tissue outline and away from the ones placed before.
         Each region tries a few centres, drawn with weight depth² (depth: distance to glass), and
         keeps the largest polygon, so that a region is rarely squeezed by a narrow strip of tissue.
         """
-        regions = self.spec.tumour_regions
-        if regions == 0:
-            return []
+        spec = self.spec
+        regions = spec.tumour_regions
+        kinds = (["region"] * regions + ["focus"] * spec.tumour_foci
+                 + ["inflamed"] * spec.inflamed_regions)
+        if not kinds:
+            return [], []
         depth = ndimage.distance_transform_edt(tissue, sampling=(grid_y[1] - grid_y[0],
                                                                  grid_x[1] - grid_x[0]))
-        tissue_area = tissue.mean() * self.spec.width * self.spec.height
-        polygons = []
-        for _ in range(regions):
+        tissue_area = tissue.mean() * spec.width * spec.height
+        placed: dict[str, list[np.ndarray]] = {"region": [], "focus": [], "inflamed": []}
+        for kind in kinds:
             if depth.max() <= 0:
                 break
-            target = math.sqrt(tissue_area * rng.uniform(0.4, 0.55) / regions / math.pi)
+            if kind == "region":
+                target = math.sqrt(tissue_area * rng.uniform(0.4, 0.55) / regions / math.pi)
+            else:
+                radius_um = _FOCUS_RADIUS_UM if kind == "focus" else _INFLAMED_RADIUS_UM
+                target = rng.uniform(*radius_um) * self.px_per_um
             weights = (depth**2).ravel()
-            centres = rng.choice(depth.size, size=_TUMOUR_CENTRE_TRIES, p=weights / weights.sum())
+            centres = rng.choice(depth.size, size=_REGION_CENTRE_TRIES, p=weights / weights.sum())
             candidates = [self._star_polygon(rng, tissue, grid_x, grid_y,
                                              np.array([grid_x[c % depth.shape[1]],
                                                        grid_y[c // depth.shape[1]]]), target)
                           for c in centres]
             polygon = max(candidates, key=_polygon_area)
-            polygons.append(polygon)
+            placed[kind].append(polygon)
             centre = polygon.mean(axis=0)
             taken = np.hypot(grid_x[None, :] - centre[0], grid_y[:, None] - centre[1])
             depth = np.where(taken < 2.0 * target, 0.0, depth)
-        return polygons
+        return placed["region"] + placed["focus"], placed["inflamed"]
 
     def _star_polygon(self, rng: np.random.Generator, tissue: np.ndarray, grid_x: np.ndarray,
                       grid_y: np.ndarray, centre: np.ndarray, target: float) -> np.ndarray:
@@ -491,7 +550,7 @@ class _SlideModel:
     # -- nuclei ----------------------------------------------------------------------------------
 
     def _nuclei(self, xs: np.ndarray, ys: np.ndarray, downsample: float,
-                tumour_near: bool) -> tuple[np.ndarray, np.ndarray]:
+                near: _NearbyRegions) -> tuple[np.ndarray, np.ndarray]:
         """Nuclear coverage (above 1 where nuclei overlap) and mean nuclear OD of each pixel.
 
         Cell (i, j) of the fixed level-0 grid holds at most one nucleus, whose presence, position,
@@ -508,8 +567,7 @@ class _SlideModel:
         weighted_od = np.zeros_like(coverage)
         rows_per_chunk = max(1, 16384 // cx.size)  # bounds memory on low levels of huge slides
         for start in range(0, cy_all.size, rows_per_chunk):
-            params = self._nucleus_parameters(cx, cy_all[start:start + rows_per_chunk],
-                                              tumour_near)
+            params = self._nucleus_parameters(cx, cy_all[start:start + rows_per_chunk], near)
             if params is None:
                 continue
             col = (params["x"] - xs[0]) / downsample
@@ -533,18 +591,19 @@ class _SlideModel:
         return coverage.astype(np.float32).reshape(shape), mean_od.astype(np.float32).reshape(shape)
 
     def _nucleus_parameters(self, cx: np.ndarray, cy: np.ndarray,
-                            tumour_near: bool) -> dict[str, np.ndarray] | None:
+                            near: _NearbyRegions) -> dict[str, np.ndarray] | None:
         cell = self.cell
         centres_x, centres_y = (cx + 0.5) * cell, (cy + 0.5) * cell
         in_tissue = self._tissue_coverage(centres_x, centres_y, cell) >= 0.5
         if not in_tissue.any():
             return None
         probability = self._cellularity(centres_x, centres_y)
-        if tumour_near:
-            tumour = _rasterize_polygons(self.tumour_polygons, centres_x, centres_y)
-            probability = np.where(tumour, _TUMOUR_CELL_PROBABILITY, probability)
-        else:
-            tumour = np.zeros_like(in_tissue)
+        tumour = _rasterize_polygons(near.tumour, centres_x, centres_y)
+        inflamed = _rasterize_polygons(near.inflamed, centres_x, centres_y) & ~tumour
+        # Below full contrast tumour cellularity leans towards the normal tissue around it.
+        probability = np.where(tumour, probability * (1.0 - self.spec.tumour_contrast)
+                               + self.tumour_cell_probability, probability)
+        probability = np.where(inflamed, _INFLAMED_CELL_PROBABILITY, probability)
         probability *= 1.0 - self._gaps(centres_x, centres_y)
         iy, ix = np.broadcast_arrays(cy[:, None], cx[None, :])
         draws = _hash_uniform(self.spec.seed, 20, ix, iy, 9)
@@ -553,8 +612,8 @@ class _SlideModel:
             return None
         u = draws[:, present]
         tumour = tumour[present]
-        lymphocyte = ~tumour & (u[1] < _LYMPHOCYTE_SHARE)
-        kinds = (_TUMOUR, _LYMPHOCYTE, _STROMAL)
+        lymphocyte = ~tumour & (inflamed[present] | (u[1] < _LYMPHOCYTE_SHARE))
+        kinds = (self.tumour_kind, _LYMPHOCYTE, _STROMAL)
         choose = [tumour, lymphocyte, ~tumour & ~lymphocyte]
 
         def pick(attribute: str) -> np.ndarray:
@@ -601,15 +660,17 @@ class _SlideModel:
             return _interleave([glass_noise + value for value in self.background])
 
         reach = self.nucleus_extent + 3.0 * downsample
-        tumour_near = any(_boxes_overlap(p, xs, ys, reach) for p in self.tumour_polygons)
+        near = _NearbyRegions(
+            *([p for p in polygons if _boxes_overlap(p, xs, ys, reach)]
+              for polygons in (self.tumour_polygons, self.inflamed_polygons)))
         stroma = coverage * (1.0 - 0.88 * self._gaps(xs, ys))
         eosin = stroma * self._stroma_texture(xs, ys, downsample) * (1.0 + 0.06 * noise[1])
         cytoplasm = stroma * np.float32(0.07)
-        if tumour_near:
-            tumour = _rasterize_polygons(self.tumour_polygons, xs, ys)
-            eosin[tumour] *= 0.8
-            cytoplasm[tumour] *= 2.3
-        nuclear, nuclear_od = self._nuclei(xs, ys, downsample, tumour_near)
+        if near.tumour:
+            tumour = _rasterize_polygons(near.tumour, xs, ys)
+            eosin[tumour] *= self.tumour_eosin
+            cytoplasm[tumour] *= self.tumour_cytoplasm
+        nuclear, nuclear_od = self._nuclei(xs, ys, downsample, near)
         nuclear = np.minimum(nuclear * (1.0 + 0.1 * noise[2]), 1.0) * coverage
         # Colour planes one at a time: numpy is slow on a trailing axis of length 3.
         planes = []
