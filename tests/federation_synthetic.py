@@ -57,6 +57,11 @@ def small_config(data_root: Path, output_dir: Path, **overrides: Any) -> dict[st
         "optim": {"batch_size": 32, "lr": 0.01},
         "dp": {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-3},
     }
+    return with_overrides(config, overrides)
+
+
+def with_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with each dotted key of ``overrides`` (``"dp.enabled"``) set, in place."""
     for dotted, value in overrides.items():
         node = config
         *parents, last = dotted.split(".")

@@ -16,6 +16,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from federation_synthetic import with_overrides
 from PIL import Image
 
 MANIFEST_COLUMNS = ("slide_id", "path", "label", "status", "n_patches", "mpp", "error")
@@ -111,10 +112,4 @@ def slide_config(root: Path, output_dir: Path, hospitals: list[str], **overrides
         "slides": {"target_mpp": 1.0, "patch_size": 32, "patches_per_slide": 4, "top_k": 2,
                    "validation_fraction": 0.25, "test_fraction": 0.25},
     }
-    for dotted, value in overrides.items():
-        node = config
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return config
+    return with_overrides(config, overrides)

@@ -300,10 +300,20 @@ def test_backward_rejects_a_reduced_loss_and_oversized_batches():
         private_training(_small_mlp(), images(20, 0), batch_size=30)
 
 
+def _bench(run, **args):
+    """``run(args)`` of federation.bench_dp, restoring torch's thread count afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return run(argparse.Namespace(**args))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bench_reports_every_mechanism():
     from federation.bench_dp import run
 
-    args = argparse.Namespace(
+    report = _bench(
+        run,
         model="mlp",
         classes=10,
         in_channels=1,
@@ -319,11 +329,6 @@ def test_bench_reports_every_mechanism():
         epsilon_calls=1,
         seed=0,
     )
-    threads = torch.get_num_threads()
-    try:
-        report = run(args)
-    finally:
-        torch.set_num_threads(threads)
     assert set(report["cpu_ms_per_step"]["median"]) == {"no_dp", *MECHANISMS}
     assert report["epsilon_steps_in_history"] == 8
     assert report["epsilon_ms_per_call"]["epsilon_from_history"] > 0
@@ -332,7 +337,8 @@ def test_bench_reports_every_mechanism():
 def test_bench_reports_slide_level_clipping():
     from federation.bench_dp import run_slides
 
-    args = argparse.Namespace(
+    report = _bench(
+        run_slides,
         model="cnn1",
         classes=2,
         in_channels=3,
@@ -346,11 +352,6 @@ def test_bench_reports_slide_level_clipping():
         repeats=1,
         seed=0,
     )
-    threads = torch.get_num_threads()
-    try:
-        report = run_slides(args)
-    finally:
-        torch.set_num_threads(threads)
     assert set(report["cpu_ms_per_step"]["ratio_to_no_dp_median"]) == {
         *(f"{name}_per_patch" for name in MECHANISMS),
         *(f"{name}_per_slide" for name, mechanism in MECHANISMS.items() if mechanism.clips_groups),
