@@ -67,6 +67,10 @@ class BagIndex:
     label_source: str
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def index_bag(path: str | Path, label: int) -> BagIndex:
     """Open ``path``, check it against the format, and index it for training.
 
@@ -177,7 +181,10 @@ class BagReader:
         unique, inverse = np.unique(np.asarray(indices, np.int64), return_inverse=True)
         patches = f["patches"]
         encoding = patches.attrs["encoding"]
-        checksums = f["checksums"][unique] if "checksums" in f else None
+        try:
+            checksums = f["checksums"][unique] if "checksums" in f else None
+        except OSError as error:  # HDF5's Fletcher-32 check of the checksums themselves
+            raise BagFormatError(path, f"checksums are damaged ({_one_line(error)})") from None
         decoded = []
         for position, index in enumerate(unique.tolist()):
             stored = self._stored_bytes(patches, encoding, index)
