@@ -217,3 +217,14 @@ def test_a_damaged_checksums_chunk_is_an_error_naming_the_bag(tiled, tmp_path) -
         BagReader().read(path, np.array([1]))
     assert str(error.value).startswith(f"{path}: checksums are damaged (")
     assert "\n" not in str(error.value)
+
+
+def test_an_undecodable_patch_of_a_version_1_bag_is_an_error_naming_it(tmp_path) -> None:
+    pixels = synthetic_patches(np.random.default_rng(0), np.zeros(3, bool), 32)
+    path = write_bag(tmp_path / "v1.h5", "v1", pixels, version=1)  # no checksums to catch it
+    with h5py.File(path, "a") as f:
+        f["patches"][1] = np.frombuffer(b"not a jpeg", np.uint8)
+    with pytest.raises(BagFormatError) as error:
+        BagReader().read(path, np.array([2, 1, 0]))
+    assert str(error.value).startswith(f"{path}: patch 1 does not decode (")
+    assert "\n" not in str(error.value)
