@@ -24,3 +24,13 @@ def real_slide() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session")
+def bag_cohort(tmp_path_factory) -> tuple[Path, list[str]]:
+    """Three hospitals of six slides (12 patches of 32 px each, labels 1, 0, 1, ...) written
+    by ``slide_bags.write_cohort``; tests must not modify it (copy it first)."""
+    from slide_bags import write_cohort
+
+    root = tmp_path_factory.mktemp("bag_cohort")
+    return root, write_cohort(root, {"h_a": 6, "h_b": 6, "h_c": 6})

@@ -19,6 +19,9 @@ import numpy as np
 from federation_synthetic import with_overrides
 from PIL import Image
 
+from federation.data.bags import BagIndex, index_bag
+from federation.data.slides import read_manifest
+
 MANIFEST_COLUMNS = ("slide_id", "path", "label", "status", "n_patches", "mpp", "error")
 
 
@@ -113,3 +116,9 @@ def slide_config(root: Path, output_dir: Path, hospitals: list[str], **overrides
                    "validation_fraction": 0.25, "test_fraction": 0.25},
     }
     return with_overrides(config, overrides)
+
+
+def index_cohort(root: Path, hospital: str) -> list[BagIndex]:
+    """``BagIndex`` of every slide of ``hospital`` in a ``write_cohort`` directory, in
+    manifest order (engine tests that build client data without a config)."""
+    return [index_bag(path, label) for _, label, path in read_manifest(root / hospital)]

@@ -179,7 +179,9 @@ class SlideClientData(ClientData):
         k = self.settings.patches_per_slide
         tumour, other = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
         if len(tumour) and len(other):
-            n_tumour = min(len(tumour), max(k // 2, k - len(other)))
+            # The odd patch goes to the rare tumour patches: with k // 2, a tumour slide at
+            # patches_per_slide = 1 would only ever show normal patches.
+            n_tumour = min(len(tumour), max(k - k // 2, k - len(other)))
             picks = [_draw(tumour, n_tumour, generator), _draw(other, k - n_tumour, generator)]
             return tuple(sorted(int(i) for part in picks for i in part))
         return tuple(sorted(int(i) for i in _draw(np.arange(len(labels)), k, generator)))
