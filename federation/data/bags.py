@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
+import imagecodecs
 import numpy as np
 import torch
-from torchvision.io import decode_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,8 @@ class BagReader:
                 if zlib.crc32(data) != int(bag.checksums[index]):
                     raise BagFormatError(path, f"patch {index} is corrupt (checksum mismatch)")
         decoded = (self._inflate(path, stored, unique, bag.patch_size)
-                   if bag.encoding == "deflate" else self._decode_jpegs(path, stored, unique))
+                   if bag.encoding == "deflate"
+                   else self._decode_jpegs(path, stored, unique, bag.patch_size))
         return decoded[torch.from_numpy(inverse.reshape(-1))]
 
     @staticmethod
@@ -230,18 +231,21 @@ class BagReader:
         return torch.from_numpy(pixels.reshape(-1, size, size, 3)).permute(0, 3, 1, 2)
 
     @staticmethod
-    def _decode_jpegs(path: Path, stored: list, unique: np.ndarray) -> torch.Tensor:
-        files = [torch.from_numpy(data) for data in stored]
-        try:
-            return torch.stack(decode_jpeg(files))  # one call: half the per-patch overhead
-        except RuntimeError:
-            for index, data in zip(unique.tolist(), files, strict=True):  # which one failed
-                try:
-                    decode_jpeg(data)
-                except RuntimeError as error:
-                    raise BagFormatError(path, f"patch {index} does not decode "
-                                               f"({_one_line(error)})") from None
-            raise
+    def _decode_jpegs(path: Path, stored: list, unique: np.ndarray, size: int) -> torch.Tensor:
+        # libjpeg-turbo through imagecodecs: the pixels Pillow and torchvision decode, at
+        # torchvision's batched speed, and not deprecated (torchvision 0.29's decoders are).
+        pixels = np.empty((len(stored), size, size, 3), np.uint8)
+        for row, (index, data) in enumerate(zip(unique.tolist(), stored, strict=True)):
+            try:
+                patch = imagecodecs.jpeg8_decode(data)
+            except imagecodecs.Jpeg8Error as error:
+                raise BagFormatError(path, f"patch {index} does not decode "
+                                           f"({_one_line(error)})") from None
+            if patch.shape != (size, size, 3):
+                raise BagFormatError(path, f"patch {index} decodes to {patch.shape}, not "
+                                           f"{size}x{size} RGB")
+            pixels[row] = patch
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
     def close(self) -> None:
         """Close every file this process opened."""
