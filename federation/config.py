@@ -468,6 +468,14 @@ def _check_together(config: FederationConfig, source: str, provenance: dict[str,
         if len(hospitals) != config.clients:
             raise ConfigError(f"{where}: clients = {config.clients} but data.hospitals names "
                               f"{len(hospitals)} hospitals")
+        slides = config.slides
+        if (config.dp.enabled and config.dp.mechanism == "ghost"
+                and slides.privacy_unit == "slide" and slides.patches_per_slide > 1):
+            where = provenance.get("dp.mechanism", provenance.get("slides.patches_per_slide",
+                                                                  source))
+            raise ConfigError(f"{where}: dp.mechanism = ghost clips each patch alone and cannot "
+                              "clip a slide's patches together; use bookkeeping or hooks, or "
+                              "slides.patches_per_slide = 1")
         return
     spc = config.data.samples_per_client
     if spc is not None and config.optim.batch_size > spc:

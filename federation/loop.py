@@ -88,7 +88,7 @@ def run_federation(
             algorithm.stopwatch.seconds[category] += seconds
     else:
         if resume:
-            log.warning("--resume: no checkpoint in %s; starting from round 1", run.root)
+            log.info("--resume: no checkpoint in %s; starting from round 1", run.root)
         run.start(config)
         completed = 0
     for c in comm.owned:

@@ -117,8 +117,11 @@ def test_bags_tiled_otherwise_than_the_config_are_refused(bag_cohort, tmp_path, 
     ({"clients": 2}, "clients = 2 but data.hospitals names 1 hospitals"),
     ({"data.hospitals": ["site/a"]}, "data.hospitals = ('site/a',): 'site/a' is not a plain "
                                      "file name"),
+    ({"dp.mechanism": "ghost"}, "dp.mechanism = ghost clips each patch alone and cannot clip "
+                                "a slide's patches together; use bookkeeping or hooks, or "
+                                "slides.patches_per_slide = 1"),
 ])
-def test_bag_runs_need_one_plain_hospital_name_per_client(tmp_path, overrides, message) -> None:
+def test_bag_run_configs_that_cannot_work_are_refused(tmp_path, overrides, message) -> None:
     with pytest.raises(ConfigError) as error:
         config_from_dict(slide_config(tmp_path, tmp_path / "run", ["h_a"], **overrides))
     assert str(error.value) == f"config: {message}"
