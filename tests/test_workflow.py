@@ -59,12 +59,16 @@ def test_snakemake_runs_the_demo_workflow_on_a_tiny_cohort(tmp_path):
         metrics = json.loads((run_dir / "slide_metrics.json").read_text())
         models = {"proxyfl": {"private", "proxy"}, "regular": {"private"}}[algorithm]
         assert set(metrics) == models
-        for model in models:
-            assert set(metrics[model]["hospitals"]) == set(hospitals)
-            assert metrics[model]["pooled"]["slides"] == 4  # one test slide per label each
+        test_slides = 0
         for hospital in hospitals:
-            assert (run_dir / "hospitals" / hospital / "splits.csv").is_file()
+            with (run_dir / "hospitals" / hospital / "splits.csv").open() as handle:
+                splits = [row["split"] for row in csv.DictReader(handle)]
+            assert len(splits) == 6 and set(splits) == {"train", "validation", "test"}
+            test_slides += splits.count("test")
             assert {p.stem for p in (run_dir / "hospitals" / hospital / "models").glob("*.pt")
                     } == models
+        for model in models:
+            assert set(metrics[model]["hospitals"]) == set(hospitals)
+            assert metrics[model]["pooled"]["slides"] == test_slides
     again = subprocess.run([*command, "-n"], cwd=REPO, env=env, capture_output=True, text=True)
     assert "Nothing to be done" in again.stdout + again.stderr
