@@ -69,3 +69,25 @@ def with_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[st
             node = node.setdefault(part, {})
         node[last] = value
     return config
+
+
+def run_killed_in_round(config: Any, monkeypatch: Any, killed: int = 3) -> None:
+    """Run ``config`` and interrupt it in round ``killed`` (0-based), after the rows of the
+    rounds before were written, as Ctrl-C would: what a resumed run must recover from."""
+    import pytest
+
+    from federation.algorithms import ALGORITHMS
+    from federation.loop import run_federation
+
+    cls = ALGORITHMS[config.algorithm]
+    real_round = cls.run_round
+
+    def interrupted(self, round):
+        if round == killed:
+            raise KeyboardInterrupt
+        return real_round(self, round)
+
+    monkeypatch.setattr(cls, "run_round", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(config)
+    monkeypatch.undo()

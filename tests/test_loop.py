@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from federation_synthetic import small_config, write_synthetic_digits
+from federation_synthetic import run_killed_in_round, small_config, write_synthetic_digits
 
 from federation.algorithms import ALGORITHMS
 from federation.config import ConfigError, config_from_dict, load_config
@@ -95,18 +95,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_files(
     run_federation(whole)
 
     broken = _config(digits, tmp_path / "broken", **overrides)
-    cls = ALGORITHMS[algorithm]
-    real_round = cls.run_round
-
-    def killed_in_round_4(self, round):
-        if round == 3:  # after round 3's rows were written; the checkpoint is of round 2
-            raise KeyboardInterrupt
-        return real_round(self, round)
-
-    monkeypatch.setattr(cls, "run_round", killed_in_round_4)
-    with pytest.raises(KeyboardInterrupt):
-        run_federation(broken)
-    monkeypatch.undo()
+    run_killed_in_round(broken, monkeypatch)  # in round 4; the checkpoint is of round 2
     _, rows = _read(tmp_path / "broken" / "metrics.csv")
     assert max(int(r["round"]) for r in rows) == 3
     assert json.loads((tmp_path / "broken/checkpoints/latest.json").read_text()) == {"round": 2}

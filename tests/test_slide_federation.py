@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from federation_synthetic import run_killed_in_round
 from mpi_launch import run_mpiexec
 from slide_bags import slide_config
 
@@ -111,18 +112,7 @@ def test_a_killed_slide_run_resumes_to_the_uninterrupted_files(bag_cohort, tmp_p
     overrides = {"rounds": 4, "checkpoint_every": 2}
     run_federation(_config(bag_cohort, tmp_path / "whole", **overrides))
     broken = _config(bag_cohort, tmp_path / "broken", **overrides)
-    cls = ALGORITHMS[broken.algorithm]
-    real_round = cls.run_round
-
-    def killed_in_round_4(self, round):
-        if round == 3:  # after round 3's rows were written; the checkpoint is of round 2
-            raise KeyboardInterrupt
-        return real_round(self, round)
-
-    monkeypatch.setattr(cls, "run_round", killed_in_round_4)
-    with pytest.raises(KeyboardInterrupt):
-        run_federation(broken)
-    monkeypatch.undo()
+    run_killed_in_round(broken, monkeypatch)  # in round 4; the checkpoint is of round 2
     assert json.loads((tmp_path / "broken/checkpoints/latest.json").read_text()) == {"round": 2}
     summary = run_federation(broken, resume=True)
     assert summary["resumed_from_round"] == 2
