@@ -112,6 +112,12 @@ def test_threshold_of_one_class_falls_back_to_one_half(caplog) -> None:
     assert "h_a: validation slides hold one class only; decision threshold 0.50" in caplog.text
 
 
+def test_threshold_falls_back_to_one_half_when_no_cut_beats_chance(caplog) -> None:
+    with caplog.at_level(logging.WARNING):  # every tumour slide scores below every normal one
+        assert choose_threshold([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9], what="h_b") == 0.5
+    assert "h_b: no threshold separates the validation slides better than chance" in caplog.text
+
+
 # ---------------------------------------------------------------------------- scoring
 
 

@@ -145,6 +145,14 @@ def test_splits_are_by_slide_stratified_and_seeded() -> None:
     assert again == splits and other != splits
 
 
+def test_half_slides_round_up_and_one_slide_of_each_label_stays_to_train() -> None:
+    ids = ["t0", "t1", "n0", "n1"]
+    splits = split_slides(ids, [1, 1, 0, 0], validation_fraction=0.25, test_fraction=0.25,
+                          seed=0)
+    for label in ("t", "n"):  # 2 x 0.25 = 0.5 rounds up: a test slide, then one to train
+        assert sorted(splits[i] for i in ids if i.startswith(label)) == ["test", "train"]
+
+
 def test_a_split_with_one_class_warns_and_scores_nan_auc(bag_cohort, tmp_path, caplog) -> None:
     root = _copy_hospital(bag_cohort, tmp_path)
     # 3 tumour slides and 1 normal: 0.3 validation takes one tumour slide, no normal one.

@@ -2,15 +2,16 @@
 
 Patches of one slide are never in two splits: the split is drawn over slide ids, so a model
 is always judged on slides it has not seen. Within each label the slides are shuffled by a
-generator seeded from the run seed and the hospital's name, and ``round(n_c · fraction)``
-of each label go to test and to validation (the rest train), so every split keeps the
-hospital's label mix as far as whole slides allow.
+generator seeded from the run seed and the hospital's name, and ``n_c · fraction`` (halves
+rounded up) of each label go to test and to validation (the rest train, at least one), so
+every split keeps the hospital's label mix as far as whole slides allow.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -50,8 +51,8 @@ def split_slides(
     for label in sorted(set(labels_array.tolist())):
         members = [slide_ids[i] for i in np.flatnonzero(labels_array == label)]
         order = rng.permutation(len(members))
-        n_test = int(round(len(members) * test_fraction))
-        n_validation = int(round(len(members) * validation_fraction))
+        n_test = _round_half_up(len(members) * test_fraction)
+        n_validation = _round_half_up(len(members) * validation_fraction)
         if n_test + n_validation >= len(members):  # keep at least one slide to train on
             n_validation = max(0, len(members) - 1 - n_test)
             n_test = min(n_test, len(members) - 1)
@@ -69,6 +70,12 @@ def split_slides(
             log.warning("%s: the %s split holds slides of label %s only; its AUC is undefined "
                         "and reported as nan", hospital, split, sorted(present) or "none")
     return {s: assignment[s] for s in slide_ids}
+
+
+def _round_half_up(value: float) -> int:
+    # Python's round() rounds halves to even (round(0.5) == 0), which would give 2 slides of a
+    # label and a fraction of 0.25 no test slide.
+    return math.floor(value + 0.5)
 
 
 def write_splits(path: Path, hospital: str, splits: Mapping[str, str]) -> None:

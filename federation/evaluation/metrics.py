@@ -11,7 +11,8 @@ themselves is nan.
 
 The threshold of a model is chosen on its hospital's validation slides by Youden's J
 (sensitivity + specificity − 1, Youden, Cancer 1950), the ROC point farthest above chance;
-when the validation slides hold one class only, 0.5 is used and a warning says so.
+when the validation slides hold one class only, or no cut does better than chance, 0.5 is
+used and a warning says so.
 """
 
 from __future__ import annotations
@@ -113,5 +114,8 @@ def choose_threshold(labels: Sequence[int], scores: Sequence[float], *, what: st
         return FALLBACK_THRESHOLD
     fpr, tpr, thresholds = roc_curve(y, np.asarray(scores, np.float64))
     best = int(np.argmax(tpr - fpr))
-    # roc_curve's first threshold is +inf (nothing called tumour); never choose it.
-    return float(min(thresholds[best], 1.0))
+    if tpr[best] - fpr[best] <= 0:  # no cut beats chance (roc_curve's first is +inf)
+        log.warning("%s: no threshold separates the validation slides better than chance; "
+                    "decision threshold %.2f", what or "threshold", FALLBACK_THRESHOLD)
+        return FALLBACK_THRESHOLD
+    return float(thresholds[best])
