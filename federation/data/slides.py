@@ -206,25 +206,28 @@ class SlideClientData(ClientData):
 
     # ------------------------------------------------------------------ evaluation
 
+    def _scored(self, module: nn.Module, slides: Sequence[BagIndex], limit: int | None
+                ) -> Iterator[tuple[BagIndex, np.ndarray, np.ndarray]]:
+        """(bag, patch indices, their tumour probabilities) of each slide: ``limit`` evenly
+        spaced patches, or all of them."""
+        for bag in slides:
+            indices = evenly_spaced(bag.n_patches, limit)
+            yield bag, indices, patch_probabilities(module, self._reader, bag, indices)
+
     def slide_scores(self, module: nn.Module, slides: Sequence[BagIndex],
                      limit: int | None = None) -> np.ndarray:
         """Top-k score of each slide (patches: ``limit`` evenly spaced ones, or all)."""
-        return np.array([
-            top_k_score(patch_probabilities(module, self._reader, bag,
-                                            evenly_spaced(bag.n_patches, limit)),
-                        self.settings.top_k)
-            for bag in slides])
+        return np.array([top_k_score(p, self.settings.top_k)
+                         for _, _, p in self._scored(module, slides, limit)])
 
     def evaluate(self, module: nn.Module) -> dict[str, float]:
         """Slide AUC and accuracy (threshold 0.5) on the validation slides, and the mean
         patch cross-entropy of the patches scored."""
         if not self.validation:
             return {}
-        limit = self.settings.eval_patches_per_slide
         scores, losses, count = [], 0.0, 0
-        for bag in self.validation:
-            indices = evenly_spaced(bag.n_patches, limit)
-            p = patch_probabilities(module, self._reader, bag, indices)
+        for bag, indices, p in self._scored(module, self.validation,
+                                            self.settings.eval_patches_per_slide):
             scores.append(top_k_score(p, self.settings.top_k))
             y = bag.patch_labels[indices]
             probabilities = torch.from_numpy(np.stack([1 - p, p], axis=1)).clamp(min=1e-12)
