@@ -78,7 +78,8 @@ def plan_runs(
     overrides: Iterable[str] = (),
 ) -> list[PlannedRun]:
     """Resolve and validate every run's configuration (a bad name or value fails here, before
-    anything runs)."""
+    anything runs). Algorithms that cannot train with DP (``catalog.WITHOUT_DP``) run with
+    ``dp.enabled=false``."""
     overrides = tuple(overrides)
     for override in overrides:
         key, _ = parse_override(override)
@@ -97,6 +98,8 @@ def plan_runs(
             run_overrides = (*overrides, f"algorithm={algorithm}", f"seed={seed}",
                              f"output_dir={out_dir / algorithm / f'seed_{seed}'}",
                              f"backend={backend}")
+            if algorithm in catalog.WITHOUT_DP:  # the non-private reference, e.g. joint
+                run_overrides += ("dp.enabled=false",)
             plan.append(PlannedRun(config_path, run_overrides,
                                    load_config(config_path, run_overrides)))
     return plan

@@ -74,6 +74,10 @@ ALGORITHMS = Registry("algorithm", {
     "proxyfl": "federation.algorithms.proxyfl:ProxyFL",
 })
 
+# Algorithms whose messages DP-SGD does not protect (joint: raw gradient sums every step).
+# A configuration refuses them with dp.enabled, so nothing they share is labelled DP.
+WITHOUT_DP = frozenset({"joint"})
+
 DATASETS = Registry("data set", {
     "mnist": "federation.data.images:MNIST",
     "fashion_mnist": "federation.data.images:FASHION_MNIST",

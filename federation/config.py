@@ -181,16 +181,17 @@ class DPConfig:
     """DP-SGD of every model that leaves a client (ProxyFL's proxy, the baselines' shared
     model); ``federation.privacy.PrivateTraining`` takes it as its settings.
 
-    noise_multiplier: σ, noise std in units of the clipping norm (ProxyFL images: 1.0).
+    noise_multiplier: σ, noise std in units of the clipping norm (ProxyFL images: 1.0). A
+        configuration refuses 0 (ε = ∞); built in code, 0 is allowed (tests of clipping).
     max_grad_norm: C, the per-sample L2 clipping norm (ProxyFL images: 1.0).
     delta: δ of the reported (ε, δ); null means 1/n for a client with n records. The
         default 1e-5 is the ProxyFL Camelyon-17 value and well below 1/n for the
         benchmarks' 1,000-3,000 records per client.
-    epsilon_budget: a client stops training its DP model once its ε reaches it (null: no
-        budget).
+    epsilon_budget: a client stops training its DP model before the first round that would
+        take its ε past the budget (null: no budget); ε never exceeds it.
     mechanism: how per-sample clipping is computed, a name in ``federation.catalog.MECHANISMS``.
 
-    Built in code, it runs the same checks as when loaded from YAML.
+    Built in code, it runs the same checks of each value as when loaded from YAML.
     """
 
     enabled: bool = True
@@ -272,7 +273,7 @@ def load_config(
     except OSError as error:
         raise ConfigError(f"{path}: cannot read ({error.strerror or error})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -283,6 +284,38 @@ def load_config(
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level")
     return config_from_dict(raw, source=source, overrides=overrides)
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, but a key given twice in one mapping is an error (PyYAML would keep
+    the last silently, so a setting could be overridden by a forgotten line further down)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, prefix="")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, *, prefix: str) -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, prefix=prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen = set()
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        dotted = f"{prefix}{key_node.value}"
+        if dotted in seen:
+            raise yaml.MarkedYAMLError(problem=f"duplicate key {dotted!r}",
+                                       problem_mark=key_node.start_mark)
+        seen.add(dotted)
+        _refuse_duplicate_keys(value_node, prefix=f"{dotted}.")
 
 
 def config_from_dict(
@@ -296,6 +329,7 @@ def config_from_dict(
         _set_dotted(merged, key, value, FederationConfig, source=f"--set {override}")
         provenance[key] = f"--set {override}"
     config = _build(FederationConfig, merged, prefix="", source=source, provenance=provenance)
+    _check_privacy(config, source, provenance)
     _check_together(config, source, provenance)
     return config
 
@@ -455,6 +489,22 @@ def _as_float(value: Any) -> float | None:
         except ValueError:
             return None
     return None
+
+
+def _check_privacy(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
+    """A model shared as DP must have a finite ε: refuse DP settings that would label as
+    private what is not (no noise, or an algorithm whose messages DP-SGD cannot protect)."""
+    if not config.dp.enabled:
+        return
+    if config.dp.noise_multiplier == 0:
+        where = provenance.get("dp.noise_multiplier", provenance.get("dp.enabled", source))
+        raise ConfigError(f"{where}: dp.noise_multiplier = 0.0 with dp.enabled = true adds no "
+                          "noise (epsilon would be infinite); set dp.noise_multiplier > 0, or "
+                          "dp.enabled = false to run without DP")
+    if config.algorithm in catalog.WITHOUT_DP:
+        where = provenance.get("algorithm", provenance.get("dp.enabled", source))
+        raise ConfigError(f"{where}: algorithm = {config.algorithm} shares unclipped, noiseless "
+                          "gradients and cannot train with DP; set dp.enabled = false")
 
 
 def _check_together(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:

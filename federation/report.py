@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from federation import run_files
+from federation import catalog, run_files
 from federation.config import ConfigError, FederationConfig, config_to_dict, load_config
 
 log = logging.getLogger(__name__)
@@ -147,19 +147,19 @@ def read_runs(runs_dir: Path) -> list[RunResult]:
         raise ReportError(f"{runs_dir}: holds no finished run (a directory with config.yaml "
                           "and summary.json)")
     seen: dict[tuple[str, int], Path] = {}
-    reference = _setting(runs[0].config)
+    first: dict[str, tuple[Any, Path]] = {}  # each setting's value in the first run that has it
     for run in runs:
         key = (run.algorithm, run.seed)
         if key in seen:
             raise ReportError(f"{run.directory} and {seen[key]} are both {run.algorithm} with "
                               f"seed {run.seed}; keep one")
         seen[key] = run.directory
-        setting = _setting(run.config)
-        for name in sorted(reference.keys() | setting.keys()):
-            if reference.get(name) != setting.get(name):
+        for name, value in sorted(_setting(run.config).items()):
+            reference, where = first.setdefault(name, (value, run.directory))
+            if value != reference:
                 raise ReportError(
-                    f"{run.directory} has {name} = {setting.get(name)!r} but {runs[0].directory}"
-                    f" has {reference.get(name)!r}; report runs of one setting together"
+                    f"{run.directory} has {name} = {value!r} but {where} has {reference!r}; "
+                    "report runs of one setting together"
                 )
     return runs
 
@@ -219,9 +219,12 @@ def _by_client(values: Mapping[int, Mapping[int, float]]) -> dict[int, np.ndarra
 
 
 def _setting(config: FederationConfig) -> dict[str, Any]:
-    """The config as flat dotted keys, without ``run_files.RUN_ONLY_KEYS``."""
+    """The config as flat dotted keys, without ``run_files.RUN_ONLY_KEYS``, and without
+    ``dp.enabled`` for an algorithm that runs only without DP (the benchmark's joint)."""
+    ignored = run_files.RUN_ONLY_KEYS | (
+        {"dp.enabled"} if config.algorithm in catalog.WITHOUT_DP else set())
     return {key: value for key, value in run_files.flatten_config(config_to_dict(config)).items()
-            if key not in run_files.RUN_ONLY_KEYS}
+            if key not in ignored}
 
 
 def _first_line(error: Exception) -> str:

@@ -61,7 +61,13 @@ def small_config(data_root: Path, output_dir: Path, **overrides: Any) -> dict[st
 
 
 def with_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with each dotted key of ``overrides`` (``"dp.enabled"``) set, in place."""
+    """``config`` with each dotted key of ``overrides`` (``"dp.enabled"``) set, in place. An
+    algorithm that cannot train with DP (joint) gets ``dp.enabled: false`` unless the
+    overrides say otherwise, as the benchmark runner does."""
+    from federation.catalog import WITHOUT_DP
+
+    if overrides.get("algorithm") in WITHOUT_DP:
+        config["dp"]["enabled"] = False
     for dotted, value in overrides.items():
         node = config
         *parents, last = dotted.split(".")

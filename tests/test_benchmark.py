@@ -84,6 +84,13 @@ def test_runs_every_algorithm_and_seed_then_skips_or_resumes_them(
     assert (out / "regular/seed_1/metrics.csv").read_text() == metrics
 
 
+def test_joint_is_planned_without_dp_beside_the_dp_algorithms(config_path: Path,
+                                                               tmp_path: Path) -> None:
+    plan = benchmark.plan_runs(config_path, ["joint", "proxyfl"], [0], tmp_path, "local")
+    assert [(run.config.algorithm, run.config.dp.enabled) for run in plan] == [
+        ("joint", False), ("proxyfl", True)]
+
+
 def test_a_failed_run_does_not_stop_the_others_and_is_named(
     config_path: Path, tmp_path: Path, monkeypatch
 ) -> None:

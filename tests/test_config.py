@@ -76,6 +76,13 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
         ("rounds: [1\n", "config.yaml: line 2"),
         ("optim:\n  batch_size: 500\ndata:\n  samples_per_client: 100\n",
          "config.yaml: optim.batch_size = 500 exceeds data.samples_per_client = 100"),
+        ("rounds: 3\nseed: 1\nrounds: 4\n", "config.yaml: line 3 duplicate key 'rounds'"),
+        ("dp:\n  delta: 0.001\n  enabled: true\n  delta: 0.1\n",
+         "config.yaml: line 4 duplicate key 'dp.delta'"),
+        ("dp:\n  noise_multiplier: 0\n",
+         "config.yaml: dp.noise_multiplier = 0.0 with dp.enabled = true adds no noise"),
+        ("algorithm: joint\n", "config.yaml: algorithm = joint shares unclipped, noiseless "
+         "gradients and cannot train with DP; set dp.enabled = false"),
     ],
 )
 def test_bad_keys_and_values_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -83,6 +90,16 @@ def test_bad_keys_and_values_are_one_line_errors(tmp_path: Path, text: str, mess
         load_config(_write(tmp_path, text))
     assert str(caught.value).startswith(message)
     assert "\n" not in str(caught.value)
+
+
+def test_what_dp_refuses_is_accepted_without_dp(tmp_path: Path) -> None:
+    path = _write(tmp_path, "algorithm: joint\ndp:\n  enabled: false\n  noise_multiplier: 0\n")
+    assert load_config(path).algorithm == "joint"
+    # the same key twice in different sections is no duplicate
+    assert load_config(_write(tmp_path, "dml:\n  alpha: 0.1\nfedavg:\n  client_fraction: 1\n"
+                              "data:\n  alpha: 0.3\n")).data.alpha == 0.3
+    with pytest.raises(ConfigError, match=r"^--set dp.noise_multiplier=0: dp.noise_multiplier"):
+        load_config(path, ["dp.enabled=true", "algorithm=proxyfl", "dp.noise_multiplier=0"])
 
 
 def test_floats_are_read_as_written_even_without_a_dot(tmp_path: Path) -> None:

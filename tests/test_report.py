@@ -25,14 +25,16 @@ ALGORITHMS = {
     "fedavg": (("shared",), "shared", True),
     "regular": (("private",), "private", False),
 }
+# and one that runs only without DP, not in every benchmark written here
+KNOWN = {**ALGORITHMS, "joint": (("shared",), "shared", False)}
 TAB10 = {"C0": (31, 119, 180), "C1": (255, 127, 14), "C2": (44, 160, 44)}
 
 
 def _write_run(directory: Path, algorithm: str, seed: int, **config_changes) -> dict:
     """A finished run with random accuracies and ε; returns the values written:
     {"accuracy": {model: [round][client]}, "epsilon": [round][client] or None}."""
-    models, reported, dp = ALGORITHMS[algorithm]
-    rng = np.random.default_rng([seed, list(ALGORITHMS).index(algorithm)])
+    models, reported, dp = KNOWN[algorithm]
+    rng = np.random.default_rng([seed, list(KNOWN).index(algorithm)])
     directory.mkdir(parents=True)
     accuracy = {m: rng.uniform(0.2, 0.95, size=(ROUNDS, CLIENTS)).round(4) for m in models}
     with open(directory / "metrics.csv", "w", newline="") as handle:
@@ -54,7 +56,7 @@ def _write_run(directory: Path, algorithm: str, seed: int, **config_changes) -> 
     config = {"algorithm": algorithm, "rounds": ROUNDS, "seed": seed, "clients": CLIENTS,
               "backend": "local", "output_dir": str(directory),
               "data": {"name": "fashion_mnist", "root": "/data", "p_major": 0.8},
-              "dp": {"enabled": True, "noise_multiplier": 1.0}}
+              "dp": {"enabled": algorithm != "joint", "noise_multiplier": 1.0}}
     for dotted, value in config_changes.items():
         *parents, last = dotted.split(".")
         node = config
@@ -235,3 +237,13 @@ def test_a_directory_without_finished_runs_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "run" / "config.yaml").write_text("algorithm: proxyfl\n")
     with pytest.raises(ReportError, match="holds no finished run"):
         write_report(tmp_path)
+
+
+def test_joint_without_dp_is_reported_beside_dp_runs_but_dp_must_agree(tmp_path: Path) -> None:
+    # The benchmark runs joint with dp.enabled = false (it cannot train with DP).
+    _write_benchmark(tmp_path, algorithms=("proxyfl",))
+    _write_run(tmp_path / "joint" / "seed_0", "joint", 0)
+    assert sorted({run.algorithm for run in read_runs(tmp_path)}) == ["joint", "proxyfl"]
+    _write_run(tmp_path / "other" / "seed_5", "proxyfl", 5, **{"dp.enabled": False})
+    with pytest.raises(ReportError, match=r"has dp.enabled = True but .*other/seed_5 has False"):
+        read_runs(tmp_path)

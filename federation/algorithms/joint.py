@@ -34,7 +34,8 @@ class Joint(Algorithm):
     client applies the same update to the same weights, so the models stay identical. A
     client whose pass is shorter than the longest contributes empty batches.
 
-    Parameters: ``optim.*``; the model is ``model.private``; no DP (``dp.*`` is ignored).
+    Parameters: ``optim.*``; the model is ``model.private``; no DP (a configuration with
+    ``dp.enabled`` is refused: ``federation.catalog.WITHOUT_DP``).
     """
 
     roles = {"shared": ModelRole("private", leaves_client=False, common_init=True)}
