@@ -101,10 +101,18 @@ class LocalModel:
         """True when the model trains with DP-SGD (it is allowed to leave the client)."""
         return self.privacy is not None
 
-    @property
-    def budget_exhausted(self) -> bool:
-        """True once a DP model's ε reached its budget: it must not train any more."""
-        return self.privacy is not None and self.privacy.budget_exhausted
+    def epsilon_after(self, epochs: int) -> float:
+        """ε once ``epochs`` more epochs are trained (one DP step per Poisson batch, empty
+        ones included); 0 for a model trained without DP."""
+        return 0.0 if self.privacy is None else self.privacy.epsilon_after(self._steps(epochs))
+
+    def fits_budget(self, epochs: int) -> bool:
+        """False for a DP model whose ε would pass its budget in ``epochs`` more epochs: it
+        must not train any more."""
+        return self.privacy is None or self.privacy.fits_budget(self._steps(epochs))
+
+    def _steps(self, epochs: int) -> int:
+        return epochs * len(self.privacy.batch_sampler)
 
     def batches(self) -> Iterator[Batch]:
         """One epoch of training batches, on the model's device: Poisson-sampled units with

@@ -108,9 +108,9 @@ def run_federation(
         losses = algorithm.run_round(t)
         privacy = algorithm.privacy()
         rows: dict[int, list[dict[str, Any]]] = {c: [] for c in comm.owned}
-        for c, (epsilon, delta) in privacy.items():
+        for c, spent in privacy.items():
             rows[c].append({"file": "privacy", "round": number, "client": c,
-                            "epsilon": epsilon, "delta": delta, "unit": data[c].unit})
+                            **spent._asdict(), "unit": data[c].unit})
         if number % config.eval_every == 0 or number == config.rounds:
             for c, models in algorithm.evaluate().items():
                 rows[c] += _metric_rows(number, c, models, losses.get(c, {}),

@@ -95,8 +95,9 @@ class RunDirectory:
         if self.is_root:
             with atomic_path(self.config_path) as tmp:
                 tmp.write_text(dump_config(config))
-            for path in (self.metrics_path, self.privacy_path):
-                _keep_rounds_up_to(path, completed)
+            for path, columns in ((self.metrics_path, run_files.METRICS_COLUMNS),
+                                  (self.privacy_path, run_files.PRIVACY_COLUMNS)):
+                _keep_rounds_up_to(path, completed, columns)
             self.summary_path.unlink(missing_ok=True)
         log.info("resuming %s after round %d", self.root, completed)
         return completed
@@ -154,12 +155,15 @@ def _format(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _keep_rounds_up_to(path: Path, completed: int) -> None:
+def _keep_rounds_up_to(path: Path, completed: int, columns: tuple[str, ...]) -> None:
+    """Drop the rows after round ``completed``; write the header ``columns``, so that a file
+    from an older version gains its new columns (empty in its old rows)."""
     with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
-    kept = [rows[0]] + [row for row in rows[1:] if int(row[0]) <= completed]
+        rows = [row for row in csv.DictReader(handle) if int(row["round"]) <= completed]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        csv.writer(handle).writerows(kept)
+        writer = csv.DictWriter(handle, columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _differences(saved: FederationConfig, current: FederationConfig) -> list[str]:

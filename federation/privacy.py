@@ -472,7 +472,8 @@ class PrivateTraining:
             training.backward(per_sample_loss(model(x), y))   # shape (len(x),)
             training.step()
 
-    then once per round ``training.epsilon()`` and ``training.budget_exhausted``.
+    then once per round ``training.epsilon()``; before a round of s steps,
+    ``training.fits_budget(s)`` says whether it may run.
 
     For slide-level DP, ``num_units`` and ``batch_size`` count slides (the sampler draws
     slides; ``batch_size`` is the expected slides per step, which divides the noisy sum),
@@ -598,11 +599,17 @@ class PrivateTraining:
             )
         return self._epsilon_cache[1]
 
-    @property
-    def budget_exhausted(self) -> bool:
-        """True once ε has reached ``settings.epsilon_budget`` (never without a budget)."""
+    def epsilon_after(self, steps: int) -> float:
+        """ε at ``self.delta`` once ``steps`` more steps are taken, without taking them: σ and
+        q are fixed, so what a round will spend is known before it starts."""
+        history = [*self._accountant.history,
+                   (self.settings.noise_multiplier, self.sample_rate, steps)]
+        return epsilon_from_history(history, self.delta)
+
+    def fits_budget(self, steps: int) -> bool:
+        """True unless ``steps`` more steps would take ε past ``settings.epsilon_budget``."""
         budget = self.settings.epsilon_budget
-        return budget is not None and self.epsilon() >= budget
+        return budget is None or self.epsilon_after(steps) <= budget
 
     def state_dict(self) -> dict[str, Any]:
         """Accountant history and RNG states, so a resumed run neither forgets spent ε nor

@@ -122,7 +122,8 @@ def read_run(directory: Path) -> RunResult:
     privacy_path = directory / run_files.PRIVACY
     epsilon: dict[int, dict[int, float]] = {}
     deltas: set[float] = set()
-    for line, row in _read_csv(privacy_path, run_files.PRIVACY_COLUMNS):
+    # the columns read here, so that runs written before privacy.csv had ``status`` still load
+    for line, row in _read_csv(privacy_path, ("round", "client", "epsilon", "delta")):
         round_, client = _round_and_client(privacy_path, line, row)
         epsilon.setdefault(round_, {})[client] = _number(privacy_path, line, row["epsilon"])
         deltas.add(_number(privacy_path, line, row["delta"]))

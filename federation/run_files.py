@@ -7,7 +7,8 @@ Layout (the contract in DESIGN.md)::
     config.yaml                  the resolved configuration
     metrics.csv                  round, client, model, split, metric, value
     privacy.csv                  round, client, epsilon, delta, unit (what ε protects:
-                                 record, slide or patch)
+                                 record, slide or patch), status (active; stopped once the
+                                 next round would pass dp.epsilon_budget: ε is final)
     summary.json                 final results and where the time went
     checkpoints/latest.json      {"round": r}: the last complete checkpoint
     checkpoints/round_<r>/client_<k>.pt
@@ -43,7 +44,7 @@ FEDERATE_LOG = "federate.log"
 HOSPITALS = "hospitals"
 
 METRICS_COLUMNS = ("round", "client", "model", "split", "metric", "value")
-PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit")
+PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit", "status")
 
 # Dotted config keys, by what a difference in them means.
 #

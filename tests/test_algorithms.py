@@ -19,7 +19,7 @@ from federation.algorithms.fedavg import FedAvg
 from federation.algorithms.joint import Joint
 from federation.client import distillation_loss
 from federation.comm import LocalCommunicator
-from federation.config import config_from_dict
+from federation.config import ConfigError, config_from_dict
 from federation.data import load_client_data
 from federation.loop import run_federation
 from federation.topology import make_topology
@@ -214,25 +214,40 @@ def test_dp_changes_the_proxy_and_not_the_data_order(digits: Path, tmp_path: Pat
     assert not with_dp.clients[1].models["private"].is_private  # private never DP
 
 
-def test_epsilon_budget_stops_a_client(digits: Path, tmp_path: Path, caplog) -> None:
-    # Round 1 spends ε ≈ 3.5 at δ=1e-3 (q=1/3, σ=1, 3 steps); a budget of 4 allows one more.
-    config = _config(digits, tmp_path, rounds=5, **{"dp.epsilon_budget": 4.0})
+def test_epsilon_budget_stops_a_client_before_the_round_that_would_pass_it(
+        digits: Path, tmp_path: Path, caplog) -> None:
+    # At δ=1e-3 (q=1/3, σ=1, 3 steps a round) ε is 3.47 after round 1, 4.71 after round 2 and
+    # would be 5.69 after round 3: a budget of 5 allows two rounds, and round 3 never starts.
+    config = _config(digits, tmp_path, rounds=5, **{"dp.epsilon_budget": 5.0})
     with caplog.at_level(logging.WARNING, logger="federation.algorithms.base"):
         run_federation(config)
     rows = _rows(tmp_path / "privacy.csv")
-    by_client: dict[int, list[float]] = {}
+    by_client: dict[int, list[tuple[float, str]]] = {}
     for row in rows:
-        by_client.setdefault(int(row["client"]), []).append(float(row["epsilon"]))
-    for c, epsilons in by_client.items():
+        by_client.setdefault(int(row["client"]), []).append((float(row["epsilon"]),
+                                                             row["status"]))
+    for c, spent in by_client.items():
+        epsilons = [epsilon for epsilon, _ in spent]
         assert len(epsilons) == config.rounds
-        assert epsilons[0] < 4.0 <= epsilons[1], "budget chosen to be crossed in round 2"
-        assert epsilons[1:] == [epsilons[1]] * (config.rounds - 1), f"client {c} kept training"
-    stopped = [r.getMessage() for r in caplog.records if "epsilon budget" in r.getMessage()]
+        assert 4.5 < epsilons[1] <= 5.0, "budget chosen to allow exactly two rounds"
+        assert epsilons[2:] == [epsilons[1]] * (config.rounds - 2), f"client {c} kept training"
+        # the row of round 2 says that ε is final: the next round would pass the budget
+        assert [status for _, status in spent] == ["active"] + ["stopped"] * 4
+    stopped = [r.getMessage() for r in caplog.records if "would pass its budget" in r.getMessage()]
     assert len(stopped) == config.clients  # logged once per client
     # Private models keep learning: their metrics appear every round.
     metrics = _rows(tmp_path / "metrics.csv")
     last = [r for r in metrics if r["round"] == "5" and r["split"] == "train"]
     assert {r["model"] for r in last} == {"private"}
+
+
+def test_a_budget_below_one_round_is_refused_before_training(digits: Path,
+                                                             tmp_path: Path) -> None:
+    config = _config(digits, tmp_path / "run", **{"dp.epsilon_budget": 0.5})
+    with pytest.raises(ConfigError, match=r"^dp.epsilon_budget = 0.5 is below the epsilon of "
+                                          r"one round \(3.47 for client 0's proxy\); raise"):
+        run_federation(config)
+    assert not (tmp_path / "run").exists()
 
 
 def test_same_seed_same_models_other_seed_different(digits: Path, tmp_path: Path) -> None:
@@ -255,7 +270,7 @@ def test_regular_dp_trains_alone_with_dp(digits: Path, tmp_path: Path) -> None:
         algorithm.run_round(t)
     assert all(client.models["private"].is_private for client in algorithm.clients.values())
     assert comm.sent_log == []
-    epsilons = [eps for eps, _ in algorithm.privacy().values()]
+    epsilons = [spent.epsilon for spent in algorithm.privacy().values()]
     assert len(epsilons) == config.clients and min(epsilons) > 0
 
     def final_private(name: str) -> torch.Tensor:

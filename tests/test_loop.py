@@ -50,8 +50,10 @@ def test_outputs_have_the_promised_files_and_columns(digits: Path, tmp_path: Pat
     assert all(0 <= float(r["value"]) <= 1 for r in metrics if r["metric"] == "accuracy")
 
     columns, privacy = _read(tmp_path / "privacy.csv")
-    assert tuple(columns) == PRIVACY_COLUMNS == ("round", "client", "epsilon", "delta", "unit")
+    assert tuple(columns) == PRIVACY_COLUMNS == ("round", "client", "epsilon", "delta", "unit",
+                                                 "status")
     assert {r["unit"] for r in privacy} == {"record"}  # an image is one record
+    assert {r["status"] for r in privacy} == {"active"}  # no budget: never stopped
     assert len(privacy) == config.rounds * config.clients  # every round, not only evaluated ones
     for c in range(config.clients):
         epsilons = [float(r["epsilon"]) for r in privacy if r["client"] == str(c)]
@@ -118,6 +120,22 @@ def test_resume_extends_a_finished_run(digits: Path, tmp_path: Path) -> None:
     for name in ("metrics.csv", "privacy.csv"):
         assert (tmp_path / "short" / name).read_text() == (tmp_path / "long" / name).read_text()
     assert summary["rounds"] == 4
+
+
+def test_resume_adds_the_status_column_to_an_older_privacy_csv(digits: Path,
+                                                                tmp_path: Path) -> None:
+    run_federation(_config(digits, tmp_path, rounds=2))
+    _, rows = _read(tmp_path / "privacy.csv")
+    old_columns = [c for c in PRIVACY_COLUMNS if c != "status"]  # as versions before wrote it
+    with open(tmp_path / "privacy.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, old_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    run_federation(_config(digits, tmp_path, rounds=3), resume=True)
+    columns, resumed = _read(tmp_path / "privacy.csv")
+    assert tuple(columns) == PRIVACY_COLUMNS
+    assert [r["status"] for r in resumed] == [""] * 8 + ["active"] * 4
+    assert [r["epsilon"] for r in resumed[:8]] == [r["epsilon"] for r in rows]
 
 
 def test_a_checkpointed_run_is_not_overwritten_or_resumed_with_other_settings(

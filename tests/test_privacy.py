@@ -144,18 +144,21 @@ def test_mechanisms_account_identically():
     assert all(values == epsilons["hooks"] for values in epsilons.values())
 
 
-def test_budget_exhausted_once_epsilon_reaches_budget():
+def test_epsilon_after_a_round_is_known_before_it_and_bounds_the_budget():
     model = _small_mlp()
     probe = private_training(_small_mlp(), images(40, 0), sigma=1.0, batch_size=10)
     first, second = _run_rounds(probe, probe.model, rounds=2)
     training = private_training(
         model, images(40, 0), sigma=1.0, batch_size=10, budget=(first + second) / 2
     )
+    steps = len(training.batch_sampler)  # one round: 1/q Poisson batches
+    assert training.epsilon_after(steps) == first
+    assert training.fits_budget(steps)
     _run_rounds(training, model, rounds=1)
-    assert not training.budget_exhausted
-    _run_rounds(training, model, rounds=1)
-    assert training.budget_exhausted
-    assert not probe.budget_exhausted  # no budget: never exhausted
+    assert training.epsilon_after(steps) == pytest.approx(second, rel=1e-12)  # not spent:
+    assert training.epsilon() == first and training.steps_taken == steps
+    assert not training.fits_budget(steps)  # the second round would pass the budget
+    assert probe.fits_budget(10**6)  # no budget: always fits
 
 
 def test_same_seed_same_run_and_other_seed_differs():

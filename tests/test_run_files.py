@@ -26,8 +26,9 @@ def test_flatten_config_gives_dotted_keys():
 
 def test_read_rows_numbers_lines_and_checks_the_header(tmp_path):
     path = tmp_path / run_files.PRIVACY
-    path.write_text("round,client,epsilon,delta,unit\n1,0,0.5,1e-05,slide\n")
+    path.write_text("round,client,epsilon,delta,unit,status\n1,0,0.5,1e-05,slide,active\n")
     assert run_files.read_rows(path, run_files.PRIVACY_COLUMNS) == [
-        (2, {"round": "1", "client": "0", "epsilon": "0.5", "delta": "1e-05", "unit": "slide"})]
+        (2, {"round": "1", "client": "0", "epsilon": "0.5", "delta": "1e-05", "unit": "slide",
+             "status": "active"})]
     with pytest.raises(ValueError, match=r"privacy.csv: header lacks column\(s\) value$"):
         run_files.read_rows(path, ("round", "value"))

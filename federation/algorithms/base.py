@@ -10,9 +10,13 @@ Algorithms run collectively over the clients this process owns (all of them on t
 backend, one under MPI); every call into the communicator is made by every process in the
 same order, whatever a client's state, so nothing can hang.
 
-**ε budget.** A DP model whose ε reached ``dp.epsilon_budget`` (checked at the start of each
-round, so ε may pass the budget by at most one round's spend) stops training, once and for
-all, and the client logs it. It still takes part in every exchange, because its peers wait
+**ε budget.** σ, q and the steps of a round are fixed, so the ε after the next round is known
+before it starts. A DP model whose next round would take its ε past ``dp.epsilon_budget``
+does not start it: it stops training, once and for all, and the client logs it; its
+``privacy()`` status is ``stopped`` from the round after which it trains no more, so ε never
+exceeds the budget. A budget below what the first round spends is refused when the
+algorithm is built, before any training. A stopped model still takes part in every
+exchange, because its peers wait
 for a buffer: it sends its current model, which by then holds only parameters already
 released (its own last DP update, mixed with what it received from peers) — post-processing,
 so it costs no further privacy — and mixes what it receives as before, relaying the others'
@@ -27,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 
@@ -40,7 +44,7 @@ from federation.client import (
     train_mutual,
 )
 from federation.comm import Communicator
-from federation.config import FederationConfig
+from federation.config import ConfigError, FederationConfig
 from federation.data import ClientData
 from federation.devices import resolve_device
 from federation.topology import Topology, make_topology
@@ -49,6 +53,16 @@ log = logging.getLogger(__name__)
 
 Losses = dict[int, dict[str, float]]
 """Mean training loss of each model each client trained this round: client -> model -> loss."""
+
+
+class Spent(NamedTuple):
+    """What a client's DP model has spent after a round: (ε, δ), and ``status``: ``active``
+    while it may train on, ``stopped`` once its next round would pass the ε budget."""
+
+    epsilon: float
+    delta: float
+    status: str
+
 
 ALGORITHMS = catalog.ALGORITHMS
 
@@ -112,6 +126,18 @@ class Algorithm(ABC):
             for c in comm.owned
         }
         self._stopped: set[tuple[int, str]] = set()
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        """Refuse an ε budget that not even the first round fits in (the models are fresh)."""
+        epochs = self.config.optim.local_epochs
+        for c, client in self.clients.items():
+            for model in client.models.values():
+                if not model.fits_budget(epochs):
+                    raise ConfigError(
+                        f"dp.epsilon_budget = {self.config.dp.epsilon_budget:g} is below the "
+                        f"epsilon of one round ({model.epsilon_after(epochs):.3g} for client "
+                        f"{c}'s {model.name}); raise the budget or dp.noise_multiplier")
 
     @abstractmethod
     def run_round(self, round: int) -> Losses:
@@ -124,15 +150,16 @@ class Algorithm(ABC):
         return make_topology(self.config.topology, self.comm.size)
 
     def may_train(self, client: Client, name: str) -> bool:
-        """False for a DP model past its ε budget (logged the first time)."""
+        """False for a DP model whose next round would pass its ε budget (logged the first
+        time)."""
         model = client.models[name]
-        if not model.budget_exhausted:
+        if model.fits_budget(self.config.optim.local_epochs):
             return True
         if (client.id, name) not in self._stopped:
             self._stopped.add((client.id, name))
             log.warning(
-                "client %d: %s reached its epsilon budget (%.3g >= %.3g); it stops training "
-                "and from now on only passes on parameters already released",
+                "client %d: %s stops at epsilon %.3g, as another round would pass its budget "
+                "%.3g; from now on it only passes on parameters already released",
                 client.id, name, model.epsilon(), self.config.dp.epsilon_budget,
             )
         return False
@@ -222,14 +249,16 @@ class Algorithm(ABC):
                 for c, client in self.clients.items()
             }
 
-    def privacy(self) -> dict[int, tuple[float, float]]:
-        """(ε, δ) of each client's DP model; call once per round. Empty without DP."""
+    def privacy(self) -> dict[int, Spent]:
+        """What each client's DP model has spent; call once per round. Empty without DP."""
         report = {}
+        epochs = self.config.optim.local_epochs
         with self.stopwatch("accounting"):
             for c, client in self.clients.items():
                 for model in client.models.values():
                     if model.is_private:
-                        report[c] = (model.epsilon(), float(model.delta))
+                        status = "active" if model.fits_budget(epochs) else "stopped"
+                        report[c] = Spent(model.epsilon(), float(model.delta), status)
         return report
 
     def state_dict(self, client: int) -> dict[str, Any]:
