@@ -228,10 +228,14 @@ class FedAvgConfig:
 @dataclass(frozen=True)
 class FederationConfig:
     """One federation run. ``backend``: auto (mpi when started by mpiexec, else local), local
-    or mpi. ``threads``: torch threads per process (null: the cores available to the
-    process, divided among the ranks on the node; on a machine shared with other jobs use 1,
-    as OpenMP threads waiting for a busy core made an MLP step 50x slower, 300 ms against
-    5 ms, on a loaded 2-core VM). ``device``: auto (a GPU when CUDA sees one, else the CPU),
+    or mpi. ``threads``: torch threads per process. The thread count changes the order of
+    float sums, so the default, 1, is what makes the backends' results agree (and suits a
+    machine shared with other jobs: OpenMP threads waiting for a busy core made an MLP step
+    50x slower, 300 ms against 5 ms, on a loaded 2-core VM). null: the cores available to
+    the process, divided among the ranks on the node — faster on a dedicated machine, but
+    then the local backend (one process) and MPI (one per client) run different thread
+    counts and their results differ in the last bits. ``device``: auto (a GPU when CUDA
+    sees one, else the CPU),
     cpu or cuda; ranks on one node share its GPUs round-robin. ``checkpoint_every``: rounds between
     checkpoints (0: only after the last round). ``eval_every``: rounds between evaluations
     (the last round is always evaluated). ``topology``: the graph of AvgPush and ProxyFL."""
@@ -241,7 +245,7 @@ class FederationConfig:
     seed: int = 0
     clients: int = _setting(8, _positive)
     backend: str = _setting("auto", _one_of(("auto", "local", "mpi")))
-    threads: int | None = _setting(None, _positive)
+    threads: int | None = _setting(1, _positive)
     device: str = _setting("auto", _one_of(("auto", "cpu", "cuda")))
     output_dir: str = "results/federation"
     checkpoint_every: int = _setting(10, _non_negative)

@@ -45,8 +45,9 @@ def resolve_backend(backend: str) -> str:
 
 
 def configure_threads(config: FederationConfig, comm: Communicator) -> int:
-    """Set torch's intra-op threads: ``config.threads``, or this node's cores shared among the
-    processes on it (one thread per rank when K ranks share fewer than 2K cores)."""
+    """Set torch's intra-op threads: ``config.threads`` (default 1 on every backend), or with
+    null this node's cores shared among the processes on it (one thread per rank when K ranks
+    share fewer than 2K cores, all of them for the local backend's one process)."""
     threads = config.threads
     if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (

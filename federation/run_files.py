@@ -53,8 +53,10 @@ PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit", "status")
 EXECUTION_KEYS = frozenset({"backend", "threads", "device", "checkpoint_every", "output_dir",
                             "slides.workers"})
 # RESUMABLE_CHANGES: what may differ between a run and its resumption (``outputs``, on
-# ``--resume``): how it executes, and for how long. output_dir is where the run is found.
-RESUMABLE_CHANGES = (EXECUTION_KEYS - {"output_dir"}) | {"rounds"}
+# ``--resume``): how it executes, and for how long. output_dir is where the run is found;
+# threads changes the order of float sums, so a resumed run would no longer give the
+# uninterrupted run's numbers.
+RESUMABLE_CHANGES = (EXECUTION_KEYS - {"output_dir", "threads"}) | {"rounds"}
 # RUNNER_KEYS: what the benchmark runner sets per run; an override of one would contradict
 # its --algorithms, --seeds, -o or --backend.
 RUNNER_KEYS = frozenset({"algorithm", "seed", "output_dir", "backend"})

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from federation_synthetic import run_killed_in_round, small_config, write_synthetic_digits
 
 from federation.algorithms import ALGORITHMS
+from federation.comm import LocalCommunicator
 from federation.config import ConfigError, config_from_dict, load_config
-from federation.loop import resolve_backend, run_federation
+from federation.loop import configure_threads, resolve_backend, run_federation
 from federation.run_files import METRICS_COLUMNS, PRIVACY_COLUMNS
 from slidefed.cli import main
 
@@ -161,6 +166,20 @@ def test_backend_auto_picks_mpi_only_under_a_launcher(monkeypatch) -> None:
     monkeypatch.setenv("PMI_RANK", "0")
     assert resolve_backend("auto") == "mpi"
     assert resolve_backend("local") == "local"
+
+
+def test_the_default_thread_count_is_the_same_on_both_backends(monkeypatch) -> None:
+    set_to: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("MPI_LOCALNRANKS", "4")
+    local = LocalCommunicator(4)
+    rank = SimpleNamespace(owned=[1], size=4)  # one of four ranks under mpiexec, as comm sees
+    config = config_from_dict({"clients": 4})
+    assert configure_threads(config, local) == configure_threads(config, rank) == 1
+    cores = dataclasses.replace(config, threads=None)  # the cores, shared among the processes
+    assert (configure_threads(cores, local), configure_threads(cores, rank)) == (8, 2)
+    assert set_to == [1, 1, 8, 2]
 
 
 def test_slidefed_federate_runs_the_demo_config(digits: Path, tmp_path: Path, capsys) -> None:
