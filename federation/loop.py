@@ -78,13 +78,13 @@ def run_federation(
     data = load_client_data(config, comm.owned)
     algorithm: Algorithm = ALGORITHMS[config.algorithm](config, comm, data)
     run = RunDirectory(config.output_dir, is_root=comm.is_root)
-    earlier = {"wall_s": 0.0, "seconds": {}}
+    earlier = {"wall_s": 0.0, "seconds": {}, "elements_sent": 0}
     if resume and run.checkpoint_round() is not None:
         completed = run.resume(config)
         for c in comm.owned:
             state = run.load_client(completed, c)
             algorithm.load_state_dict(c, state["algorithm"])
-        earlier = run.load_client(completed, comm.owned[0])["process"]
+        earlier = {**earlier, **run.load_client(completed, comm.owned[0])["process"]}
         for category, seconds in earlier["seconds"].items():
             algorithm.stopwatch.seconds[category] += seconds
     else:
@@ -125,22 +125,19 @@ def run_federation(
         if number == config.rounds or (
             config.checkpoint_every and number % config.checkpoint_every == 0
         ):
-            wall = earlier["wall_s"] + time.perf_counter() - started
-            _checkpoint(run, algorithm, comm, number, wall)
+            _checkpoint(run, algorithm, comm, number, earlier, started)
 
     with algorithm.stopwatch("evaluation"):
         _save_final_models(run, algorithm, data, config)
     comm.barrier()
-    wall = earlier["wall_s"] + time.perf_counter() - started
-    process = {"file": "process", "seconds": dict(algorithm.stopwatch.seconds),
-               "elements_sent": sum(t.numel for t in comm.sent_log)}
+    process = {"file": "process", **_process_totals(algorithm, comm, earlier, started)}
     processes = comm.gather_rows({c: [process] if c == comm.owned[0] else []
                                   for c in comm.owned})
     if processes is None:
         return None
     if not latest:  # resumed a finished run: the final rows are on disk already
         latest = _latest_from_files(run)
-    summary = _summary(config, algorithm, latest, processes, wall, completed)
+    summary = _summary(config, algorithm, latest, processes, process["wall_s"], completed)
     run.write_summary(summary)
     return summary
 
@@ -178,11 +175,19 @@ def _metric_rows(
     return rows
 
 
-def _checkpoint(
-    run: RunDirectory, algorithm: Algorithm, comm: Communicator, number: int, wall: float
-) -> None:
+def _process_totals(algorithm: Algorithm, comm: Communicator, earlier: Mapping[str, Any],
+                    started: float) -> dict[str, Any]:
+    """This process's wall time, seconds per category and elements sent over the whole run:
+    ``earlier`` holds the totals of the rounds before a resume (the stopwatch has them)."""
+    return {"wall_s": earlier["wall_s"] + time.perf_counter() - started,
+            "seconds": dict(algorithm.stopwatch.seconds),
+            "elements_sent": earlier["elements_sent"] + sum(t.numel for t in comm.sent_log)}
+
+
+def _checkpoint(run: RunDirectory, algorithm: Algorithm, comm: Communicator, number: int,
+                earlier: Mapping[str, Any], started: float) -> None:
     with algorithm.stopwatch("checkpointing"):
-        process = {"wall_s": wall, "seconds": dict(algorithm.stopwatch.seconds)}
+        process = _process_totals(algorithm, comm, earlier, started)
         for c in comm.owned:
             run.save_client(number, c, {"round": number, "algorithm": algorithm.state_dict(c),
                                         "process": process})
