@@ -25,7 +25,7 @@ def run_federate(args: argparse.Namespace) -> int:
 
     def main() -> int:
         comm = make_communicator(resolve_backend(config.backend), config.clients)
-        summary = run_federation(config, comm, resume=args.resume)
+        summary = run_federation(config, comm, resume=args.resume, force=args.force)
         if summary is not None:
             print(_one_line(summary, config.output_dir))
         return 0
@@ -68,8 +68,12 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--backend", choices=("mpi", "local"), default=None,
                    help="mpi: one rank per client; local: all clients in this process "
                         "(default: the config's backend; auto picks mpi under mpiexec)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in output_dir from its last checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in output_dir from its last checkpoint")
+    again.add_argument("--force", action="store_true",
+                       help="start afresh even if output_dir holds a finished or checkpointed "
+                            "run, deleting its checkpoints and summary")
     p.set_defaults(run=run_federate)
 
     p = commands.add_parser(

@@ -24,24 +24,37 @@ from tqdm import tqdm
 from federation import run_files
 from federation.algorithms import ALGORITHMS, Algorithm
 from federation.comm import Communicator, make_communicator
-from federation.config import FederationConfig
+from federation.config import ConfigError, FederationConfig
 from federation.data import ClientData, load_client_data
 from federation.model_files import save_model
+from federation.models import check_timm_names
 from federation.outputs import RunDirectory
 
 log = logging.getLogger(__name__)
 
 # Environment variables by which MPI launchers announce a rank (MPICH/hydra and Intel MPI,
-# Open MPI, PMIx) and, second, the number of ranks on this node.
+# Open MPI, PMIx), the number of ranks (MPICH/hydra, Intel MPI and Slurm's PMI-2; Open MPI)
+# and the number of ranks on this node.
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+_WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 _LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
 def resolve_backend(backend: str) -> str:
-    """``auto`` -> ``mpi`` inside an MPI launcher (mpiexec, srun), else ``local``."""
-    if backend != "auto":
-        return backend
-    return "mpi" if any(v in os.environ for v in _RANK_VARIABLES) else "local"
+    """``auto`` -> ``mpi`` inside an MPI launcher (mpiexec, srun), else ``local``.
+
+    ``local`` inside a launch of several processes is refused: each process would run the
+    whole federation, all of them into one output directory.
+    """
+    if backend == "auto":
+        backend = "mpi" if any(v in os.environ for v in _RANK_VARIABLES) else "local"
+    world = max((int(os.environ[v]) for v in _WORLD_SIZE_VARIABLES
+                 if os.environ.get(v, "").isdigit()), default=1)
+    if backend == "local" and world > 1:
+        raise ConfigError(f"backend local under an MPI launch of {world} processes would run "
+                          f"{world} whole federations into one output_dir; use --backend mpi, "
+                          "or start one process")
+    return backend
 
 
 def configure_threads(config: FederationConfig, comm: Communicator) -> int:
@@ -62,36 +75,42 @@ def configure_threads(config: FederationConfig, comm: Communicator) -> int:
 
 
 def run_federation(
-    config: FederationConfig, comm: Communicator | None = None, *, resume: bool = False
+    config: FederationConfig, comm: Communicator | None = None, *, resume: bool = False,
+    force: bool = False,
 ) -> dict[str, Any] | None:
     """Run (or with ``resume`` continue) the federation ``config`` describes.
 
-    ``comm`` defaults to the communicator of ``config.backend``. Returns the summary (also
-    written to ``summary.json``) on the root process, None elsewhere.
+    ``comm`` defaults to the communicator of ``config.backend``. ``force`` overwrites a
+    finished or checkpointed run in ``output_dir`` (otherwise refused). Returns the summary
+    (also written to ``summary.json``) on the root process, None elsewhere.
     """
     started = time.perf_counter()
     if comm is None:
         comm = make_communicator(resolve_backend(config.backend), config.clients)
     if comm.size != config.clients:
         raise ValueError(f"clients = {config.clients} but the communicator has {comm.size}")
+    # What can be checked without the data (models, output directory), before loading it.
+    check_timm_names(config.model)
+    run = RunDirectory(config.output_dir, is_root=comm.is_root)
+    run.check_writable()
+    if resume and run.checkpoint_round() is not None:
+        completed = run.resume(config)
+    else:
+        if resume:
+            log.info("--resume: no checkpoint in %s; starting from round 1", run.root)
+        run.start(config, force=force)
+        completed = 0
     threads = configure_threads(config, comm)
     data = load_client_data(config, comm.owned)
     algorithm: Algorithm = ALGORITHMS[config.algorithm](config, comm, data)
-    run = RunDirectory(config.output_dir, is_root=comm.is_root)
     earlier = {"wall_s": 0.0, "seconds": {}, "elements_sent": 0}
-    if resume and run.checkpoint_round() is not None:
-        completed = run.resume(config)
+    if completed:
         for c in comm.owned:
             state = run.load_client(completed, c)
             algorithm.load_state_dict(c, state["algorithm"])
         earlier = {**earlier, **run.load_client(completed, comm.owned[0])["process"]}
         for category, seconds in earlier["seconds"].items():
             algorithm.stopwatch.seconds[category] += seconds
-    else:
-        if resume:
-            log.info("--resume: no checkpoint in %s; starting from round 1", run.root)
-        run.start(config)
-        completed = 0
     for c in comm.owned:
         data[c].write_records(run.hospital_dir(data[c].name))
     comm.barrier()

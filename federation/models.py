@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from federation.catalog import MODELS, TIMM_PREFIX, available_models
+from federation.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,20 @@ def create_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return factory(num_classes=num_classes, **options)
+
+
+def check_timm_names(config: ModelConfig) -> None:
+    """Fail in one line if ``model.private`` or ``model.proxy`` is a ``timm:<name>`` timm does
+    not know. Configuration checks cannot ask timm (it imports torch), so a run asks this
+    before it loads any data."""
+    for key in ("private", "proxy"):
+        name = getattr(config, key)
+        if name.startswith(TIMM_PREFIX):
+            import timm
+
+            if not timm.is_model(name[len(TIMM_PREFIX):]):
+                raise ConfigError(f"model.{key} = {name!r}: timm has no model "
+                                  f"{name[len(TIMM_PREFIX):]!r} (see timm.list_models())")
 
 
 class ModelOptionsError(ValueError):

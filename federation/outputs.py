@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,34 @@ class RunDirectory:
             return None
         return int(json.loads(self.latest_path.read_text())["round"])
 
-    def start(self, config: FederationConfig) -> None:
-        """Begin a fresh run: refuse to overwrite a checkpointed one, write config and headers."""
-        if self.checkpoint_round() is not None:
+    def check_writable(self) -> None:
+        """Fail in one line, before any work, unless this process can write under ``root``."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"output_dir {self.root}: is a file, not a directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as error:
+            raise ConfigError(f"output_dir {self.root}: cannot write there "
+                              f"({error.strerror or error})") from None
+
+    def start(self, config: FederationConfig, *, force: bool = False) -> None:
+        """Begin a fresh run: write config and headers. A checkpointed or finished run here is
+        refused unless ``force``, which deletes its checkpoints and summary first."""
+        if not force and self.checkpoint_round() is not None:
             raise ConfigError(
-                f"{self.root} holds a checkpointed run; pass --resume to continue it, or "
-                "choose another output_dir"
+                f"{self.root} holds a checkpointed run; pass --resume to continue it, --force "
+                "to overwrite it, or choose another output_dir"
+            )
+        if not force and self.summary_path.is_file():
+            raise ConfigError(
+                f"{self.root} holds the results of a finished run ({run_files.SUMMARY}); pass "
+                "--force to overwrite them, or choose another output_dir"
             )
         if not self.is_root:
             return
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.config_path) as tmp:
             tmp.write_text(dump_config(config))

@@ -247,7 +247,8 @@ def test_a_budget_below_one_round_is_refused_before_training(digits: Path,
     with pytest.raises(ConfigError, match=r"^dp.epsilon_budget = 0.5 is below the epsilon of "
                                           r"one round \(3.47 for client 0's proxy\); raise"):
         run_federation(config)
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert (tmp_path / "run" / "privacy.csv").read_text().count("\n") == 1  # the header only
 
 
 def test_same_seed_same_models_other_seed_different(digits: Path, tmp_path: Path) -> None:

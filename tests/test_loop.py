@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -158,6 +159,42 @@ def test_a_checkpointed_run_is_not_overwritten_or_resumed_with_other_settings(
                        resume=True)
 
 
+def test_finished_results_are_not_overwritten_without_force(digits: Path,
+                                                             tmp_path: Path) -> None:
+    run_federation(_config(digits, tmp_path, rounds=1))
+    shutil.rmtree(tmp_path / "checkpoints")  # what is left: a finished run's results
+    finished = (tmp_path / "metrics.csv").read_text()
+    with pytest.raises(ConfigError, match="holds the results of a finished run .*--force"):
+        run_federation(_config(digits, tmp_path, rounds=1, seed=1))
+    assert (tmp_path / "metrics.csv").read_text() == finished
+    summary = run_federation(_config(digits, tmp_path, rounds=1, seed=1), force=True)
+    assert summary["seed"] == 1 and (tmp_path / "metrics.csv").read_text() != finished
+    # --force also replaces a checkpointed run, whose old checkpoints must not survive it
+    run_federation(_config(digits, tmp_path, rounds=2, checkpoint_every=1), force=True)
+    run_federation(_config(digits, tmp_path, rounds=1, checkpoint_every=0), force=True)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("round_*")] == ["round_000001"]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("a_file", r"output_dir .*a_file: is a file, not a directory$"),
+    ("a_file/run", r"output_dir .*a_file/run: cannot write there \(Not a directory\)$"),
+])
+def test_an_unusable_output_dir_fails_before_the_data_loads(tmp_path: Path, where: str,
+                                                            message: str) -> None:
+    (tmp_path / "a_file").write_text("not a directory")
+    config = _config(tmp_path / "no_data_here", tmp_path / where)
+    with pytest.raises(ConfigError, match=message):
+        run_federation(config)
+
+
+def test_an_unknown_timm_model_fails_before_the_data_loads(tmp_path: Path) -> None:
+    config = _config(tmp_path / "no_data_here", tmp_path / "run",
+                     **{"model.proxy": "timm:no_such_net"})
+    with pytest.raises(ConfigError, match=r"^model.proxy = 'timm:no_such_net': timm has no "
+                                          r"model 'no_such_net'"):
+        run_federation(config)
+
+
 def test_resume_without_a_checkpoint_starts_afresh(digits: Path, tmp_path: Path) -> None:
     summary = run_federation(_config(digits, tmp_path, rounds=1), resume=True)
     assert summary["resumed_from_round"] is None and summary["rounds"] == 1
@@ -170,6 +207,18 @@ def test_backend_auto_picks_mpi_only_under_a_launcher(monkeypatch) -> None:
     monkeypatch.setenv("PMI_RANK", "0")
     assert resolve_backend("auto") == "mpi"
     assert resolve_backend("local") == "local"
+
+
+@pytest.mark.parametrize("variable", ["PMI_SIZE", "OMPI_COMM_WORLD_SIZE"])
+def test_a_local_backend_is_refused_inside_an_mpi_launch_of_several(monkeypatch,
+                                                                     variable: str) -> None:
+    monkeypatch.setenv(variable, "1")
+    assert resolve_backend("local") == "local"  # one process: one federation
+    monkeypatch.setenv(variable, "2")
+    with pytest.raises(ConfigError, match="^backend local under an MPI launch of 2 processes "
+                                          "would run 2 whole federations into one output_dir"):
+        resolve_backend("local")
+    assert resolve_backend("mpi") == "mpi"
 
 
 def test_the_default_thread_count_is_the_same_on_both_backends(monkeypatch) -> None:
@@ -202,3 +251,7 @@ def test_slidefed_federate_runs_the_demo_config(digits: Path, tmp_path: Path, ca
     assert saved.backend == "local" and saved.data.root == str(digits) and saved.rounds == 2
     assert main(["-q", "federate", "--config", str(out / "config.yaml")]) == 1
     assert "pass --resume" in capsys.readouterr().err
+    assert main(["-q", "federate", "--config", str(out / "config.yaml"), "--force"]) == 0
+    with pytest.raises(SystemExit):  # two ways of treating an earlier run: choose one
+        main(["-q", "federate", "--config", str(out / "config.yaml"), "--force", "--resume"])
+    assert "not allowed with argument" in capsys.readouterr().err
