@@ -67,6 +67,19 @@ def test_mpi_run_writes_the_local_backends_files(
         assert mpi_summary["elements_sent"] == 3 * 4 * proxy  # one proxy per client per round
 
 
+def test_a_local_backend_under_a_launch_of_two_is_refused(digits: Path, tmp_path: Path) -> None:
+    # Each rank would run the whole federation, both into one output_dir.
+    path = _write_config(digits, tmp_path)
+    result, _ = _mpiexec(2, "-m", "slidefed", "federate", "--config", str(path),
+                         "--backend", "local", "--set", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: backend local under an MPI launch of 2 processes would run 2 whole "
+                     "federations into one output_dir; use --backend mpi, or start one "
+                     "process"] * 2
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_exception_on_one_rank_ends_every_rank_with_its_message(
     digits: Path, tmp_path: Path
 ) -> None:
