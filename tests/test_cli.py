@@ -9,8 +9,10 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from damage import zero_tile_data
 
 from slidefed.cli import main
+from wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
 SLIDEFED = [sys.executable, "-m", "slidefed"]
 
@@ -98,3 +100,26 @@ def test_label_must_be_0_or_1(tmp_path):
     run = subprocess.run([*SLIDEFED, "tile", str(tmp_path / "s.svs"), "-o",
                           str(tmp_path / "b.h5"), "--label", "2"], capture_output=True, text=True)
     assert run.returncode == 2 and "--label" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def zeroed_level0(tmp_path_factory):
+    """A synthetic slide whose level-0 JPEG tiles are zeroed: the overview (level 1) reads
+    fine, the patches (level 0) do not, so the failure happens in the tiling workers."""
+    out = tmp_path_factory.mktemp("zeroed")
+    spec = SyntheticSlideSpec(width=4096, height=2048, mpp=0.5, tumour_regions=0)
+    slide = write_synthetic_slide(out / "good.tiff", spec).path
+    return zero_tile_data(slide, out / "zeroed.tiff", page=0)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_corrupt_tile_data_is_one_line_and_leaves_nothing(tmp_path, zeroed_level0, workers):
+    # Used to be an imagecodecs traceback with exit status 0; with workers, SlideError did
+    # not survive pickling and the pool waited forever.
+    bag = tmp_path / "b.h5"
+    run = subprocess.run([*SLIDEFED, "-q", "tile", str(zeroed_level0), "-o", str(bag),
+                          "--workers", workers], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {zeroed_level0}: cannot read region")
+    assert "JPEG tile" in lines[0] and not list(tmp_path.iterdir())

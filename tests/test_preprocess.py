@@ -12,6 +12,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+from damage import zero_tile_data
 
 from preprocessing.hospital import (
     SlideListError,
@@ -34,6 +35,7 @@ def _cohort(tmp_path: Path, real_slide: Path, n_good: int = 2) -> Path:
         (slides / f"good{i}.svs").symlink_to(real_slide)
     (slides / "text.svs").write_text("not a slide")
     (slides / "truncated.svs").write_bytes(real_slide.read_bytes()[:500_000])
+    zero_tile_data(real_slide, slides / "zeroed.svs", tiles=slice(5, 40))
     (slides / "notes.txt").write_text("ignored: not a slide extension")
     return slides
 
@@ -43,11 +45,13 @@ def test_bad_slides_are_recorded_and_the_rest_tiled(tmp_path, real_slide):
     out = tmp_path / "out"
     rows = preprocess_hospital("h1", slides, out, workers=2, progress=False)
     by_id = {r.slide_id: r for r in rows}
-    assert set(by_id) == {"good0", "good1", "text", "truncated"}
+    assert set(by_id) == {"good0", "good1", "text", "truncated", "zeroed"}
     assert by_id["good0"].status == by_id["good1"].status == "ok"
     assert by_id["good0"].n_patches > 10 and by_id["good0"].mpp == pytest.approx(0.499)
     assert by_id["text"].status == "failed" and "not a slide format" in by_id["text"].error
     assert "truncated" in by_id["truncated"].error
+    # A decoder error of the direct JPEG path used to reach the manifest without the file.
+    assert by_id["zeroed"].error.startswith(f"{slides / 'zeroed.svs'}: cannot read region")
     assert read_manifest(out / "manifest.csv") == rows
     assert sorted(p.name for p in (out / "bags").iterdir()) == ["good0.h5", "good1.h5"]
     assert (out / "qc" / "good0.png").is_file()
@@ -110,12 +114,12 @@ def test_cli_exits_nonzero_only_when_every_slide_failed(tmp_path, real_slide):
     ok = subprocess.run([*SLIDEFED, "-q", "preprocess", "--hospital", "h1", "--slides",
                          str(slides), "-o", str(tmp_path / "o1")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert "1 of 3 slides ok" in ok.stdout and "failed text: " in ok.stdout
+    assert "1 of 4 slides ok" in ok.stdout and "failed text: " in ok.stdout
     (slides / "good0.svs").unlink()
     bad = subprocess.run([*SLIDEFED, "-q", "preprocess", "--hospital", "h1", "--slides",
                           str(slides), "-o", str(tmp_path / "o2")], capture_output=True,
                          text=True)
-    assert bad.returncode == 1 and "0 of 2 slides ok" in bad.stdout
+    assert bad.returncode == 1 and "0 of 3 slides ok" in bad.stdout
 
 
 @pytest.mark.slow

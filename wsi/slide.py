@@ -17,7 +17,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from .jpeg_tiles import open_jpeg_tiles
+from .jpeg_tiles import TileError, open_jpeg_tiles
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ class SlideError(ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Tiling workers raise it in another process; the default pickling would call
+        # SlideError(message) and fail, leaving the pool waiting for a result forever.
+        return SlideError, (self.path, self.reason)
 
 
 @dataclass(frozen=True)
@@ -148,14 +153,14 @@ class Slide:
                           size: tuple[int, int]) -> Image.Image:
         """Read ``size`` (w, h) pixels at ``level`` whose top-left is level-0 ``location``, as
         an RGB image (PIL, so that resizing and cutting happen before any array copy)."""
-        if self._jpeg is not None and level in self._jpeg.levels:
-            downsample = self.info.level_downsamples[level]
-            pixels = self._jpeg.levels[level].read(round(location[0] / downsample),
-                                                   round(location[1] / downsample), *size)
-            return Image.fromarray(pixels)
         try:
+            if self._jpeg is not None and level in self._jpeg.levels:
+                downsample = self.info.level_downsamples[level]
+                pixels = self._jpeg.levels[level].read(round(location[0] / downsample),
+                                                       round(location[1] / downsample), *size)
+                return Image.fromarray(pixels)
             rgba = self._osr.read_region(location, level, size)
-        except openslide.OpenSlideError as exc:
+        except (openslide.OpenSlideError, TileError) as exc:
             raise SlideError(self.info.path, f"cannot read region at {location} "
                                              f"level {level} ({exc})") from exc
         if rgba.getchannel("A").getextrema()[0] < 255:  # pixels not imaged: show them as glass
