@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 from tqdm import tqdm
 
-from slidefed.atomic import atomic_path
+from slidefed.atomic import atomic_path, make_directory
 from wsi.bag import (
     FORMAT_VERSION,
     BagError,
@@ -232,7 +232,7 @@ def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
     out_dir = Path(out_dir)
     options = options or TilingOptions()
     entries = read_slide_list(slides, annotations)
-    (out_dir / "bags").mkdir(parents=True, exist_ok=True)
+    make_directory(out_dir / "bags")
     rows: dict[str, ManifestRow] = {}
     todo = []
     for entry in entries:

@@ -18,7 +18,7 @@ import numpy as np
 from shapely import Polygon
 from tqdm import tqdm
 
-from slidefed.atomic import remove_stale_partials
+from slidefed.atomic import make_directory, remove_stale_partials
 from wsi.annotations import read_tumour_annotation, tumour_fractions
 from wsi.bag import (
     BagAttributes,
@@ -153,7 +153,7 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
     if slide_label not in (None, 0, 1):
         raise SlideError(slide_path, f"slide label must be 0 or 1, got {slide_label!r}")
     slide_id = slide_id or slide_path.stem
-    bag_path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(bag_path.parent)
     for stale in remove_stale_partials(bag_path):
         log.info("removed %s left by an interrupted run", stale)
     with open_slide(slide_path, options.slide_mpp) as slide:

@@ -127,6 +127,24 @@ def test_commit_refuses_an_incomplete_bag(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_rename_deletes_the_temporary_file(tmp_path):
+    # A directory appears at the bag's name while it is written: the rename fails, and the
+    # hidden temporary used to stay behind.
+    path = tmp_path / "s1.h5"
+    writer = BagWriter(path, ATTRS, GEOMETRY, np.zeros((1, 2), int), np.ones(1), DEFLATE)
+    writer.write_chunks(0, *_encoded(_patches(1), DEFLATE))
+    path.mkdir()
+    with pytest.raises(IsADirectoryError):
+        writer.commit()
+    assert [p.name for p in tmp_path.iterdir()] == ["s1.h5"]
+
+
+def test_a_directory_is_not_a_bag_to_write(tmp_path):
+    with pytest.raises(BagError, match="is a directory, not a bag file"):
+        BagWriter(tmp_path, ATTRS, GEOMETRY, np.zeros((1, 2), int), np.ones(1), DEFLATE)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_validation_names_the_problem(tmp_path):
     path = tmp_path / "s1.h5"
     _write(path)

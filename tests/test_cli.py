@@ -123,3 +123,28 @@ def test_corrupt_tile_data_is_one_line_and_leaves_nothing(tmp_path, zeroed_level
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {zeroed_level0}: cannot read region")
     assert "JPEG tile" in lines[0] and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("output, message", [
+    ("adir", "{out}/adir: is a directory, not a bag file"),
+    ("afile/b.h5", "{out}/afile: is a file, not a directory"),
+])
+def test_unusable_output_paths_are_one_line_and_leave_nothing(real_slide, tmp_path, output,
+                                                               message):
+    # An existing directory used to cost a traceback and a leftover .partial bag; a file
+    # as the parent, a traceback.
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").touch()
+    run = subprocess.run([*SLIDEFED, "-q", "tile", str(real_slide), "-o",
+                          str(tmp_path / output)], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [f"error: {message.format(out=tmp_path)}"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adir", "afile"]
+
+
+def test_preprocess_into_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").touch()
+    (tmp_path / "s.svs").write_text("not read")
+    assert main(["-q", "preprocess", "--hospital", "h", "--slides", str(tmp_path),
+                 "-o", str(tmp_path / "afile")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'afile' / 'bags'}: Not a directory\n"

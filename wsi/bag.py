@@ -364,14 +364,26 @@ class BagWriter:
                  encoding: PatchEncoding | None = None,
                  labels: PatchLabels | None = None) -> None:
         self.path = Path(path)
-        n, size = len(coords), geometry.patch_size
+        n = len(coords)
         if labels is not None and labels.values.shape != (n,):
             raise ValueError(f"{n} patches but {labels.values.shape[0]} labels")
+        if self.path.is_dir():
+            raise BagError(self.path, "is a directory, not a bag file")
         self._tmp = partial_path(self.path)
         self._written = np.zeros(n, bool)
         self._checksums = np.zeros(n, np.uint32)
         self._file = h5py.File(self._tmp, "w")
-        f = self._file
+        try:
+            self._patches = self._create(attributes, geometry, coords, tissue_fraction,
+                                         encoding or PatchEncoding(), labels)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create(self, attributes: BagAttributes, geometry: PatchGeometry, coords: np.ndarray,
+                tissue_fraction: np.ndarray, encoding: PatchEncoding,
+                labels: PatchLabels | None) -> h5py.Dataset:
+        f, n, size = self._file, len(coords), geometry.patch_size
         f.attrs.update({**asdict(attributes), "format": FORMAT_NAME,
                         "format_version": FORMAT_VERSION,
                         "slidefed_version": version("slidefed")})
@@ -382,12 +394,11 @@ class BagWriter:
         if labels is not None:
             ds = _small_dataset(f, "labels", labels.values)
             ds.attrs.update({"source": labels.source, "threshold": labels.threshold})
-        encoding = encoding or PatchEncoding()
         self._codec = CODECS[encoding.name]
         patches = self._codec.create(f, n, size, encoding.level)
         patches.attrs.update({"encoding": encoding.name, "encoding_level": encoding.level,
                               "patch_size": size, "color": "RGB"})
-        self._patches = patches
+        return patches
 
     def write_chunks(self, start: int, chunks: Sequence[bytes],
                      checksums: Sequence[int]) -> None:
@@ -401,15 +412,18 @@ class BagWriter:
 
     def commit(self) -> Path:
         """Write the checksums, close the file and rename it into place; every patch must
-        have been written."""
-        missing = np.flatnonzero(~self._written)
-        if len(missing):
+        have been written. On any failure, the rename included, the temporary file is deleted."""
+        try:
+            missing = np.flatnonzero(~self._written)
+            if len(missing):
+                raise BagError(self.path, f"{len(missing)} patches were never written")
+            ds = _small_dataset(self._file, "checksums", self._checksums)
+            ds.attrs["algorithm"] = CHECKSUM_ALGORITHM
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
             self.abort()
-            raise BagError(self.path, f"{len(missing)} patches were never written")
-        ds = _small_dataset(self._file, "checksums", self._checksums)
-        ds.attrs["algorithm"] = CHECKSUM_ALGORITHM
-        self._file.close()
-        os.replace(self._tmp, self.path)
+            raise
         return self.path
 
     def abort(self) -> None:
