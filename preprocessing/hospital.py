@@ -214,11 +214,18 @@ def _labels_current(entry: SlideEntry, options: TilingOptions,
         return False
 
 
+def _bag_path(out_dir: Path, entry: SlideEntry) -> Path:
+    return out_dir / "bags" / f"{entry.slide_id}.h5"
+
+
+def _qc_path(out_dir: Path, entry: SlideEntry) -> Path:
+    return out_dir / "qc" / f"{entry.slide_id}.png"
+
+
 def _tile_entry(out_dir: Path, options: TilingOptions, entry: SlideEntry) -> TileResult:
-    return tile_slide(entry.path, out_dir / "bags" / f"{entry.slide_id}.h5", options,
-                      slide_id=entry.slide_id, qc_path=out_dir / "qc" / f"{entry.slide_id}.png",
-                      annotation=entry.annotation, slide_label=entry.slide_label(),
-                      progress=False)
+    return tile_slide(entry.path, _bag_path(out_dir, entry), options, slide_id=entry.slide_id,
+                      qc_path=_qc_path(out_dir, entry), annotation=entry.annotation,
+                      slide_label=entry.slide_label(), progress=False)
 
 
 def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
@@ -228,6 +235,9 @@ def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
     """Tile every slide of ``hospital`` into ``out_dir/bags``, with ``out_dir/manifest.csv``
     and ``out_dir/qc/<slide_id>.png``; ``annotations`` is a directory of
     ``<slide_id>.geojson`` tumour annotations. Returns the manifest rows, in slide-list order.
+
+    A slide has a bag and a QC picture exactly when its row is ``ok``: a failed slide's
+    files from an earlier run are deleted.
     """
     out_dir = Path(out_dir)
     options = options or TilingOptions()
@@ -236,8 +246,8 @@ def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
     rows: dict[str, ManifestRow] = {}
     todo = []
     for entry in entries:
-        existing = None if force else _existing_bag_row(
-            entry, out_dir / "bags" / f"{entry.slide_id}.h5", options)
+        existing = None if force else _existing_bag_row(entry, _bag_path(out_dir, entry),
+                                                        options)
         if existing:
             rows[entry.slide_id] = existing
         else:
@@ -252,6 +262,9 @@ def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
                                  outcome.error or "")
             if outcome.result is None:
                 rows[entry.slide_id] = failed
+                # An earlier run's bag and picture would contradict the manifest.
+                _bag_path(out_dir, entry).unlink(missing_ok=True)
+                _qc_path(out_dir, entry).unlink(missing_ok=True)
                 log.warning("%s: %s failed: %s", hospital, entry.slide_id, outcome.error)
             else:
                 rows[entry.slide_id] = replace(failed, status="ok",

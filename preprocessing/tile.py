@@ -144,8 +144,8 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
     gives the patches their labels. Raises :class:`~wsi.slide.SlideError` naming the slide
     when it cannot be used or holds no tissue patch, and
     :class:`~wsi.annotations.AnnotationError` naming the annotation when that is unusable.
-    The bag appears only when complete; a QC picture (overview, tissue mask, kept patches)
-    is written to ``qc_path`` first when given.
+    The bag appears only when complete, and the QC picture (overview, tissue mask, kept
+    patches) at ``qc_path``, when given, only with it: a slide that fails has neither.
     """
     started = time.perf_counter()
     options = options or TilingOptions()
@@ -166,8 +166,6 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
         log.info("%s: %s, %d levels, %dx%d px at %.4g µm/px (%s); reading level %d, %d patches",
                  slide_id, info.vendor, info.level_count, info.width, info.height, info.mpp,
                  info.mpp_source, layout.plan.read_level, n)
-        if qc_path is not None:
-            write_qc_picture(qc_path, layout.overview, layout.coords, layout.plan.step_level0)
         if n == 0:
             raise SlideError(slide_path, f"no patch has tissue fraction >= {options.min_tissue}")
         labels = patch_labels(slide_id, layout, options.tumour_threshold, tumour, slide_label)
@@ -185,5 +183,11 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
             for start, (chunks, checksums) in _encoded_runs(slide, layout, options, workers):
                 writer.write_chunks(start, chunks, checksums)
                 bar.update(len(chunks))
+    if qc_path is not None:
+        try:
+            write_qc_picture(qc_path, layout.overview, layout.coords, layout.plan.step_level0)
+        except BaseException:
+            bag_path.unlink(missing_ok=True)  # a slide's bag and picture exist together
+            raise
     return TileResult(slide_id=slide_id, bag_path=bag_path, n_patches=n, mpp=info.mpp,
                       read_level=layout.plan.read_level, seconds=time.perf_counter() - started)

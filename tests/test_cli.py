@@ -9,10 +9,8 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from damage import zero_tile_data
 
 from slidefed.cli import main
-from wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
 SLIDEFED = [sys.executable, "-m", "slidefed"]
 
@@ -102,16 +100,6 @@ def test_label_must_be_0_or_1(tmp_path):
     assert run.returncode == 2 and "--label" in run.stderr
 
 
-@pytest.fixture(scope="module")
-def zeroed_level0(tmp_path_factory):
-    """A synthetic slide whose level-0 JPEG tiles are zeroed: the overview (level 1) reads
-    fine, the patches (level 0) do not, so the failure happens in the tiling workers."""
-    out = tmp_path_factory.mktemp("zeroed")
-    spec = SyntheticSlideSpec(width=4096, height=2048, mpp=0.5, tumour_regions=0)
-    slide = write_synthetic_slide(out / "good.tiff", spec).path
-    return zero_tile_data(slide, out / "zeroed.tiff", page=0)
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_corrupt_tile_data_is_one_line_and_leaves_nothing(tmp_path, zeroed_level0, workers):
     # Used to be an imagecodecs traceback with exit status 0; with workers, SlideError did
@@ -125,18 +113,20 @@ def test_corrupt_tile_data_is_one_line_and_leaves_nothing(tmp_path, zeroed_level
     assert "JPEG tile" in lines[0] and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("output, message", [
-    ("adir", "{out}/adir: is a directory, not a bag file"),
-    ("afile/b.h5", "{out}/afile: is a file, not a directory"),
+@pytest.mark.parametrize("outputs, message", [
+    (["-o", "adir"], "{out}/adir: is a directory, not a bag file"),
+    (["-o", "afile/b.h5"], "{out}/afile: is a file, not a directory"),
+    (["-o", "b.h5", "--qc", "afile/b.png"], "{out}/afile: is a file, not a directory"),
 ])
-def test_unusable_output_paths_are_one_line_and_leave_nothing(real_slide, tmp_path, output,
+def test_unusable_output_paths_are_one_line_and_leave_nothing(real_slide, tmp_path, outputs,
                                                                message):
     # An existing directory used to cost a traceback and a leftover .partial bag; a file
-    # as the parent, a traceback.
+    # as the parent, a traceback. A QC picture that cannot be written takes its bag along.
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").touch()
-    run = subprocess.run([*SLIDEFED, "-q", "tile", str(real_slide), "-o",
-                          str(tmp_path / output)], capture_output=True, text=True)
+    run = subprocess.run([*SLIDEFED, "-q", "tile", str(real_slide),
+                          *(str(tmp_path / a) if i % 2 else a for i, a in enumerate(outputs))],
+                         capture_output=True, text=True)
     assert run.returncode == 1
     assert run.stderr.splitlines() == [f"error: {message.format(out=tmp_path)}"]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["adir", "afile"]

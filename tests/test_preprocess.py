@@ -215,3 +215,24 @@ def test_annotations_and_slide_labels_become_patch_labels_bad_ones_fail_alone(
     assert read_slide_list(csv, tmp_path / "ann")[0].annotation == tmp_path / "ann/t.geojson"
     with pytest.raises(SlideListError, match="annotation directory not found"):
         read_slide_list(csv, tmp_path / "nowhere")
+
+
+def test_a_slide_that_fails_half_way_leaves_no_picture_and_no_stale_bag(tmp_path,
+                                                                        zeroed_level0):
+    # The overview reads, the patches do not: the QC picture used to be written anyway.
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "s.tiff").symlink_to(zeroed_level0)
+    out = tmp_path / "out"
+    assert preprocess_hospital("h1", slides, out, progress=False)[0].status == "failed"
+    assert not (out / "qc").exists() and not list((out / "bags").iterdir())
+    # A slide that succeeded once and fails on a forced rerun loses its old bag and picture.
+    (slides / "s.tiff").unlink()
+    (slides / "s.tiff").symlink_to(zeroed_level0.parent / "good.tiff")
+    assert preprocess_hospital("h1", slides, out, progress=False)[0].status == "ok"
+    assert (out / "bags" / "s.h5").is_file() and (out / "qc" / "s.png").is_file()
+    (slides / "s.tiff").unlink()
+    (slides / "s.tiff").symlink_to(zeroed_level0)
+    [row] = preprocess_hospital("h1", slides, out, force=True, progress=False)
+    assert row.status == "failed" and "cannot read region" in row.error
+    assert not list((out / "bags").iterdir()) and not list((out / "qc").iterdir())
