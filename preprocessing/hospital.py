@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 # its .dcm files; directories holding several are listed once).
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif",
                     ".svslide", ".dcm")
-MANIFEST_COLUMNS = ("slide_id", "path", "label", "status", "n_patches", "mpp", "error")
+MANIFEST_COLUMNS = ("slide_id", "path", "label", "status", "n_patches", "mpp", "mpp_source",
+                    "error")
 
 
 class SlideListError(ValueError):
@@ -86,6 +87,7 @@ class ManifestRow:
     status: str  # "ok" or "failed"
     n_patches: int
     mpp: float | None
+    mpp_source: str  # as the bag's attribute: "file", "fill" or "override"; empty if failed
     error: str
 
 
@@ -179,24 +181,43 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     with Path(path).open(newline="") as f:
         return [ManifestRow(slide_id=r["slide_id"], path=r["path"], label=r["label"],
                             status=r["status"], n_patches=int(r["n_patches"]),
-                            mpp=float(r["mpp"]) if r["mpp"] else None, error=r["error"])
+                            mpp=float(r["mpp"]) if r["mpp"] else None,
+                            mpp_source=r["mpp_source"], error=r["error"])
                 for r in csv.DictReader(f)]
 
 
 def _existing_bag_row(entry: SlideEntry, bag: Path,
                       options: TilingOptions) -> ManifestRow | None:
-    """The manifest row of a bag that a rerun can keep: valid, of the current format, with
-    the labels this run would give it (an annotation added since is not missed)."""
+    """The manifest row of a bag that a rerun can keep: valid, of the current format, tiled
+    with this run's settings and with the labels this run would give it (an annotation
+    added since is not missed)."""
     try:
         n = check_bag(bag)
     except BagError:
         return None
     with h5py.File(bag, "r") as f:
-        if bag_version(f) != FORMAT_VERSION or not _labels_current(entry, options,
-                                                                   read_labels(f)):
+        if (bag_version(f) != FORMAT_VERSION or not _tiling_current(f, options)
+                or not _labels_current(entry, options, read_labels(f))):
             return None
-        mpp = float(f.attrs["mpp_level0"])
-    return ManifestRow(entry.slide_id, str(entry.path), entry.label, "ok", n, mpp, "")
+        mpp, mpp_source = float(f.attrs["mpp_level0"]), str(f.attrs["mpp_source"])
+    return ManifestRow(entry.slide_id, str(entry.path), entry.label, "ok", n, mpp, mpp_source,
+                       "")
+
+
+def _tiling_current(f: h5py.File, options: TilingOptions) -> bool:
+    """Whether the open bag ``f`` was tiled as this run would tile it: the same target
+    resolution, patch size and encoding, and its level-0 mpp from the same rule (the file's
+    own value, a fill-in or an override, and the same user value)."""
+    patches = f["patches"].attrs
+    if (float(f.attrs["target_mpp"]), int(patches["patch_size"]), patches["encoding"],
+            int(patches["encoding_level"])) != (options.target_mpp, options.patch_size,
+                                                options.encoding.name, options.encoding.level):
+        return False
+    source, mpp = f.attrs["mpp_source"], float(f.attrs["mpp_level0"])
+    if options.override_mpp is not None:
+        return source == "override" and mpp == options.override_mpp
+    # Without an override, a file that states its mpp always gives it.
+    return source == "file" or (source == "fill" and mpp == options.fill_mpp)
 
 
 def _labels_current(entry: SlideEntry, options: TilingOptions,
@@ -259,7 +280,7 @@ def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
     with bar:
         for entry, outcome in run_isolated(partial(_tile_entry, out_dir, options), todo, workers):
             failed = ManifestRow(entry.slide_id, str(entry.path), entry.label, "failed", 0, None,
-                                 outcome.error or "")
+                                 "", outcome.error or "")
             if outcome.result is None:
                 rows[entry.slide_id] = failed
                 # An earlier run's bag and picture would contradict the manifest.
@@ -269,7 +290,8 @@ def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
             else:
                 rows[entry.slide_id] = replace(failed, status="ok",
                                                n_patches=outcome.result.n_patches,
-                                               mpp=outcome.result.mpp)
+                                               mpp=outcome.result.mpp,
+                                               mpp_source=outcome.result.mpp_source)
             bar.update()
     ordered = [rows[e.slide_id] for e in entries]
     write_manifest(out_dir / "manifest.csv", ordered)

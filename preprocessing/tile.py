@@ -48,6 +48,7 @@ class TileResult:
     bag_path: Path
     n_patches: int
     mpp: float
+    mpp_source: str
     read_level: int
     seconds: float
 
@@ -106,9 +107,9 @@ def _encode_run(slide: Slide, plan: ReadPlan, coords: np.ndarray,
 _worker_slide: Slide | None = None
 
 
-def _worker_open(path: Path, slide_mpp: float | None) -> None:
+def _worker_open(path: Path, options: TilingOptions) -> None:
     global _worker_slide
-    _worker_slide = open_slide(path, slide_mpp)
+    _worker_slide = open_slide(path, options.fill_mpp, options.override_mpp)
 
 
 def _worker_encode(args: tuple[ReadPlan, np.ndarray, PatchEncoding, int],
@@ -129,7 +130,7 @@ def _encoded_runs(slide: Slide, layout: SlideLayout, options: TilingOptions, wor
     # fork: workers start in milliseconds and inherit nothing heavier than numpy and OpenSlide.
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers, initializer=_worker_open,
-                  initargs=(slide.info.path, options.slide_mpp)) as pool:
+                  initargs=(slide.info.path, options)) as pool:
         yield from pool.imap_unordered(_worker_encode, tasks)
 
 
@@ -156,7 +157,7 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
     make_directory(bag_path.parent)
     for stale in remove_stale_partials(bag_path):
         log.info("removed %s left by an interrupted run", stale)
-    with open_slide(slide_path, options.slide_mpp) as slide:
+    with open_slide(slide_path, options.fill_mpp, options.override_mpp) as slide:
         info = slide.info
         # Before any pixel is read, so that a bad annotation fails in milliseconds.
         tumour = None if annotation is None else read_tumour_annotation(
@@ -190,4 +191,5 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
             bag_path.unlink(missing_ok=True)  # a slide's bag and picture exist together
             raise
     return TileResult(slide_id=slide_id, bag_path=bag_path, n_patches=n, mpp=info.mpp,
-                      read_level=layout.plan.read_level, seconds=time.perf_counter() - started)
+                      mpp_source=info.mpp_source, read_level=layout.plan.read_level,
+                      seconds=time.perf_counter() - started)

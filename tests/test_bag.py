@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from dataclasses import asdict
 
 import h5py
 import numpy as np
@@ -282,6 +283,16 @@ def test_version_2_requires_its_items_and_unknown_versions_are_refused(tmp_path)
         del f.attrs["mpp_source"]
     with pytest.raises(BagError, match=r"missing root attributes \['mpp_source'\]"):
         check_bag(path)
+    _write(path)
+    with h5py.File(path, "a") as f:
+        f.attrs["mpp_source"] = "user"  # the retired --slide-mpp: still read
+    assert check_bag(path) == 5
+    with h5py.File(path, "a") as f:
+        f.attrs["mpp_source"] = "guess"
+    with pytest.raises(BagError, match="mpp_source 'guess' is not one of"):
+        check_bag(path)
+    with pytest.raises(ValueError, match="mpp source must be one of"):
+        BagAttributes(**{**asdict(ATTRS), "mpp_source": "user"})
     _write(path)
     with h5py.File(path, "a") as f:
         f.attrs["format_version"] = 3

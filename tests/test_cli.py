@@ -138,3 +138,12 @@ def test_preprocess_into_a_file_is_one_line(tmp_path, capsys):
     assert main(["-q", "preprocess", "--hospital", "h", "--slides", str(tmp_path),
                  "-o", str(tmp_path / "afile")]) == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'afile' / 'bags'}: Not a directory\n"
+
+
+def test_fill_and_override_mpp_exclude_each_other_and_slide_mpp_is_gone(tmp_path):
+    base = [*SLIDEFED, "tile", str(tmp_path / "s.svs"), "-o", str(tmp_path / "b.h5")]
+    for extra, mentions in ((["--fill-mpp", "0.5", "--override-mpp", "0.5"], "not allowed"),
+                            (["--slide-mpp", "0.5"], "--slide-mpp")):
+        run = subprocess.run([*base, *extra], capture_output=True, text=True)
+        assert run.returncode == 2 and mentions in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1

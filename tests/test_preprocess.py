@@ -236,3 +236,39 @@ def test_a_slide_that_fails_half_way_leaves_no_picture_and_no_stale_bag(tmp_path
     [row] = preprocess_hospital("h1", slides, out, force=True, progress=False)
     assert row.status == "failed" and "cannot read region" in row.error
     assert not list((out / "bags").iterdir()) and not list((out / "qc").iterdir())
+
+
+def test_mpp_rules_are_recorded_and_a_changed_rule_retiles(tmp_path):
+    # --slide-mpp used to override stated values and was not part of a bag's validity, so a
+    # rerun with another value kept bags tiled at the old one.
+    slides = tmp_path / "slides"
+    for name, mpp in (("stated", 0.25), ("unstated", None)):
+        write_synthetic_slide(slides / f"{name}.tiff", SyntheticSlideSpec(
+            width=1536, height=1536, mpp=mpp, tumour_regions=0, level_downsample=2,
+            smallest_level_px=384))
+    out, bags = tmp_path / "out", tmp_path / "out" / "bags"
+
+    def run(**mpp):
+        rows = preprocess_hospital("h1", slides, out, TilingOptions(patch_size=128, **mpp),
+                                   progress=False)
+        assert read_manifest(out / "manifest.csv") == rows
+        return {r.slide_id: (r.mpp, r.mpp_source) for r in rows}
+
+    def mtimes():
+        return {p.stem: p.stat().st_mtime_ns for p in bags.iterdir()}
+
+    assert run(fill_mpp=0.3) == {"stated": (0.25, "file"), "unstated": (0.3, "fill")}
+    first = mtimes()
+    assert run(fill_mpp=0.3) == {"stated": (0.25, "file"), "unstated": (0.3, "fill")}
+    assert mtimes() == first
+    assert run(fill_mpp=0.4)["unstated"] == (0.4, "fill")
+    second = mtimes()
+    assert second["stated"] == first["stated"] and second["unstated"] != first["unstated"]
+    assert run(override_mpp=0.4) == {"stated": (0.4, "override"),
+                                     "unstated": (0.4, "override")}
+    third = mtimes()
+    assert all(third[s] != second[s] for s in third)
+    run(override_mpp=0.4)
+    assert mtimes() == third
+    with h5py.File(bags / "stated.h5", "r") as f:
+        assert f.attrs["mpp_source"] == "override" and f.attrs["mpp_level0"] == 0.4

@@ -23,9 +23,14 @@ def test_real_aperio_slide_reports_vendor_levels_and_mpp(real_slide):
         assert region.shape == (32, 64, 3) and region.dtype == np.uint8
 
 
-def test_user_mpp_overrides_and_is_recorded(real_slide):
-    with open_slide(real_slide, slide_mpp=0.25) as slide:
-        assert slide.info.mpp == 0.25 and slide.info.mpp_source == "user"
+def test_fill_mpp_leaves_a_stated_mpp_alone_and_override_replaces_it(real_slide):
+    # One --slide-mpp used to do both: a value meant for files without one replaced 0.499.
+    with open_slide(real_slide, fill_mpp=0.25) as slide:
+        assert slide.info.mpp == pytest.approx(0.499) and slide.info.mpp_source == "file"
+    with open_slide(real_slide, override_mpp=0.25) as slide:
+        assert slide.info.mpp == 0.25 and slide.info.mpp_source == "override"
+    with pytest.raises(SlideError, match="--override-mpp must be a positive number"):
+        open_slide(real_slide, override_mpp=-1.0)
 
 
 def test_plan_reads_level0_without_resize_at_native_resolution(real_slide):
@@ -82,11 +87,12 @@ def _write_tiled_tiff(path, resolution: bool) -> None:
 def test_slide_without_mpp_is_refused_unless_user_supplies_it(tmp_path):
     path = tmp_path / "nompp.tiff"
     _write_tiled_tiff(path, resolution=False)
-    with pytest.raises(SlideError, match="no microns per pixel.*--slide-mpp") as err:
+    with pytest.raises(SlideError, match="no microns per pixel.*--fill-mpp") as err:
         open_slide(path)
     assert str(path) in str(err.value)
-    with open_slide(path, slide_mpp=0.5) as slide:
+    with open_slide(path, fill_mpp=0.5) as slide:
         assert slide.info.mpp == 0.5 and slide.info.vendor == "generic-tiff"
+        assert slide.info.mpp_source == "fill"
 
 
 @pytest.mark.parametrize("content, reason", [

@@ -28,7 +28,9 @@ itself refuses (``OSError``) to return a damaged chunk of it.
   when ``labels >= threshold``.
 - Root attributes, :data:`ROOT_ATTRIBUTES`: ``format="slidefed-bag"``, ``format_version=2``,
   ``slide_id``, ``source_path``, ``mpp_level0``, ``mpp_source`` (``file``: the slide stated
-  its µm/px; ``user``: it came from ``--slide-mpp``), ``target_mpp``, ``read_level``,
+  its µm/px; ``fill``: it stated none and ``--fill-mpp`` gave it; ``override``:
+  ``--override-mpp`` replaced what it stated; ``user``, read but no longer written: the
+  retired ``--slide-mpp``), ``target_mpp``, ``read_level``,
   ``level0_width``, ``level0_height``, ``vendor``, ``slidefed_version``.
 
 Version 1 bags (still read) lack ``checksums``, ``labels`` and ``mpp_source``, and have no
@@ -61,7 +63,9 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CHECKSUM_ALGORITHM = "crc32"
 LABEL_SOURCES = ("annotation", "slide")
-MPP_SOURCES = ("file", "user")
+MPP_SOURCES = ("file", "fill", "override")
+# Written by the first version-2 writers for the retired --slide-mpp (which overrode).
+_LEGACY_MPP_SOURCES = ("user",)
 
 
 class BagError(ValueError):
@@ -80,7 +84,7 @@ class BagAttributes:
     slide_id: str
     source_path: str
     mpp_level0: float
-    mpp_source: str  # "file" or "user" (--slide-mpp)
+    mpp_source: str  # one of MPP_SOURCES
     target_mpp: float
     read_level: int
     level0_width: int
@@ -471,7 +475,7 @@ def _check_open_bag(path: Path, f: h5py.File, deep: bool) -> int:
     missing = [a for a in _ROOT_ATTRIBUTES_BY_VERSION[format_version] if a not in f.attrs]
     if missing:
         fail(f"missing root attributes {missing}")
-    if format_version >= 2 and f.attrs["mpp_source"] not in MPP_SOURCES:
+    if format_version >= 2 and f.attrs["mpp_source"] not in MPP_SOURCES + _LEGACY_MPP_SOURCES:
         fail(f"mpp_source {f.attrs['mpp_source']!r} is not one of {list(MPP_SOURCES)}")
     for name in ("coords", "patches", "tissue_fraction"):
         if name not in f:

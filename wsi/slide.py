@@ -2,7 +2,9 @@
 
 A thin, honest wrapper (STYLE.md, "OpenSlide"): levels, downsamples, vendor and the level-0
 microns per pixel as the file states them. A slide that states no µm/px is refused unless
-the caller supplies the scanner's level-0 value; nothing is guessed.
+the caller supplies the scanner's level-0 value (``fill_mpp``); a stated value is replaced
+only when the caller says so (``override_mpp``); nothing is guessed, and ``mpp_source`` says
+which happened.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class SlideInfo:
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
     mpp: float
-    mpp_source: str  # "file" or "user"
+    mpp_source: str  # "file", "fill" (the file stated none) or "override"
 
     @property
     def level_count(self) -> int:
@@ -77,7 +79,8 @@ def _parse_mpp(path: Path, properties: Mapping[str, str]) -> float | None:
     except ValueError as exc:
         raise SlideError(path, f"unreadable microns-per-pixel property {raw_x!r}") from exc
     if not (math.isfinite(mpp_x) and mpp_x > 0):
-        raise SlideError(path, f"file states an invalid microns-per-pixel value {raw_x!r}")
+        raise SlideError(path, f"file states an invalid microns-per-pixel value {raw_x!r}; "
+                               "pass --override-mpp with the real one")
     if abs(mpp_x - mpp_y) > _MPP_XY_TOLERANCE * mpp_x:
         log.warning("%s: anisotropic pixels (mpp-x %g, mpp-y %g); using mpp-x", path, mpp_x, mpp_y)
     return mpp_x
@@ -106,14 +109,16 @@ class Slide:
     OpenSlide) are composited onto white, the colour of an empty glass slide.
     """
 
-    def __init__(self, path: str | Path, slide_mpp: float | None = None) -> None:
+    def __init__(self, path: str | Path, fill_mpp: float | None = None,
+                 override_mpp: float | None = None) -> None:
         path = Path(path)
         if not path.exists():
             raise SlideError(path, "file not found")
         if path.is_dir():
             raise SlideError(path, "is a directory, not a slide file")
-        if slide_mpp is not None and not (math.isfinite(slide_mpp) and slide_mpp > 0):
-            raise SlideError(path, f"--slide-mpp must be a positive number, got {slide_mpp}")
+        for option, value in (("--fill-mpp", fill_mpp), ("--override-mpp", override_mpp)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise SlideError(path, f"{option} must be a positive number, got {value}")
         try:
             self._osr = openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError as exc:
@@ -121,24 +126,25 @@ class Slide:
         except openslide.OpenSlideError as exc:
             raise SlideError(path, f"corrupt or unreadable slide ({exc})") from exc
         try:
-            self.info = self._describe(path, slide_mpp)
+            self.info = self._describe(path, fill_mpp, override_mpp)
         except BaseException:
             self._osr.close()
             raise
         self._jpeg = open_jpeg_tiles(path, self.info.vendor, self.info.level_dimensions)
 
-    def _describe(self, path: Path, slide_mpp: float | None) -> SlideInfo:
+    def _describe(self, path: Path, fill_mpp: float | None,
+                  override_mpp: float | None) -> SlideInfo:
         properties = self._osr.properties
-        file_mpp = _parse_mpp(path, properties)
-        if slide_mpp is not None:
-            if file_mpp is not None and abs(file_mpp - slide_mpp) > _MPP_XY_TOLERANCE * file_mpp:
-                log.warning("%s: using --slide-mpp %g instead of the file's %g", path, slide_mpp,
-                            file_mpp)
-            mpp, source = slide_mpp, "user"
-        elif file_mpp is not None:
+        if override_mpp is not None:
+            log.info("%s: --override-mpp %g replaces the file's %s", path, override_mpp,
+                     properties.get(openslide.PROPERTY_NAME_MPP_X, "(none)"))
+            mpp, source = override_mpp, "override"
+        elif (file_mpp := _parse_mpp(path, properties)) is not None:
             mpp, source = file_mpp, "file"
+        elif fill_mpp is not None:
+            mpp, source = fill_mpp, "fill"
         else:
-            raise SlideError(path, "slide states no microns per pixel; pass --slide-mpp with the "
+            raise SlideError(path, "slide states no microns per pixel; pass --fill-mpp with the "
                                    "scanner's level-0 value")
         return SlideInfo(
             path=path,
@@ -185,6 +191,10 @@ class Slide:
         self.close()
 
 
-def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:
-    """Open ``path`` with OpenSlide; raise :class:`SlideError` naming the file if unusable."""
-    return Slide(path, slide_mpp)
+def open_slide(path: str | Path, fill_mpp: float | None = None,
+               override_mpp: float | None = None) -> Slide:
+    """Open ``path`` with OpenSlide; raise :class:`SlideError` naming the file if unusable.
+
+    ``fill_mpp`` is the level-0 µm/px of a file that states none; ``override_mpp`` replaces
+    whatever the file states."""
+    return Slide(path, fill_mpp, override_mpp)
