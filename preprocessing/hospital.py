@@ -133,7 +133,7 @@ def _slides_in_directory(directory: Path) -> list[SlideEntry]:
 
 
 def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
-    with csv_path.open(newline="") as f:
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" has a BOM
         reader = csv.DictReader(f)
         missing = {"slide_id", "path"} - set(reader.fieldnames or ())
         if missing:
@@ -167,7 +167,7 @@ def _unique(source: Path, entries: list[SlideEntry]) -> list[SlideEntry]:
 
 def write_manifest(path: Path, rows: list[ManifestRow]) -> None:
     """Write the manifest CSV atomically."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
         for row in rows:
@@ -178,7 +178,7 @@ def write_manifest(path: Path, rows: list[ManifestRow]) -> None:
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
     """Read a manifest written by :func:`write_manifest`."""
-    with Path(path).open(newline="") as f:
+    with Path(path).open(newline="", encoding="utf-8") as f:
         return [ManifestRow(slide_id=r["slide_id"], path=r["path"], label=r["label"],
                             status=r["status"], n_patches=int(r["n_patches"]),
                             mpp=float(r["mpp"]) if r["mpp"] else None,

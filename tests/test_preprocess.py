@@ -80,6 +80,15 @@ def test_csv_slide_list_with_labels_and_relative_paths(tmp_path, real_slide):
     assert "file not found" in rows[1].error
 
 
+def test_csv_saved_by_excel_with_a_byte_order_mark_is_read(tmp_path):
+    # Excel's "CSV UTF-8" starts with a BOM; the header's first name used to be
+    # "\ufeffslide_id", reported as a missing column slide_id.
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes("slide_id,path,label\r\nÅ1,å1.svs,1\r\n".encode("utf-8-sig"))
+    [entry] = read_slide_list(csv)
+    assert (entry.slide_id, entry.path, entry.label) == ("Å1", tmp_path / "å1.svs", "1")
+
+
 @pytest.mark.parametrize("text, problem", [
     ("id,file\nA,a.svs\n", "missing column"),
     ("slide_id,path\nA,a.svs\nA,b.svs\n", "appears twice"),
