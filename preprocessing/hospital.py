@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -57,6 +58,7 @@ class SlideEntry:
     path: Path
     label: str = ""  # as written in the slide list; see slide_label()
     annotation: Path | None = None
+    error: str = ""  # why the slide list already makes it fail (it is then not tiled)
 
     def slide_label(self) -> int | None:
         """The label as 0 or 1 (None when empty); :class:`SlideError` for anything else."""
@@ -129,7 +131,20 @@ def _slides_in_directory(directory: Path) -> list[SlideEntry]:
         entries.append(SlideEntry(path.stem, path))
     if not entries:
         raise SlideListError(f"{directory}: no slide files ({', '.join(SLIDE_EXTENSIONS)})")
-    return _unique(directory, entries)
+    return _fail_shared_stems(entries)
+
+
+def _fail_shared_stems(entries: list[SlideEntry]) -> list[SlideEntry]:
+    """Mark files whose names differ only in extension (``s1.svs``, ``s1.ndpi``) as failed:
+    their slide_id, and so their bag, would be the same. The other slides are unaffected."""
+    by_id: dict[str, list[Path]] = defaultdict(list)
+    for entry in entries:
+        by_id[entry.slide_id].append(entry.path)
+    return [e if len(by_id[e.slide_id]) == 1 else replace(e, error=(
+        f"{e.path}: slide_id {e.slide_id!r} is also that of "
+        f"{', '.join(str(p) for p in by_id[e.slide_id] if p != e.path)}; rename one of the "
+        "files, or list the slides in a CSV with a distinct slide_id for each"))
+        for e in entries]
 
 
 def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
@@ -157,11 +172,12 @@ def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
 
 
 def _unique(source: Path, entries: list[SlideEntry]) -> list[SlideEntry]:
-    seen: set[str] = set()
+    seen: dict[str, Path] = {}
     for entry in entries:
         if entry.slide_id in seen:
-            raise SlideListError(f"{source}: slide_id {entry.slide_id!r} appears twice")
-        seen.add(entry.slide_id)
+            raise SlideListError(f"{source}: slide_id {entry.slide_id!r} appears twice "
+                                 f"({seen[entry.slide_id]}, {entry.path})")
+        seen[entry.slide_id] = entry.path
     return entries
 
 
@@ -249,6 +265,16 @@ def _tile_entry(out_dir: Path, options: TilingOptions, entry: SlideEntry) -> Til
                       slide_label=entry.slide_label(), progress=False)
 
 
+def _failed(hospital: str, out_dir: Path, entry: SlideEntry, error: str) -> ManifestRow:
+    """The manifest row of a slide that failed; deletes an earlier run's bag and picture of
+    it, which would contradict the row."""
+    _bag_path(out_dir, entry).unlink(missing_ok=True)
+    _qc_path(out_dir, entry).unlink(missing_ok=True)
+    log.warning("%s: %s failed: %s", hospital, entry.slide_id, error)
+    return ManifestRow(entry.slide_id, str(entry.path), entry.label, "failed", 0, None, "",
+                       error)
+
+
 def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
                         options: TilingOptions | None = None, *, workers: int = 1,
                         annotations: str | Path | None = None, force: bool = False,
@@ -264,36 +290,32 @@ def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
     options = options or TilingOptions()
     entries = read_slide_list(slides, annotations)
     make_directory(out_dir / "bags")
-    rows: dict[str, ManifestRow] = {}
+    # Keyed by entry: two files of a directory can share a (failed) slide_id.
+    rows: dict[SlideEntry, ManifestRow] = {}
     todo = []
     for entry in entries:
-        existing = None if force else _existing_bag_row(entry, _bag_path(out_dir, entry),
-                                                        options)
-        if existing:
-            rows[entry.slide_id] = existing
+        if entry.error:
+            rows[entry] = _failed(hospital, out_dir, entry, entry.error)
+        elif not force and (existing := _existing_bag_row(entry, _bag_path(out_dir, entry),
+                                                          options)):
+            rows[entry] = existing
         else:
             todo.append(entry)
-    if len(todo) < len(entries):
+    skipped = len(entries) - len(todo) - sum(bool(e.error) for e in entries)
+    if skipped:
         log.info("%s: %d of %d slides already have a valid bag; skipping them", hospital,
-                 len(entries) - len(todo), len(entries))
+                 skipped, len(entries))
     bar = tqdm(total=len(todo), unit="slide", desc=hospital, disable=None if progress else True)
     with bar:
         for entry, outcome in run_isolated(partial(_tile_entry, out_dir, options), todo, workers):
-            failed = ManifestRow(entry.slide_id, str(entry.path), entry.label, "failed", 0, None,
-                                 "", outcome.error or "")
-            if outcome.result is None:
-                rows[entry.slide_id] = failed
-                # An earlier run's bag and picture would contradict the manifest.
-                _bag_path(out_dir, entry).unlink(missing_ok=True)
-                _qc_path(out_dir, entry).unlink(missing_ok=True)
-                log.warning("%s: %s failed: %s", hospital, entry.slide_id, outcome.error)
+            result = outcome.result
+            if result is None:
+                rows[entry] = _failed(hospital, out_dir, entry, outcome.error or "")
             else:
-                rows[entry.slide_id] = replace(failed, status="ok",
-                                               n_patches=outcome.result.n_patches,
-                                               mpp=outcome.result.mpp,
-                                               mpp_source=outcome.result.mpp_source)
+                rows[entry] = ManifestRow(entry.slide_id, str(entry.path), entry.label, "ok",
+                                          result.n_patches, result.mpp, result.mpp_source, "")
             bar.update()
-    ordered = [rows[e.slide_id] for e in entries]
+    ordered = [rows[e] for e in entries]
     write_manifest(out_dir / "manifest.csv", ordered)
     n_ok = sum(r.status == "ok" for r in ordered)
     log.info("%s: %d slides ok (%d patches), %d failed; manifest %s", hospital, n_ok,

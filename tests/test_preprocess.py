@@ -89,9 +89,31 @@ def test_csv_saved_by_excel_with_a_byte_order_mark_is_read(tmp_path):
     assert (entry.slide_id, entry.path, entry.label) == ("Å1", tmp_path / "å1.svs", "1")
 
 
+def test_files_sharing_a_stem_fail_alone_naming_each_other(tmp_path, real_slide):
+    # s1.svs and s1.ndpi used to abort the whole hospital, naming neither file.
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("good.svs", "s1.svs", "s1.ndpi"):
+        (slides / name).symlink_to(real_slide)
+    out = tmp_path / "out"
+    (out / "bags").mkdir(parents=True)
+    (out / "bags" / "s1.h5").write_bytes(b"an earlier run's bag of one of them")
+    rows = preprocess_hospital("h1", slides, out, progress=False)
+    assert [(r.slide_id, r.path, r.status) for r in rows] == [
+        ("good", str(slides / "good.svs"), "ok"), ("s1", str(slides / "s1.ndpi"), "failed"),
+        ("s1", str(slides / "s1.svs"), "failed")]
+    assert rows[1].error == (
+        f"{slides / 's1.ndpi'}: slide_id 's1' is also that of {slides / 's1.svs'}; rename one "
+        "of the files, or list the slides in a CSV with a distinct slide_id for each")
+    assert rows[2].error.startswith(f"{slides / 's1.svs'}: slide_id 's1' is also that of "
+                                    f"{slides / 's1.ndpi'}; ")
+    assert read_manifest(out / "manifest.csv") == rows
+    assert sorted(p.name for p in (out / "bags").iterdir()) == ["good.h5"]
+
+
 @pytest.mark.parametrize("text, problem", [
     ("id,file\nA,a.svs\n", "missing column"),
-    ("slide_id,path\nA,a.svs\nA,b.svs\n", "appears twice"),
+    ("slide_id,path\nA,a.svs\nA,b.svs\n", r"appears twice \(.*a.svs, .*b.svs\)"),
     ("slide_id,path\n", "no slides listed"),
     ("slide_id,path\n../x,a.svs\n", "not a plain file name"),
 ])
