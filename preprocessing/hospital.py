@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -84,7 +85,7 @@ class ManifestRow:
     """One line of a hospital's manifest (DESIGN.md)."""
 
     slide_id: str
-    path: str
+    path: str  # the slide file, absolute (symlinks kept), as its bag's source_path
     label: str
     status: str  # "ok" or "failed"
     n_patches: int
@@ -99,9 +100,10 @@ def read_slide_list(source: str | Path,
     and optionally ``annotation``; slides without an annotation there take
     ``annotations/<slide_id>.geojson`` when that exists.
 
-    Relative CSV paths are taken relative to the CSV's directory.
+    Relative CSV paths are taken relative to the CSV's directory; every slide path comes
+    back absolute, so a manifest means the same from any working directory.
     """
-    source = Path(source)
+    source = Path(os.path.abspath(source))
     if source.is_dir():
         entries = _slides_in_directory(source)
     elif source.is_file():
@@ -163,7 +165,7 @@ def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
                 raise SlideListError(f"{csv_path}: line {line}: slide_id {slide_id!r} is not a "
                                      "plain file name")
             annotation = (row.get("annotation") or "").strip()
-            entries.append(SlideEntry(slide_id, csv_path.parent / path,
+            entries.append(SlideEntry(slide_id, Path(os.path.abspath(csv_path.parent / path)),
                                       (row.get("label") or "").strip(),
                                       csv_path.parent / annotation if annotation else None))
     if not entries:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -171,7 +172,7 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
             raise SlideError(slide_path, f"no patch has tissue fraction >= {options.min_tissue}")
         labels = patch_labels(slide_id, layout, options.tumour_threshold, tumour, slide_label)
         attributes = BagAttributes(
-            slide_id=slide_id, source_path=str(slide_path.resolve()), mpp_level0=info.mpp,
+            slide_id=slide_id, source_path=os.path.abspath(slide_path), mpp_level0=info.mpp,
             mpp_source=info.mpp_source, target_mpp=options.target_mpp,
             read_level=layout.plan.read_level, level0_width=info.width,
             level0_height=info.height, vendor=info.vendor)

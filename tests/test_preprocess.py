@@ -303,3 +303,25 @@ def test_mpp_rules_are_recorded_and_a_changed_rule_retiles(tmp_path):
     assert mtimes() == third
     with h5py.File(bags / "stated.h5", "r") as f:
         assert f.attrs["mpp_source"] == "override" and f.attrs["mpp_level0"] == 0.4
+
+
+def test_manifest_path_and_bag_source_path_are_the_same_absolute_path(tmp_path, real_slide,
+                                                                      monkeypatch):
+    # The manifest's path was relative to the working directory of the run, the bag's
+    # source_path absolute with symlinks resolved: two spellings of one slide.
+    from federation.data.slides import read_manifest as read_for_training
+
+    (tmp_path / "site" / "slides").mkdir(parents=True)
+    (tmp_path / "site" / "slides" / "a.svs").symlink_to(real_slide)
+    (tmp_path / "site" / "lists").mkdir()
+    (tmp_path / "site" / "lists" / "labels.csv").write_text("slide_id,path,label\n"
+                                                            "A,../slides/a.svs,1\n")
+    monkeypatch.chdir(tmp_path / "site")
+    [row] = preprocess_hospital("h1", "lists/labels.csv", "out", progress=False)
+    expected = str(tmp_path / "site" / "slides" / "a.svs")
+    assert row.path == expected and read_manifest(tmp_path / "site/out/manifest.csv") == [row]
+    with h5py.File(tmp_path / "site/out/bags/A.h5", "r") as f:
+        assert f.attrs["source_path"] == expected
+    monkeypatch.chdir(tmp_path)
+    assert read_for_training(tmp_path / "site" / "out") == [
+        ("A", 1, tmp_path / "site" / "out" / "bags" / "A.h5")]

@@ -27,7 +27,8 @@ itself refuses (``OSError``) to return a damaged chunk of it.
   the slide label, 0 or 1, copied to every patch). Attribute ``threshold``: a patch is tumour
   when ``labels >= threshold``.
 - Root attributes, :data:`ROOT_ATTRIBUTES`: ``format="slidefed-bag"``, ``format_version=2``,
-  ``slide_id``, ``source_path``, ``mpp_level0``, ``mpp_source`` (``file``: the slide stated
+  ``slide_id``, ``source_path`` (the slide file's absolute path, symlinks not resolved, as the
+  manifest's ``path``), ``mpp_level0``, ``mpp_source`` (``file``: the slide stated
   its µm/px; ``fill``: it stated none and ``--fill-mpp`` gave it; ``override``:
   ``--override-mpp`` replaced what it stated; ``user``, read but no longer written: the
   retired ``--slide-mpp``), ``target_mpp``, ``read_level``,
