@@ -78,7 +78,7 @@ def bench_tiling(slide_path: str | Path, options: TilingOptions | None = None,
     processes, peak RSS and bytes per stored patch. Returns one flat dict."""
     slide_path = Path(slide_path)
     options = options or TilingOptions()
-    with open_slide(slide_path, options.slide_mpp) as slide:
+    with open_slide(slide_path, options.fill_mpp, options.override_mpp) as slide:
         info = slide.info
         layout = plan_layout(slide, options)
     n = len(layout.coords)
@@ -120,7 +120,7 @@ def bench_encodings(slide_path: str | Path, options: TilingOptions | None = None
     """Size, encode and decode time and pixel error of every patch encoding on one slide's
     tissue patches (up to ``sample`` of them, read losslessly first)."""
     options = options or TilingOptions()
-    with open_slide(slide_path, options.slide_mpp) as slide:
+    with open_slide(slide_path, options.fill_mpp, options.override_mpp) as slide:
         layout = plan_layout(slide, options)
         picked = np.linspace(0, len(layout.coords) - 1, min(sample, len(layout.coords)))
         coords = layout.coords[np.unique(picked.astype(int))]

@@ -59,8 +59,13 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-tissue", type=fraction, default=defaults.min_tissue,
                         help="keep patches with at least this tissue fraction "
                              "(default %(default)s)")
-    parser.add_argument("--slide-mpp", type=positive_float, default=None,
-                        help="level-0 µm per pixel of the slide(s), for files that do not state it")
+    mpp = parser.add_mutually_exclusive_group()
+    mpp.add_argument("--fill-mpp", type=positive_float, metavar="X",
+                     help="level-0 µm per pixel of slides whose files state none (files that "
+                          "state one keep theirs)")
+    mpp.add_argument("--override-mpp", type=positive_float, metavar="X",
+                     help="level-0 µm per pixel replacing what every slide's file states "
+                          "(recorded as an override)")
     parser.add_argument("--encoding", choices=sorted(CODECS), default=defaults.encoding.name,
                         help="how patches are stored: jpeg (default, lossy, ~9x smaller) or "
                              "deflate (lossless)")
@@ -80,7 +85,8 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def tiling_options(args: argparse.Namespace) -> TilingOptions:
     return TilingOptions(target_mpp=args.mpp, patch_size=args.patch_size,
-                         min_tissue=args.min_tissue, slide_mpp=args.slide_mpp,
+                         min_tissue=args.min_tissue, fill_mpp=args.fill_mpp,
+                         override_mpp=args.override_mpp,
                          encoding=PatchEncoding(args.encoding, args.encoding_level),
                          tumour_threshold=args.tumour_threshold,
                          annotation_rules=AnnotationRules(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -21,7 +23,7 @@ from pathlib import Path
 import h5py
 from tqdm import tqdm
 
-from slidefed.atomic import atomic_path
+from slidefed.atomic import atomic_path, make_directory
 from wsi.bag import (
     FORMAT_VERSION,
     BagError,
@@ -41,7 +43,8 @@ log = logging.getLogger(__name__)
 # its .dcm files; directories holding several are listed once).
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif",
                     ".svslide", ".dcm")
-MANIFEST_COLUMNS = ("slide_id", "path", "label", "status", "n_patches", "mpp", "error")
+MANIFEST_COLUMNS = ("slide_id", "path", "label", "status", "n_patches", "mpp", "mpp_source",
+                    "error")
 
 
 class SlideListError(ValueError):
@@ -56,6 +59,7 @@ class SlideEntry:
     path: Path
     label: str = ""  # as written in the slide list; see slide_label()
     annotation: Path | None = None
+    error: str = ""  # why the slide list already makes it fail (it is then not tiled)
 
     def slide_label(self) -> int | None:
         """The label as 0 or 1 (None when empty); :class:`SlideError` for anything else."""
@@ -81,11 +85,12 @@ class ManifestRow:
     """One line of a hospital's manifest (DESIGN.md)."""
 
     slide_id: str
-    path: str
+    path: str  # the slide file, absolute (symlinks kept), as its bag's source_path
     label: str
     status: str  # "ok" or "failed"
     n_patches: int
     mpp: float | None
+    mpp_source: str  # as the bag's attribute: "file", "fill" or "override"; empty if failed
     error: str
 
 
@@ -95,9 +100,10 @@ def read_slide_list(source: str | Path,
     and optionally ``annotation``; slides without an annotation there take
     ``annotations/<slide_id>.geojson`` when that exists.
 
-    Relative CSV paths are taken relative to the CSV's directory.
+    Relative CSV paths are taken relative to the CSV's directory; every slide path comes
+    back absolute, so a manifest means the same from any working directory.
     """
-    source = Path(source)
+    source = Path(os.path.abspath(source))
     if source.is_dir():
         entries = _slides_in_directory(source)
     elif source.is_file():
@@ -127,11 +133,24 @@ def _slides_in_directory(directory: Path) -> list[SlideEntry]:
         entries.append(SlideEntry(path.stem, path))
     if not entries:
         raise SlideListError(f"{directory}: no slide files ({', '.join(SLIDE_EXTENSIONS)})")
-    return _unique(directory, entries)
+    return _fail_shared_stems(entries)
+
+
+def _fail_shared_stems(entries: list[SlideEntry]) -> list[SlideEntry]:
+    """Mark files whose names differ only in extension (``s1.svs``, ``s1.ndpi``) as failed:
+    their slide_id, and so their bag, would be the same. The other slides are unaffected."""
+    by_id: dict[str, list[Path]] = defaultdict(list)
+    for entry in entries:
+        by_id[entry.slide_id].append(entry.path)
+    return [e if len(by_id[e.slide_id]) == 1 else replace(e, error=(
+        f"{e.path}: slide_id {e.slide_id!r} is also that of "
+        f"{', '.join(str(p) for p in by_id[e.slide_id] if p != e.path)}; rename one of the "
+        "files, or list the slides in a CSV with a distinct slide_id for each"))
+        for e in entries]
 
 
 def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
-    with csv_path.open(newline="") as f:
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" has a BOM
         reader = csv.DictReader(f)
         missing = {"slide_id", "path"} - set(reader.fieldnames or ())
         if missing:
@@ -146,7 +165,7 @@ def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
                 raise SlideListError(f"{csv_path}: line {line}: slide_id {slide_id!r} is not a "
                                      "plain file name")
             annotation = (row.get("annotation") or "").strip()
-            entries.append(SlideEntry(slide_id, csv_path.parent / path,
+            entries.append(SlideEntry(slide_id, Path(os.path.abspath(csv_path.parent / path)),
                                       (row.get("label") or "").strip(),
                                       csv_path.parent / annotation if annotation else None))
     if not entries:
@@ -155,17 +174,18 @@ def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
 
 
 def _unique(source: Path, entries: list[SlideEntry]) -> list[SlideEntry]:
-    seen: set[str] = set()
+    seen: dict[str, Path] = {}
     for entry in entries:
         if entry.slide_id in seen:
-            raise SlideListError(f"{source}: slide_id {entry.slide_id!r} appears twice")
-        seen.add(entry.slide_id)
+            raise SlideListError(f"{source}: slide_id {entry.slide_id!r} appears twice "
+                                 f"({seen[entry.slide_id]}, {entry.path})")
+        seen[entry.slide_id] = entry.path
     return entries
 
 
 def write_manifest(path: Path, rows: list[ManifestRow]) -> None:
     """Write the manifest CSV atomically."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
         for row in rows:
@@ -176,27 +196,46 @@ def write_manifest(path: Path, rows: list[ManifestRow]) -> None:
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
     """Read a manifest written by :func:`write_manifest`."""
-    with Path(path).open(newline="") as f:
+    with Path(path).open(newline="", encoding="utf-8") as f:
         return [ManifestRow(slide_id=r["slide_id"], path=r["path"], label=r["label"],
                             status=r["status"], n_patches=int(r["n_patches"]),
-                            mpp=float(r["mpp"]) if r["mpp"] else None, error=r["error"])
+                            mpp=float(r["mpp"]) if r["mpp"] else None,
+                            mpp_source=r["mpp_source"], error=r["error"])
                 for r in csv.DictReader(f)]
 
 
 def _existing_bag_row(entry: SlideEntry, bag: Path,
                       options: TilingOptions) -> ManifestRow | None:
-    """The manifest row of a bag that a rerun can keep: valid, of the current format, with
-    the labels this run would give it (an annotation added since is not missed)."""
+    """The manifest row of a bag that a rerun can keep: valid, of the current format, tiled
+    with this run's settings and with the labels this run would give it (an annotation
+    added since is not missed)."""
     try:
         n = check_bag(bag)
     except BagError:
         return None
     with h5py.File(bag, "r") as f:
-        if bag_version(f) != FORMAT_VERSION or not _labels_current(entry, options,
-                                                                   read_labels(f)):
+        if (bag_version(f) != FORMAT_VERSION or not _tiling_current(f, options)
+                or not _labels_current(entry, options, read_labels(f))):
             return None
-        mpp = float(f.attrs["mpp_level0"])
-    return ManifestRow(entry.slide_id, str(entry.path), entry.label, "ok", n, mpp, "")
+        mpp, mpp_source = float(f.attrs["mpp_level0"]), str(f.attrs["mpp_source"])
+    return ManifestRow(entry.slide_id, str(entry.path), entry.label, "ok", n, mpp, mpp_source,
+                       "")
+
+
+def _tiling_current(f: h5py.File, options: TilingOptions) -> bool:
+    """Whether the open bag ``f`` was tiled as this run would tile it: the same target
+    resolution, patch size and encoding, and its level-0 mpp from the same rule (the file's
+    own value, a fill-in or an override, and the same user value)."""
+    patches = f["patches"].attrs
+    if (float(f.attrs["target_mpp"]), int(patches["patch_size"]), patches["encoding"],
+            int(patches["encoding_level"])) != (options.target_mpp, options.patch_size,
+                                                options.encoding.name, options.encoding.level):
+        return False
+    source, mpp = f.attrs["mpp_source"], float(f.attrs["mpp_level0"])
+    if options.override_mpp is not None:
+        return source == "override" and mpp == options.override_mpp
+    # Without an override, a file that states its mpp always gives it.
+    return source == "file" or (source == "fill" and mpp == options.fill_mpp)
 
 
 def _labels_current(entry: SlideEntry, options: TilingOptions,
@@ -214,11 +253,28 @@ def _labels_current(entry: SlideEntry, options: TilingOptions,
         return False
 
 
+def _bag_path(out_dir: Path, entry: SlideEntry) -> Path:
+    return out_dir / "bags" / f"{entry.slide_id}.h5"
+
+
+def _qc_path(out_dir: Path, entry: SlideEntry) -> Path:
+    return out_dir / "qc" / f"{entry.slide_id}.png"
+
+
 def _tile_entry(out_dir: Path, options: TilingOptions, entry: SlideEntry) -> TileResult:
-    return tile_slide(entry.path, out_dir / "bags" / f"{entry.slide_id}.h5", options,
-                      slide_id=entry.slide_id, qc_path=out_dir / "qc" / f"{entry.slide_id}.png",
-                      annotation=entry.annotation, slide_label=entry.slide_label(),
-                      progress=False)
+    return tile_slide(entry.path, _bag_path(out_dir, entry), options, slide_id=entry.slide_id,
+                      qc_path=_qc_path(out_dir, entry), annotation=entry.annotation,
+                      slide_label=entry.slide_label(), progress=False)
+
+
+def _failed(hospital: str, out_dir: Path, entry: SlideEntry, error: str) -> ManifestRow:
+    """The manifest row of a slide that failed; deletes an earlier run's bag and picture of
+    it, which would contradict the row."""
+    _bag_path(out_dir, entry).unlink(missing_ok=True)
+    _qc_path(out_dir, entry).unlink(missing_ok=True)
+    log.warning("%s: %s failed: %s", hospital, entry.slide_id, error)
+    return ManifestRow(entry.slide_id, str(entry.path), entry.label, "failed", 0, None, "",
+                       error)
 
 
 def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
@@ -228,37 +284,40 @@ def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
     """Tile every slide of ``hospital`` into ``out_dir/bags``, with ``out_dir/manifest.csv``
     and ``out_dir/qc/<slide_id>.png``; ``annotations`` is a directory of
     ``<slide_id>.geojson`` tumour annotations. Returns the manifest rows, in slide-list order.
+
+    A slide has a bag and a QC picture exactly when its row is ``ok``: a failed slide's
+    files from an earlier run are deleted.
     """
     out_dir = Path(out_dir)
     options = options or TilingOptions()
     entries = read_slide_list(slides, annotations)
-    (out_dir / "bags").mkdir(parents=True, exist_ok=True)
-    rows: dict[str, ManifestRow] = {}
+    make_directory(out_dir / "bags")
+    # Keyed by entry: two files of a directory can share a (failed) slide_id.
+    rows: dict[SlideEntry, ManifestRow] = {}
     todo = []
     for entry in entries:
-        existing = None if force else _existing_bag_row(
-            entry, out_dir / "bags" / f"{entry.slide_id}.h5", options)
-        if existing:
-            rows[entry.slide_id] = existing
+        if entry.error:
+            rows[entry] = _failed(hospital, out_dir, entry, entry.error)
+        elif not force and (existing := _existing_bag_row(entry, _bag_path(out_dir, entry),
+                                                          options)):
+            rows[entry] = existing
         else:
             todo.append(entry)
-    if len(todo) < len(entries):
+    skipped = len(entries) - len(todo) - sum(bool(e.error) for e in entries)
+    if skipped:
         log.info("%s: %d of %d slides already have a valid bag; skipping them", hospital,
-                 len(entries) - len(todo), len(entries))
+                 skipped, len(entries))
     bar = tqdm(total=len(todo), unit="slide", desc=hospital, disable=None if progress else True)
     with bar:
         for entry, outcome in run_isolated(partial(_tile_entry, out_dir, options), todo, workers):
-            failed = ManifestRow(entry.slide_id, str(entry.path), entry.label, "failed", 0, None,
-                                 outcome.error or "")
-            if outcome.result is None:
-                rows[entry.slide_id] = failed
-                log.warning("%s: %s failed: %s", hospital, entry.slide_id, outcome.error)
+            result = outcome.result
+            if result is None:
+                rows[entry] = _failed(hospital, out_dir, entry, outcome.error or "")
             else:
-                rows[entry.slide_id] = replace(failed, status="ok",
-                                               n_patches=outcome.result.n_patches,
-                                               mpp=outcome.result.mpp)
+                rows[entry] = ManifestRow(entry.slide_id, str(entry.path), entry.label, "ok",
+                                          result.n_patches, result.mpp, result.mpp_source, "")
             bar.update()
-    ordered = [rows[e.slide_id] for e in entries]
+    ordered = [rows[e] for e in entries]
     write_manifest(out_dir / "manifest.csv", ordered)
     n_ok = sum(r.status == "ok" for r in ordered)
     log.info("%s: %d slides ok (%d patches), %d failed; manifest %s", hospital, n_ok,

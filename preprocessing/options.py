@@ -20,7 +20,8 @@ class TilingOptions:
     target_mpp: float = 0.5
     patch_size: int = 256
     min_tissue: float = 0.5
-    slide_mpp: float | None = None
+    fill_mpp: float | None = None  # level-0 µm/px of slides whose files state none
+    override_mpp: float | None = None  # level-0 µm/px replacing what every file states
     encoding: PatchEncoding = PatchEncoding()
     tumour_threshold: float = DEFAULT_TUMOUR_THRESHOLD
     annotation_rules: AnnotationRules = AnnotationRules()
@@ -32,7 +33,11 @@ class TilingOptions:
             raise ValueError(f"patch size must be between 16 and 4096 px, got {self.patch_size}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ValueError(f"min tissue must be a fraction in [0, 1], got {self.min_tissue}")
-        if self.slide_mpp is not None and not self.slide_mpp > 0:
-            raise ValueError(f"slide mpp must be positive, got {self.slide_mpp}")
+        for name, value in (("fill", self.fill_mpp), ("override", self.override_mpp)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} mpp must be positive, got {value}")
+        if self.fill_mpp is not None and self.override_mpp is not None:
+            raise ValueError("fill mpp and override mpp exclude each other: an override "
+                             "applies to every slide")
         if not 0.0 < self.tumour_threshold <= 1.0:
             raise ValueError(f"tumour threshold must be in (0, 1], got {self.tumour_threshold}")

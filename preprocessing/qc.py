@@ -15,11 +15,13 @@ from wsi.tissue import Overview
 MIN_SIDE, MAX_SIDE = 800, 1600
 TISSUE_OUTLINE = (0, 170, 0)
 PATCH_OUTLINE = (20, 60, 230)
+INK_OUTLINE = (255, 140, 0)
 
 
 def write_qc_picture(path: str | Path, overview: Overview, coords: np.ndarray,
                      step_level0: int) -> Path:
-    """Save the overview with the tissue mask outlined in green and kept patches in blue.
+    """Save the overview with the tissue mask outlined in green, pen marks left out of it in
+    orange and kept patches in blue.
 
     Written to a temporary name and renamed, like every output of the pipeline.
     """
@@ -28,9 +30,9 @@ def write_qc_picture(path: str | Path, overview: Overview, coords: np.ndarray,
     scale = float(np.clip(max(width, height), MIN_SIDE, MAX_SIDE)) / max(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     picture = np.array(Image.fromarray(overview.rgb).resize(size, Image.Resampling.BILINEAR))
-    mask = np.asarray(Image.fromarray(overview.mask).resize(size, Image.Resampling.NEAREST))
-    outline = mask & ~ndimage.binary_erosion(mask, iterations=2)
-    picture[outline] = TISSUE_OUTLINE
+    for region, colour in ((overview.ink, INK_OUTLINE), (overview.mask, TISSUE_OUTLINE)):
+        mask = np.asarray(Image.fromarray(region).resize(size, Image.Resampling.NEAREST))
+        picture[mask & ~ndimage.binary_erosion(mask, iterations=2)] = colour
     image = Image.fromarray(picture)
     draw = ImageDraw.Draw(image)
     factor = scale / overview.downsample

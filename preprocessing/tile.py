@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import numpy as np
 from shapely import Polygon
 from tqdm import tqdm
 
-from slidefed.atomic import remove_stale_partials
+from slidefed.atomic import make_directory, remove_stale_partials
 from wsi.annotations import read_tumour_annotation, tumour_fractions
 from wsi.bag import (
     BagAttributes,
@@ -48,6 +49,7 @@ class TileResult:
     bag_path: Path
     n_patches: int
     mpp: float
+    mpp_source: str
     read_level: int
     seconds: float
 
@@ -106,9 +108,9 @@ def _encode_run(slide: Slide, plan: ReadPlan, coords: np.ndarray,
 _worker_slide: Slide | None = None
 
 
-def _worker_open(path: Path, slide_mpp: float | None) -> None:
+def _worker_open(path: Path, options: TilingOptions) -> None:
     global _worker_slide
-    _worker_slide = open_slide(path, slide_mpp)
+    _worker_slide = open_slide(path, options.fill_mpp, options.override_mpp)
 
 
 def _worker_encode(args: tuple[ReadPlan, np.ndarray, PatchEncoding, int],
@@ -129,7 +131,7 @@ def _encoded_runs(slide: Slide, layout: SlideLayout, options: TilingOptions, wor
     # fork: workers start in milliseconds and inherit nothing heavier than numpy and OpenSlide.
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers, initializer=_worker_open,
-                  initargs=(slide.info.path, options.slide_mpp)) as pool:
+                  initargs=(slide.info.path, options)) as pool:
         yield from pool.imap_unordered(_worker_encode, tasks)
 
 
@@ -144,8 +146,8 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
     gives the patches their labels. Raises :class:`~wsi.slide.SlideError` naming the slide
     when it cannot be used or holds no tissue patch, and
     :class:`~wsi.annotations.AnnotationError` naming the annotation when that is unusable.
-    The bag appears only when complete; a QC picture (overview, tissue mask, kept patches)
-    is written to ``qc_path`` first when given.
+    The bag appears only when complete, and the QC picture (overview, tissue mask, kept
+    patches) at ``qc_path``, when given, only with it: a slide that fails has neither.
     """
     started = time.perf_counter()
     options = options or TilingOptions()
@@ -153,10 +155,10 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
     if slide_label not in (None, 0, 1):
         raise SlideError(slide_path, f"slide label must be 0 or 1, got {slide_label!r}")
     slide_id = slide_id or slide_path.stem
-    bag_path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(bag_path.parent)
     for stale in remove_stale_partials(bag_path):
         log.info("removed %s left by an interrupted run", stale)
-    with open_slide(slide_path, options.slide_mpp) as slide:
+    with open_slide(slide_path, options.fill_mpp, options.override_mpp) as slide:
         info = slide.info
         # Before any pixel is read, so that a bad annotation fails in milliseconds.
         tumour = None if annotation is None else read_tumour_annotation(
@@ -166,13 +168,11 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
         log.info("%s: %s, %d levels, %dx%d px at %.4g µm/px (%s); reading level %d, %d patches",
                  slide_id, info.vendor, info.level_count, info.width, info.height, info.mpp,
                  info.mpp_source, layout.plan.read_level, n)
-        if qc_path is not None:
-            write_qc_picture(qc_path, layout.overview, layout.coords, layout.plan.step_level0)
         if n == 0:
             raise SlideError(slide_path, f"no patch has tissue fraction >= {options.min_tissue}")
         labels = patch_labels(slide_id, layout, options.tumour_threshold, tumour, slide_label)
         attributes = BagAttributes(
-            slide_id=slide_id, source_path=str(slide_path.resolve()), mpp_level0=info.mpp,
+            slide_id=slide_id, source_path=os.path.abspath(slide_path), mpp_level0=info.mpp,
             mpp_source=info.mpp_source, target_mpp=options.target_mpp,
             read_level=layout.plan.read_level, level0_width=info.width,
             level0_height=info.height, vendor=info.vendor)
@@ -185,5 +185,12 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
             for start, (chunks, checksums) in _encoded_runs(slide, layout, options, workers):
                 writer.write_chunks(start, chunks, checksums)
                 bar.update(len(chunks))
+    if qc_path is not None:
+        try:
+            write_qc_picture(qc_path, layout.overview, layout.coords, layout.plan.step_level0)
+        except BaseException:
+            bag_path.unlink(missing_ok=True)  # a slide's bag and picture exist together
+            raise
     return TileResult(slide_id=slide_id, bag_path=bag_path, n_patches=n, mpp=info.mpp,
-                      read_level=layout.plan.read_level, seconds=time.perf_counter() - started)
+                      mpp_source=info.mpp_source, read_level=layout.plan.read_level,
+                      seconds=time.perf_counter() - started)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,11 +24,21 @@ def remove_stale_partials(path: Path) -> list[Path]:
     return stale
 
 
+def make_directory(path: Path) -> Path:
+    """``mkdir -p path``; a file standing where a directory should be is an OS error naming
+    it (``mkdir`` alone says only "File exists")."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a directory", str(path)) from None
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; rename it to ``path`` on success, delete it on error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(path.parent)
     tmp = partial_path(path)
     try:
         yield tmp

@@ -61,12 +61,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as exc:
-        # Bad slides, bags, slide lists, configs and values: one line, unless debugging.
+    except (ValueError, OSError) as exc:
+        # Bad slides, bags, slide lists, configs, values and output paths: one line, unless
+        # debugging.
         if args.verbose:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def one_line(exc: ValueError | OSError) -> str:
+    """An error as one line; an OS error as ``<file>: <reason>``, like every other error."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split())
 
 
 def console_main() -> NoReturn:

@@ -34,3 +34,18 @@ def bag_cohort(tmp_path_factory) -> tuple[Path, list[str]]:
 
     root = tmp_path_factory.mktemp("bag_cohort")
     return root, write_cohort(root, {"h_a": 6, "h_b": 6, "h_c": 6})
+
+
+@pytest.fixture(scope="session")
+def zeroed_level0(tmp_path_factory):
+    """A synthetic slide whose level-0 JPEG tiles are zeroed: the overview (level 1) reads
+    fine, the patches (level 0) do not, so the failure happens in the tiling workers. The
+    undamaged original is ``good.tiff`` beside it."""
+    from damage import zero_tile_data
+
+    from wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+    out = tmp_path_factory.mktemp("zeroed")
+    spec = SyntheticSlideSpec(width=4096, height=2048, mpp=0.5, tumour_regions=0)
+    slide = write_synthetic_slide(out / "good.tiff", spec).path
+    return zero_tile_data(slide, out / "zeroed.tiff", page=0)

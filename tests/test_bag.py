@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from dataclasses import asdict
 
 import h5py
 import numpy as np
@@ -124,6 +125,24 @@ def test_commit_refuses_an_incomplete_bag(tmp_path):
     writer.write_chunks(0, *_encoded(_patches(1), DEFLATE))
     with pytest.raises(BagError, match="2 patches were never written"):
         writer.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_rename_deletes_the_temporary_file(tmp_path):
+    # A directory appears at the bag's name while it is written: the rename fails, and the
+    # hidden temporary used to stay behind.
+    path = tmp_path / "s1.h5"
+    writer = BagWriter(path, ATTRS, GEOMETRY, np.zeros((1, 2), int), np.ones(1), DEFLATE)
+    writer.write_chunks(0, *_encoded(_patches(1), DEFLATE))
+    path.mkdir()
+    with pytest.raises(IsADirectoryError):
+        writer.commit()
+    assert [p.name for p in tmp_path.iterdir()] == ["s1.h5"]
+
+
+def test_a_directory_is_not_a_bag_to_write(tmp_path):
+    with pytest.raises(BagError, match="is a directory, not a bag file"):
+        BagWriter(tmp_path, ATTRS, GEOMETRY, np.zeros((1, 2), int), np.ones(1), DEFLATE)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -264,6 +283,16 @@ def test_version_2_requires_its_items_and_unknown_versions_are_refused(tmp_path)
         del f.attrs["mpp_source"]
     with pytest.raises(BagError, match=r"missing root attributes \['mpp_source'\]"):
         check_bag(path)
+    _write(path)
+    with h5py.File(path, "a") as f:
+        f.attrs["mpp_source"] = "user"  # the retired --slide-mpp: still read
+    assert check_bag(path) == 5
+    with h5py.File(path, "a") as f:
+        f.attrs["mpp_source"] = "guess"
+    with pytest.raises(BagError, match="mpp_source 'guess' is not one of"):
+        check_bag(path)
+    with pytest.raises(ValueError, match="mpp source must be one of"):
+        BagAttributes(**{**asdict(ATTRS), "mpp_source": "user"})
     _write(path)
     with h5py.File(path, "a") as f:
         f.attrs["format_version"] = 3

@@ -98,3 +98,52 @@ def test_label_must_be_0_or_1(tmp_path):
     run = subprocess.run([*SLIDEFED, "tile", str(tmp_path / "s.svs"), "-o",
                           str(tmp_path / "b.h5"), "--label", "2"], capture_output=True, text=True)
     assert run.returncode == 2 and "--label" in run.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_corrupt_tile_data_is_one_line_and_leaves_nothing(tmp_path, zeroed_level0, workers):
+    # Used to be an imagecodecs traceback with exit status 0; with workers, SlideError did
+    # not survive pickling and the pool waited forever.
+    bag = tmp_path / "b.h5"
+    run = subprocess.run([*SLIDEFED, "-q", "tile", str(zeroed_level0), "-o", str(bag),
+                          "--workers", workers], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {zeroed_level0}: cannot read region")
+    assert "JPEG tile" in lines[0] and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("outputs, message", [
+    (["-o", "adir"], "{out}/adir: is a directory, not a bag file"),
+    (["-o", "afile/b.h5"], "{out}/afile: is a file, not a directory"),
+    (["-o", "b.h5", "--qc", "afile/b.png"], "{out}/afile: is a file, not a directory"),
+])
+def test_unusable_output_paths_are_one_line_and_leave_nothing(real_slide, tmp_path, outputs,
+                                                               message):
+    # An existing directory used to cost a traceback and a leftover .partial bag; a file
+    # as the parent, a traceback. A QC picture that cannot be written takes its bag along.
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").touch()
+    run = subprocess.run([*SLIDEFED, "-q", "tile", str(real_slide),
+                          *(str(tmp_path / a) if i % 2 else a for i, a in enumerate(outputs))],
+                         capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [f"error: {message.format(out=tmp_path)}"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adir", "afile"]
+
+
+def test_preprocess_into_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").touch()
+    (tmp_path / "s.svs").write_text("not read")
+    assert main(["-q", "preprocess", "--hospital", "h", "--slides", str(tmp_path),
+                 "-o", str(tmp_path / "afile")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'afile' / 'bags'}: Not a directory\n"
+
+
+def test_fill_and_override_mpp_exclude_each_other_and_slide_mpp_is_gone(tmp_path):
+    base = [*SLIDEFED, "tile", str(tmp_path / "s.svs"), "-o", str(tmp_path / "b.h5")]
+    for extra, mentions in ((["--fill-mpp", "0.5", "--override-mpp", "0.5"], "not allowed"),
+                            (["--slide-mpp", "0.5"], "--slide-mpp")):
+        run = subprocess.run([*base, *extra], capture_output=True, text=True)
+        assert run.returncode == 2 and mentions in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1

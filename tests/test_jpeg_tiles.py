@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import openslide
+import pytest
 import tifffile
+from damage import zero_tile_data
 
-from wsi.slide import open_slide
+from wsi.slide import SlideError, open_slide
 from wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
 
@@ -72,3 +74,15 @@ def test_missing_tiles_read_as_white(real_slide, tmp_path):
         assert slide.info.vendor == "aperio" and slide._jpeg is not None
         region = slide.read_region((0, 0), 0, (300, 300))
     assert (region[:240, :240] == 255).all() and (region[240:, 240:] < 255).any()
+
+
+def test_corrupt_tiles_are_a_slide_error_naming_the_file(real_slide, tmp_path):
+    # The direct decoder used to let imagecodecs.Jpeg8Error escape, without the file's name.
+    path = zero_tile_data(real_slide, tmp_path / "zeroed.svs", tiles=slice(5, 40))
+    with open_slide(path) as slide:
+        assert slide._jpeg is not None
+        with pytest.raises(SlideError) as err:
+            slide.read_region((0, 0), 0, (2220, 2967))
+    message = str(err.value)
+    assert message.startswith(f"{path}: cannot read region at (0, 0) level 0 (JPEG tile 5 ")
+    assert "Not a JPEG file" in message and "\n" not in message

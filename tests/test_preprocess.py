@@ -12,6 +12,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+from damage import zero_tile_data
 
 from preprocessing.hospital import (
     SlideListError,
@@ -34,6 +35,7 @@ def _cohort(tmp_path: Path, real_slide: Path, n_good: int = 2) -> Path:
         (slides / f"good{i}.svs").symlink_to(real_slide)
     (slides / "text.svs").write_text("not a slide")
     (slides / "truncated.svs").write_bytes(real_slide.read_bytes()[:500_000])
+    zero_tile_data(real_slide, slides / "zeroed.svs", tiles=slice(5, 40))
     (slides / "notes.txt").write_text("ignored: not a slide extension")
     return slides
 
@@ -43,11 +45,13 @@ def test_bad_slides_are_recorded_and_the_rest_tiled(tmp_path, real_slide):
     out = tmp_path / "out"
     rows = preprocess_hospital("h1", slides, out, workers=2, progress=False)
     by_id = {r.slide_id: r for r in rows}
-    assert set(by_id) == {"good0", "good1", "text", "truncated"}
+    assert set(by_id) == {"good0", "good1", "text", "truncated", "zeroed"}
     assert by_id["good0"].status == by_id["good1"].status == "ok"
     assert by_id["good0"].n_patches > 10 and by_id["good0"].mpp == pytest.approx(0.499)
     assert by_id["text"].status == "failed" and "not a slide format" in by_id["text"].error
     assert "truncated" in by_id["truncated"].error
+    # A decoder error of the direct JPEG path used to reach the manifest without the file.
+    assert by_id["zeroed"].error.startswith(f"{slides / 'zeroed.svs'}: cannot read region")
     assert read_manifest(out / "manifest.csv") == rows
     assert sorted(p.name for p in (out / "bags").iterdir()) == ["good0.h5", "good1.h5"]
     assert (out / "qc" / "good0.png").is_file()
@@ -76,9 +80,40 @@ def test_csv_slide_list_with_labels_and_relative_paths(tmp_path, real_slide):
     assert "file not found" in rows[1].error
 
 
+def test_csv_saved_by_excel_with_a_byte_order_mark_is_read(tmp_path):
+    # Excel's "CSV UTF-8" starts with a BOM; the header's first name used to be
+    # "\ufeffslide_id", reported as a missing column slide_id.
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes("slide_id,path,label\r\nÅ1,å1.svs,1\r\n".encode("utf-8-sig"))
+    [entry] = read_slide_list(csv)
+    assert (entry.slide_id, entry.path, entry.label) == ("Å1", tmp_path / "å1.svs", "1")
+
+
+def test_files_sharing_a_stem_fail_alone_naming_each_other(tmp_path, real_slide):
+    # s1.svs and s1.ndpi used to abort the whole hospital, naming neither file.
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("good.svs", "s1.svs", "s1.ndpi"):
+        (slides / name).symlink_to(real_slide)
+    out = tmp_path / "out"
+    (out / "bags").mkdir(parents=True)
+    (out / "bags" / "s1.h5").write_bytes(b"an earlier run's bag of one of them")
+    rows = preprocess_hospital("h1", slides, out, progress=False)
+    assert [(r.slide_id, r.path, r.status) for r in rows] == [
+        ("good", str(slides / "good.svs"), "ok"), ("s1", str(slides / "s1.ndpi"), "failed"),
+        ("s1", str(slides / "s1.svs"), "failed")]
+    assert rows[1].error == (
+        f"{slides / 's1.ndpi'}: slide_id 's1' is also that of {slides / 's1.svs'}; rename one "
+        "of the files, or list the slides in a CSV with a distinct slide_id for each")
+    assert rows[2].error.startswith(f"{slides / 's1.svs'}: slide_id 's1' is also that of "
+                                    f"{slides / 's1.ndpi'}; ")
+    assert read_manifest(out / "manifest.csv") == rows
+    assert sorted(p.name for p in (out / "bags").iterdir()) == ["good.h5"]
+
+
 @pytest.mark.parametrize("text, problem", [
     ("id,file\nA,a.svs\n", "missing column"),
-    ("slide_id,path\nA,a.svs\nA,b.svs\n", "appears twice"),
+    ("slide_id,path\nA,a.svs\nA,b.svs\n", r"appears twice \(.*a.svs, .*b.svs\)"),
     ("slide_id,path\n", "no slides listed"),
     ("slide_id,path\n../x,a.svs\n", "not a plain file name"),
 ])
@@ -110,12 +145,12 @@ def test_cli_exits_nonzero_only_when_every_slide_failed(tmp_path, real_slide):
     ok = subprocess.run([*SLIDEFED, "-q", "preprocess", "--hospital", "h1", "--slides",
                          str(slides), "-o", str(tmp_path / "o1")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert "1 of 3 slides ok" in ok.stdout and "failed text: " in ok.stdout
+    assert "1 of 4 slides ok" in ok.stdout and "failed text: " in ok.stdout
     (slides / "good0.svs").unlink()
     bad = subprocess.run([*SLIDEFED, "-q", "preprocess", "--hospital", "h1", "--slides",
                           str(slides), "-o", str(tmp_path / "o2")], capture_output=True,
                          text=True)
-    assert bad.returncode == 1 and "0 of 2 slides ok" in bad.stdout
+    assert bad.returncode == 1 and "0 of 3 slides ok" in bad.stdout
 
 
 @pytest.mark.slow
@@ -211,3 +246,82 @@ def test_annotations_and_slide_labels_become_patch_labels_bad_ones_fail_alone(
     assert read_slide_list(csv, tmp_path / "ann")[0].annotation == tmp_path / "ann/t.geojson"
     with pytest.raises(SlideListError, match="annotation directory not found"):
         read_slide_list(csv, tmp_path / "nowhere")
+
+
+def test_a_slide_that_fails_half_way_leaves_no_picture_and_no_stale_bag(tmp_path,
+                                                                        zeroed_level0):
+    # The overview reads, the patches do not: the QC picture used to be written anyway.
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "s.tiff").symlink_to(zeroed_level0)
+    out = tmp_path / "out"
+    assert preprocess_hospital("h1", slides, out, progress=False)[0].status == "failed"
+    assert not (out / "qc").exists() and not list((out / "bags").iterdir())
+    # A slide that succeeded once and fails on a forced rerun loses its old bag and picture.
+    (slides / "s.tiff").unlink()
+    (slides / "s.tiff").symlink_to(zeroed_level0.parent / "good.tiff")
+    assert preprocess_hospital("h1", slides, out, progress=False)[0].status == "ok"
+    assert (out / "bags" / "s.h5").is_file() and (out / "qc" / "s.png").is_file()
+    (slides / "s.tiff").unlink()
+    (slides / "s.tiff").symlink_to(zeroed_level0)
+    [row] = preprocess_hospital("h1", slides, out, force=True, progress=False)
+    assert row.status == "failed" and "cannot read region" in row.error
+    assert not list((out / "bags").iterdir()) and not list((out / "qc").iterdir())
+
+
+def test_mpp_rules_are_recorded_and_a_changed_rule_retiles(tmp_path):
+    # --slide-mpp used to override stated values and was not part of a bag's validity, so a
+    # rerun with another value kept bags tiled at the old one.
+    slides = tmp_path / "slides"
+    for name, mpp in (("stated", 0.25), ("unstated", None)):
+        write_synthetic_slide(slides / f"{name}.tiff", SyntheticSlideSpec(
+            width=1536, height=1536, mpp=mpp, tumour_regions=0, level_downsample=2,
+            smallest_level_px=384))
+    out, bags = tmp_path / "out", tmp_path / "out" / "bags"
+
+    def run(**mpp):
+        rows = preprocess_hospital("h1", slides, out, TilingOptions(patch_size=128, **mpp),
+                                   progress=False)
+        assert read_manifest(out / "manifest.csv") == rows
+        return {r.slide_id: (r.mpp, r.mpp_source) for r in rows}
+
+    def mtimes():
+        return {p.stem: p.stat().st_mtime_ns for p in bags.iterdir()}
+
+    assert run(fill_mpp=0.3) == {"stated": (0.25, "file"), "unstated": (0.3, "fill")}
+    first = mtimes()
+    assert run(fill_mpp=0.3) == {"stated": (0.25, "file"), "unstated": (0.3, "fill")}
+    assert mtimes() == first
+    assert run(fill_mpp=0.4)["unstated"] == (0.4, "fill")
+    second = mtimes()
+    assert second["stated"] == first["stated"] and second["unstated"] != first["unstated"]
+    assert run(override_mpp=0.4) == {"stated": (0.4, "override"),
+                                     "unstated": (0.4, "override")}
+    third = mtimes()
+    assert all(third[s] != second[s] for s in third)
+    run(override_mpp=0.4)
+    assert mtimes() == third
+    with h5py.File(bags / "stated.h5", "r") as f:
+        assert f.attrs["mpp_source"] == "override" and f.attrs["mpp_level0"] == 0.4
+
+
+def test_manifest_path_and_bag_source_path_are_the_same_absolute_path(tmp_path, real_slide,
+                                                                      monkeypatch):
+    # The manifest's path was relative to the working directory of the run, the bag's
+    # source_path absolute with symlinks resolved: two spellings of one slide.
+    from federation.data.slides import read_manifest as read_for_training
+
+    (tmp_path / "site" / "slides").mkdir(parents=True)
+    (tmp_path / "site" / "slides" / "a.svs").symlink_to(real_slide)
+    (tmp_path / "site" / "lists").mkdir()
+    (tmp_path / "site" / "lists" / "labels.csv").write_text("slide_id,path,label\n"
+                                                            "A,../slides/a.svs,1\n")
+    monkeypatch.chdir(tmp_path / "site")
+    [row] = preprocess_hospital("h1", "lists/labels.csv", "out", progress=False)
+    expected = str(tmp_path / "site" / "slides" / "a.svs")
+    assert row.path == expected and read_manifest(tmp_path / "site/out/manifest.csv") == [row]
+    with h5py.File(tmp_path / "site/out/bags/A.h5", "r") as f:
+        assert f.attrs["source_path"] == expected
+    monkeypatch.chdir(tmp_path)
+    assert read_for_training(tmp_path / "site" / "out") == [
+        ("A", 1, tmp_path / "site" / "out" / "bags" / "A.h5")]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
+from preprocessing.qc import INK_OUTLINE, TISSUE_OUTLINE, write_qc_picture
 from wsi.resolution import plan_reading
 from wsi.slide import SlideError, open_slide
-from wsi.tissue import detect_tissue, slide_overview
+from wsi.tissue import Overview, detect_tissue, pen_ink, slide_overview
 
 
 def test_real_aperio_slide_reports_vendor_levels_and_mpp(real_slide):
@@ -23,9 +25,14 @@ def test_real_aperio_slide_reports_vendor_levels_and_mpp(real_slide):
         assert region.shape == (32, 64, 3) and region.dtype == np.uint8
 
 
-def test_user_mpp_overrides_and_is_recorded(real_slide):
-    with open_slide(real_slide, slide_mpp=0.25) as slide:
-        assert slide.info.mpp == 0.25 and slide.info.mpp_source == "user"
+def test_fill_mpp_leaves_a_stated_mpp_alone_and_override_replaces_it(real_slide):
+    # One --slide-mpp used to do both: a value meant for files without one replaced 0.499.
+    with open_slide(real_slide, fill_mpp=0.25) as slide:
+        assert slide.info.mpp == pytest.approx(0.499) and slide.info.mpp_source == "file"
+    with open_slide(real_slide, override_mpp=0.25) as slide:
+        assert slide.info.mpp == 0.25 and slide.info.mpp_source == "override"
+    with pytest.raises(SlideError, match="--override-mpp must be a positive number"):
+        open_slide(real_slide, override_mpp=-1.0)
 
 
 def test_plan_reads_level0_without_resize_at_native_resolution(real_slide):
@@ -72,6 +79,45 @@ def test_tissue_detection_drops_specks_and_keeps_a_blob():
     assert not mask[15:30, 15:30].any()
 
 
+def test_blue_and_green_pen_marks_are_not_tissue():
+    # Marker ink is saturated, so it used to pass the tissue mask as readily as H&E does.
+    rng = np.random.default_rng(0)
+    rgb = rng.normal(242, 3, (400, 400, 3)).clip(0, 255).astype(np.uint8)  # glass, 8 µm/px
+    rgb[100:300, 100:300] = (180, 90, 170)  # eosin-rich tissue
+    rgb[150:250, 150:250] = (133, 126, 191)  # hematoxylin-rich tissue: blue, but R > G
+    rgb[20:40, 20:380] = (40, 80, 190)  # blue stroke on glass, 160 µm x 2.9 mm
+    rgb[330:350, 20:380] = (60, 150, 90)  # green stroke on glass
+    rgb[100:300, 200:216] = (50, 90, 185)  # blue stroke across the tissue
+    ink = pen_ink(rgb, mpp=8.0)
+    assert ink[20:40, 20:380].all() and ink[330:350, 20:380].all()
+    assert ink[100:300, 200:216].all() and not ink[100:300, 100:200].any()
+    mask = detect_tissue(rgb, mpp=8.0)
+    assert mask[110:290, 110:195].all() and mask[160:240, 220:240].all()
+    assert not (mask & ink).any() and not mask[:60].any() and not mask[320:].any()
+
+
+def test_qc_picture_outlines_pen_marks_apart_from_tissue(tmp_path):
+    rgb = np.full((400, 400, 3), 242, np.uint8)
+    rgb[100:300, 100:300] = (180, 90, 170)
+    rgb[20:40, 20:380] = (40, 80, 190)
+    ink = pen_ink(rgb, mpp=8.0)
+    overview = Overview(rgb, detect_tissue(rgb, 8.0, ink), downsample=1.0, ink=ink)
+    picture = np.asarray(Image.open(write_qc_picture(tmp_path / "qc.png", overview,
+                                                     np.zeros((0, 2), int), 64)))
+    scale = picture.shape[0] / 400
+    stroke, tissue = picture[:round(60 * scale)], picture[round(80 * scale):]
+    assert (stroke == INK_OUTLINE).all(-1).any() and not (stroke == TISSUE_OUTLINE).all(-1).any()
+    assert (tissue == TISSUE_OUTLINE).all(-1).any() and not (tissue == INK_OUTLINE).all(-1).any()
+
+
+def test_small_specks_of_ink_coloured_dye_are_not_pen_marks():
+    rgb = np.full((400, 400, 3), 242, np.uint8)
+    rgb[100:300, 100:300] = (180, 90, 170)
+    rgb[100:104, 100:300] = (60, 150, 150)  # a dye fringe along the tissue's edge, 32 µm wide
+    assert not pen_ink(rgb, mpp=8.0).any()
+    assert detect_tissue(rgb, mpp=8.0)[100:104, 100:300].all()
+
+
 def _write_tiled_tiff(path, resolution: bool) -> None:
     data = np.full((512, 512, 3), 230, np.uint8)
     kwargs = {"resolution": (1e4 / 0.5, 1e4 / 0.5), "resolutionunit": "CENTIMETER"} \
@@ -82,11 +128,12 @@ def _write_tiled_tiff(path, resolution: bool) -> None:
 def test_slide_without_mpp_is_refused_unless_user_supplies_it(tmp_path):
     path = tmp_path / "nompp.tiff"
     _write_tiled_tiff(path, resolution=False)
-    with pytest.raises(SlideError, match="no microns per pixel.*--slide-mpp") as err:
+    with pytest.raises(SlideError, match="no microns per pixel.*--fill-mpp") as err:
         open_slide(path)
     assert str(path) in str(err.value)
-    with open_slide(path, slide_mpp=0.5) as slide:
+    with open_slide(path, fill_mpp=0.5) as slide:
         assert slide.info.mpp == 0.5 and slide.info.vendor == "generic-tiff"
+        assert slide.info.mpp_source == "fill"
 
 
 @pytest.mark.parametrize("content, reason", [

@@ -137,17 +137,17 @@ def test_annotated_slide_bag_holds_exact_tumour_fractions(tumour_slide, tmp_path
     assert ((fractions > 0) & (fractions < 1)).any()  # and patches on the border
 
 
-def test_weak_labels_no_labels_and_user_mpp(tumour_slide, tmp_path):
+def test_weak_labels_no_labels_and_overridden_mpp(tumour_slide, tmp_path):
     slide, _ = tumour_slide
     weak = tile_slide(slide.path, tmp_path / "w.h5", SMALL_PATCHES, slide_label=1,
                       progress=False)
-    none = tile_slide(slide.path, tmp_path / "n.h5", replace(SMALL_PATCHES, slide_mpp=0.25),
+    none = tile_slide(slide.path, tmp_path / "n.h5", replace(SMALL_PATCHES, override_mpp=0.25),
                       progress=False)
     with h5py.File(weak.bag_path, "r") as f:
         labels = read_labels(f)
         assert labels.source == "slide" and (labels.values == 1).all()
         assert len(labels.values) == weak.n_patches
     with h5py.File(none.bag_path, "r") as f:
-        assert "labels" not in f and f.attrs["mpp_source"] == "user"
+        assert "labels" not in f and f.attrs["mpp_source"] == "override"
     with pytest.raises(SlideError, match="slide label must be 0 or 1, got 2"):
         tile_slide(slide.path, tmp_path / "x.h5", SMALL_PATCHES, slide_label=2, progress=False)

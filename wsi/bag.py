@@ -27,8 +27,11 @@ itself refuses (``OSError``) to return a damaged chunk of it.
   the slide label, 0 or 1, copied to every patch). Attribute ``threshold``: a patch is tumour
   when ``labels >= threshold``.
 - Root attributes, :data:`ROOT_ATTRIBUTES`: ``format="slidefed-bag"``, ``format_version=2``,
-  ``slide_id``, ``source_path``, ``mpp_level0``, ``mpp_source`` (``file``: the slide stated
-  its µm/px; ``user``: it came from ``--slide-mpp``), ``target_mpp``, ``read_level``,
+  ``slide_id``, ``source_path`` (the slide file's absolute path, symlinks not resolved, as the
+  manifest's ``path``), ``mpp_level0``, ``mpp_source`` (``file``: the slide stated
+  its µm/px; ``fill``: it stated none and ``--fill-mpp`` gave it; ``override``:
+  ``--override-mpp`` replaced what it stated; ``user``, read but no longer written: the
+  retired ``--slide-mpp``), ``target_mpp``, ``read_level``,
   ``level0_width``, ``level0_height``, ``vendor``, ``slidefed_version``.
 
 Version 1 bags (still read) lack ``checksums``, ``labels`` and ``mpp_source``, and have no
@@ -61,7 +64,9 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CHECKSUM_ALGORITHM = "crc32"
 LABEL_SOURCES = ("annotation", "slide")
-MPP_SOURCES = ("file", "user")
+MPP_SOURCES = ("file", "fill", "override")
+# Written by the first version-2 writers for the retired --slide-mpp (which overrode).
+_LEGACY_MPP_SOURCES = ("user",)
 
 
 class BagError(ValueError):
@@ -80,7 +85,7 @@ class BagAttributes:
     slide_id: str
     source_path: str
     mpp_level0: float
-    mpp_source: str  # "file" or "user" (--slide-mpp)
+    mpp_source: str  # one of MPP_SOURCES
     target_mpp: float
     read_level: int
     level0_width: int
@@ -364,14 +369,26 @@ class BagWriter:
                  encoding: PatchEncoding | None = None,
                  labels: PatchLabels | None = None) -> None:
         self.path = Path(path)
-        n, size = len(coords), geometry.patch_size
+        n = len(coords)
         if labels is not None and labels.values.shape != (n,):
             raise ValueError(f"{n} patches but {labels.values.shape[0]} labels")
+        if self.path.is_dir():
+            raise BagError(self.path, "is a directory, not a bag file")
         self._tmp = partial_path(self.path)
         self._written = np.zeros(n, bool)
         self._checksums = np.zeros(n, np.uint32)
         self._file = h5py.File(self._tmp, "w")
-        f = self._file
+        try:
+            self._patches = self._create(attributes, geometry, coords, tissue_fraction,
+                                         encoding or PatchEncoding(), labels)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create(self, attributes: BagAttributes, geometry: PatchGeometry, coords: np.ndarray,
+                tissue_fraction: np.ndarray, encoding: PatchEncoding,
+                labels: PatchLabels | None) -> h5py.Dataset:
+        f, n, size = self._file, len(coords), geometry.patch_size
         f.attrs.update({**asdict(attributes), "format": FORMAT_NAME,
                         "format_version": FORMAT_VERSION,
                         "slidefed_version": version("slidefed")})
@@ -382,12 +399,11 @@ class BagWriter:
         if labels is not None:
             ds = _small_dataset(f, "labels", labels.values)
             ds.attrs.update({"source": labels.source, "threshold": labels.threshold})
-        encoding = encoding or PatchEncoding()
         self._codec = CODECS[encoding.name]
         patches = self._codec.create(f, n, size, encoding.level)
         patches.attrs.update({"encoding": encoding.name, "encoding_level": encoding.level,
                               "patch_size": size, "color": "RGB"})
-        self._patches = patches
+        return patches
 
     def write_chunks(self, start: int, chunks: Sequence[bytes],
                      checksums: Sequence[int]) -> None:
@@ -401,15 +417,18 @@ class BagWriter:
 
     def commit(self) -> Path:
         """Write the checksums, close the file and rename it into place; every patch must
-        have been written."""
-        missing = np.flatnonzero(~self._written)
-        if len(missing):
+        have been written. On any failure, the rename included, the temporary file is deleted."""
+        try:
+            missing = np.flatnonzero(~self._written)
+            if len(missing):
+                raise BagError(self.path, f"{len(missing)} patches were never written")
+            ds = _small_dataset(self._file, "checksums", self._checksums)
+            ds.attrs["algorithm"] = CHECKSUM_ALGORITHM
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
             self.abort()
-            raise BagError(self.path, f"{len(missing)} patches were never written")
-        ds = _small_dataset(self._file, "checksums", self._checksums)
-        ds.attrs["algorithm"] = CHECKSUM_ALGORITHM
-        self._file.close()
-        os.replace(self._tmp, self.path)
+            raise
         return self.path
 
     def abort(self) -> None:
@@ -457,7 +476,7 @@ def _check_open_bag(path: Path, f: h5py.File, deep: bool) -> int:
     missing = [a for a in _ROOT_ATTRIBUTES_BY_VERSION[format_version] if a not in f.attrs]
     if missing:
         fail(f"missing root attributes {missing}")
-    if format_version >= 2 and f.attrs["mpp_source"] not in MPP_SOURCES:
+    if format_version >= 2 and f.attrs["mpp_source"] not in MPP_SOURCES + _LEGACY_MPP_SOURCES:
         fail(f"mpp_source {f.attrs['mpp_source']!r} is not one of {list(MPP_SOURCES)}")
     for name in ("coords", "patches", "tissue_fraction"):
         if name not in f:

@@ -30,6 +30,10 @@ _JPEG = 7
 _RGB, _YCBCR = 2, 6
 
 
+class TileError(Exception):
+    """A tile cannot be read or decoded; :class:`~wsi.slide.Slide` adds the file's name."""
+
+
 class JpegTiledLevel:
     """One pyramid level stored as JPEG tiles in one TIFF page, read with ``os.pread``."""
 
@@ -57,16 +61,24 @@ class JpegTiledLevel:
                 index = ty * self._tiles_across + tx
                 if self._counts[index] == 0:
                     continue
-                data = os.pread(self._fd, int(self._counts[index]), int(self._offsets[index]))
-                tile = imagecodecs.jpeg8_decode(data, tables=self._tables,
-                                                colorspace=self._colorspace,
-                                                outcolorspace="RGB")
+                tile = self._decode(index)
                 # Intersection of this tile with the requested region, in level pixels.
                 left, top = max(x0, tx * tw), max(y0, ty * th)
                 right, bottom = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
+                if tile.shape[0] < bottom - ty * th or tile.shape[1] < right - tx * tw:
+                    raise TileError(f"JPEG tile {index} decodes to {tile.shape[1]}x"
+                                    f"{tile.shape[0]} px, smaller than its {tw}x{th} tile")
                 out[top - y:bottom - y, left - x:right - x] = \
                     tile[top - ty * th:bottom - ty * th, left - tx * tw:right - tx * tw, :3]
         return out
+
+    def _decode(self, index: int) -> np.ndarray:
+        try:
+            data = os.pread(self._fd, int(self._counts[index]), int(self._offsets[index]))
+            return imagecodecs.jpeg8_decode(data, tables=self._tables,
+                                            colorspace=self._colorspace, outcolorspace="RGB")
+        except (imagecodecs.Jpeg8Error, OSError) as exc:
+            raise TileError(f"JPEG tile {index} is corrupt or unreadable ({exc})") from None
 
 
 def _is_plain_jpeg_tiles(page: tifffile.TiffPage) -> bool:

@@ -2,7 +2,9 @@
 
 A thin, honest wrapper (STYLE.md, "OpenSlide"): levels, downsamples, vendor and the level-0
 microns per pixel as the file states them. A slide that states no µm/px is refused unless
-the caller supplies the scanner's level-0 value; nothing is guessed.
+the caller supplies the scanner's level-0 value (``fill_mpp``); a stated value is replaced
+only when the caller says so (``override_mpp``); nothing is guessed, and ``mpp_source`` says
+which happened.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from .jpeg_tiles import open_jpeg_tiles
+from .jpeg_tiles import TileError, open_jpeg_tiles
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,11 @@ class SlideError(ValueError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Tiling workers raise it in another process; the default pickling would call
+        # SlideError(message) and fail, leaving the pool waiting for a result forever.
+        return SlideError, (self.path, self.reason)
+
 
 @dataclass(frozen=True)
 class SlideInfo:
@@ -43,7 +50,7 @@ class SlideInfo:
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
     mpp: float
-    mpp_source: str  # "file" or "user"
+    mpp_source: str  # "file", "fill" (the file stated none) or "override"
 
     @property
     def level_count(self) -> int:
@@ -72,7 +79,8 @@ def _parse_mpp(path: Path, properties: Mapping[str, str]) -> float | None:
     except ValueError as exc:
         raise SlideError(path, f"unreadable microns-per-pixel property {raw_x!r}") from exc
     if not (math.isfinite(mpp_x) and mpp_x > 0):
-        raise SlideError(path, f"file states an invalid microns-per-pixel value {raw_x!r}")
+        raise SlideError(path, f"file states an invalid microns-per-pixel value {raw_x!r}; "
+                               "pass --override-mpp with the real one")
     if abs(mpp_x - mpp_y) > _MPP_XY_TOLERANCE * mpp_x:
         log.warning("%s: anisotropic pixels (mpp-x %g, mpp-y %g); using mpp-x", path, mpp_x, mpp_y)
     return mpp_x
@@ -101,14 +109,16 @@ class Slide:
     OpenSlide) are composited onto white, the colour of an empty glass slide.
     """
 
-    def __init__(self, path: str | Path, slide_mpp: float | None = None) -> None:
+    def __init__(self, path: str | Path, fill_mpp: float | None = None,
+                 override_mpp: float | None = None) -> None:
         path = Path(path)
         if not path.exists():
             raise SlideError(path, "file not found")
         if path.is_dir():
             raise SlideError(path, "is a directory, not a slide file")
-        if slide_mpp is not None and not (math.isfinite(slide_mpp) and slide_mpp > 0):
-            raise SlideError(path, f"--slide-mpp must be a positive number, got {slide_mpp}")
+        for option, value in (("--fill-mpp", fill_mpp), ("--override-mpp", override_mpp)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise SlideError(path, f"{option} must be a positive number, got {value}")
         try:
             self._osr = openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError as exc:
@@ -116,24 +126,25 @@ class Slide:
         except openslide.OpenSlideError as exc:
             raise SlideError(path, f"corrupt or unreadable slide ({exc})") from exc
         try:
-            self.info = self._describe(path, slide_mpp)
+            self.info = self._describe(path, fill_mpp, override_mpp)
         except BaseException:
             self._osr.close()
             raise
         self._jpeg = open_jpeg_tiles(path, self.info.vendor, self.info.level_dimensions)
 
-    def _describe(self, path: Path, slide_mpp: float | None) -> SlideInfo:
+    def _describe(self, path: Path, fill_mpp: float | None,
+                  override_mpp: float | None) -> SlideInfo:
         properties = self._osr.properties
-        file_mpp = _parse_mpp(path, properties)
-        if slide_mpp is not None:
-            if file_mpp is not None and abs(file_mpp - slide_mpp) > _MPP_XY_TOLERANCE * file_mpp:
-                log.warning("%s: using --slide-mpp %g instead of the file's %g", path, slide_mpp,
-                            file_mpp)
-            mpp, source = slide_mpp, "user"
-        elif file_mpp is not None:
+        if override_mpp is not None:
+            log.info("%s: --override-mpp %g replaces the file's %s", path, override_mpp,
+                     properties.get(openslide.PROPERTY_NAME_MPP_X, "(none)"))
+            mpp, source = override_mpp, "override"
+        elif (file_mpp := _parse_mpp(path, properties)) is not None:
             mpp, source = file_mpp, "file"
+        elif fill_mpp is not None:
+            mpp, source = fill_mpp, "fill"
         else:
-            raise SlideError(path, "slide states no microns per pixel; pass --slide-mpp with the "
+            raise SlideError(path, "slide states no microns per pixel; pass --fill-mpp with the "
                                    "scanner's level-0 value")
         return SlideInfo(
             path=path,
@@ -148,14 +159,14 @@ class Slide:
                           size: tuple[int, int]) -> Image.Image:
         """Read ``size`` (w, h) pixels at ``level`` whose top-left is level-0 ``location``, as
         an RGB image (PIL, so that resizing and cutting happen before any array copy)."""
-        if self._jpeg is not None and level in self._jpeg.levels:
-            downsample = self.info.level_downsamples[level]
-            pixels = self._jpeg.levels[level].read(round(location[0] / downsample),
-                                                   round(location[1] / downsample), *size)
-            return Image.fromarray(pixels)
         try:
+            if self._jpeg is not None and level in self._jpeg.levels:
+                downsample = self.info.level_downsamples[level]
+                pixels = self._jpeg.levels[level].read(round(location[0] / downsample),
+                                                       round(location[1] / downsample), *size)
+                return Image.fromarray(pixels)
             rgba = self._osr.read_region(location, level, size)
-        except openslide.OpenSlideError as exc:
+        except (openslide.OpenSlideError, TileError) as exc:
             raise SlideError(self.info.path, f"cannot read region at {location} "
                                              f"level {level} ({exc})") from exc
         if rgba.getchannel("A").getextrema()[0] < 255:  # pixels not imaged: show them as glass
@@ -180,6 +191,10 @@ class Slide:
         self.close()
 
 
-def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:
-    """Open ``path`` with OpenSlide; raise :class:`SlideError` naming the file if unusable."""
-    return Slide(path, slide_mpp)
+def open_slide(path: str | Path, fill_mpp: float | None = None,
+               override_mpp: float | None = None) -> Slide:
+    """Open ``path`` with OpenSlide; raise :class:`SlideError` naming the file if unusable.
+
+    ``fill_mpp`` is the level-0 µm/px of a file that states none; ``override_mpp`` replaces
+    whatever the file states."""
+    return Slide(path, fill_mpp, override_mpp)

@@ -5,6 +5,13 @@ grey. Otsu's threshold (Otsu, IEEE Trans. SMC 1979) on the saturation channel ad
 slide's staining; morphology then closes gaps inside tissue and drops specks and holes, as in
 CLAM's segmentation (Lu et al., Nat. Biomed. Eng. 2021) but on µm-based sizes so that it means
 the same on every scanner.
+
+Marker pen is coloured too, so it passes a saturation threshold. Blue and green ink is
+recognised by its hue, as HistoQC's pen-marking filters do (Janowczyk et al., JCO Clinical
+Cancer Informatics 2019): green exceeds red in it, which it never does in hematoxylin (whose
+hue stays above about 245°) or eosin. Only ink regions of a pen stroke's size count, so
+that specks of tissue-marking dye or colour fringes at tissue edges are left alone. Red ink
+looks like eosin and is not detected.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from skimage import filters, morphology
+from skimage import color, filters, morphology
 
 from .slide import Slide, SlideInfo
 
@@ -32,6 +39,11 @@ MIN_VALUE = 0.15
 MIN_AREA_UM2 = 20_000.0
 # Gaps narrower than about twice this radius inside tissue are closed.
 CLOSING_RADIUS_UM = 32.0
+# Blue and green marker ink: hues from green to blue (degrees), saturated at least this much,
+# in regions of at least this area (a stroke 0.25 mm wide and 0.4 mm long).
+INK_HUES = (90.0, 230.0)
+INK_MIN_SATURATION = 0.15
+INK_MIN_AREA_UM2 = 100_000.0
 # Overview blocks are read in pieces of this many pixels per side so memory stays bounded
 # even on a slide with no pyramid.
 READ_BLOCK = 4096
@@ -44,6 +56,7 @@ class Overview:
     rgb: np.ndarray  # (h, w, 3) uint8
     mask: np.ndarray  # (h, w) bool
     downsample: float  # level-0 pixels per overview pixel
+    ink: np.ndarray  # (h, w) bool: blue or green pen marks, never in ``mask``
 
 
 def overview_mpp(info: SlideInfo) -> float:
@@ -83,27 +96,41 @@ def _closing(mask: np.ndarray, radius: float) -> np.ndarray:
     return ndimage.distance_transform_edt(dilated) > radius
 
 
-def detect_tissue(rgb: np.ndarray, mpp: float) -> np.ndarray:
-    """Boolean tissue mask of an RGB picture taken at ``mpp`` µm/px."""
+def pen_ink(rgb: np.ndarray, mpp: float) -> np.ndarray:
+    """Boolean mask of blue and green marker-pen ink in an RGB picture at ``mpp`` µm/px."""
+    hsv = color.rgb2hsv(rgb)
+    hue = hsv[..., 0] * 360.0
+    ink = ((hue >= INK_HUES[0]) & (hue <= INK_HUES[1]) & (hsv[..., 1] > INK_MIN_SATURATION)
+           & (hsv[..., 2] > MIN_VALUE))
+    return morphology.remove_small_objects(ink, max_size=max(1, int(INK_MIN_AREA_UM2 / mpp**2)))
+
+
+def detect_tissue(rgb: np.ndarray, mpp: float, ink: np.ndarray | None = None) -> np.ndarray:
+    """Boolean tissue mask of an RGB picture taken at ``mpp`` µm/px, without the pixels of
+    ``ink`` (default: :func:`pen_ink` of the picture)."""
+    ink = pen_ink(rgb, mpp) if ink is None else ink
     brightest = rgb.max(axis=-1).astype(np.float32)
     darkest = rgb.min(axis=-1).astype(np.float32)
     saturation = np.divide(brightest - darkest, brightest, out=np.zeros_like(brightest),
                            where=brightest > 0)
     value = brightest / 255.0
-    if np.ptp(saturation) > 0:
-        threshold = float(np.clip(filters.threshold_otsu(saturation), MIN_SATURATION,
+    stained = saturation[~ink]  # saturated ink would pull Otsu's threshold up
+    if stained.size and np.ptp(stained) > 0:
+        threshold = float(np.clip(filters.threshold_otsu(stained), MIN_SATURATION,
                                   MAX_SATURATION))
     else:
         threshold = MAX_SATURATION
-    mask = (saturation > threshold) & (value > MIN_VALUE)
+    mask = (saturation > threshold) & (value > MIN_VALUE) & ~ink
     mask = _closing(mask, CLOSING_RADIUS_UM / mpp)
     min_pixels = max(1, int(MIN_AREA_UM2 / mpp**2))
     mask = morphology.remove_small_objects(mask, max_size=min_pixels)
-    return morphology.remove_small_holes(mask, max_size=min_pixels)
+    # Closing and hole filling would paint tissue back over a stroke drawn across it.
+    return morphology.remove_small_holes(mask, max_size=min_pixels) & ~ink
 
 
 def slide_overview(slide: Slide) -> Overview:
-    """Overview picture and tissue mask of ``slide``."""
+    """Overview picture, tissue mask and pen marks of ``slide``."""
     rgb, downsample = read_overview_rgb(slide, overview_mpp(slide.info))
-    mask = detect_tissue(rgb, slide.info.mpp * downsample)
-    return Overview(rgb=rgb, mask=mask, downsample=downsample)
+    mpp = slide.info.mpp * downsample
+    ink = pen_ink(rgb, mpp)
+    return Overview(rgb=rgb, mask=detect_tissue(rgb, mpp, ink), downsample=downsample, ink=ink)
