@@ -50,8 +50,6 @@ from federation.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("slide_id", "path", "label", "status", "n_patches", "mpp", "error")
-
 
 class CohortError(ValueError):
     """A hospital's preprocessing output that cannot be trained on; one line naming the file."""
