@@ -114,6 +114,11 @@ TOPOLOGIES = Registry("topology", {
     "full": "federation.topology:FullyConnected",
 })
 
+AGGREGATIONS = Registry("slide aggregation", {
+    "top_k": "federation.evaluation.aggregation:fit_top_k",
+    "attention_mil": "federation.evaluation.aggregation:fit_attention_mil",
+})
+
 MODELS = Registry("model", {
     "mlp": "federation.models:mlp",
     "lenet5": "federation.models:lenet5",

@@ -132,8 +132,10 @@ class SlidesConfig:
     per step: slides, each contributing at most ``patches_per_slide`` patches, or patches
     with ``privacy_unit: patch``. ``privacy_unit``: what DP-SGD's ε protects — ``slide``
     (each slide's summed gradient is clipped; the default) or ``patch`` (each patch is a
-    record; weaker, and labelled so in every output). A slide's score is the mean of its
-    ``top_k`` highest patch tumour probabilities. ``augment``: ``hed`` stain jitter of
+    record; weaker, and labelled so in every output). ``aggregation``: a slide's score is
+    the mean of its ``top_k`` highest patch tumour probabilities (``top_k``), or a gated
+    attention-MIL head fitted on the trained CNN's patch features (``attention_mil``;
+    ``federation.evaluation.aggregation``). ``augment``: ``hed`` stain jitter of
     strength ``hed_sigma`` (Tellez et al. 2018), or ``none``. ``eval_patches_per_slide``:
     patches scored per slide in the per-round validation (null: all). ``workers``:
     DataLoader processes decoding patches (0: in the training process).
@@ -146,6 +148,7 @@ class SlidesConfig:
     patches_per_slide: int = _setting(16, _positive)
     privacy_unit: str = _setting("slide", _one_of(("slide", "patch")))
     top_k: int = _setting(5, _positive)
+    aggregation: str = _setting("top_k", _one_of(catalog.AGGREGATIONS))
     augment: str = _setting("hed", _one_of(("hed", "none")))
     hed_sigma: float = _setting(0.05, _unit_interval)
     eval_patches_per_slide: int | None = _setting(None, _positive)

@@ -44,6 +44,7 @@ from federation.data.bags import BagFormatError, BagIndex, BagReader, index_bag
 from federation.data.base import Batch, ClientData
 from federation.data.patches import PATCH_MEAN, PATCH_STD, to_model_input
 from federation.data.splits import split_slides, write_splits
+from federation.evaluation.aggregation import fit_aggregator
 from federation.evaluation.metrics import choose_threshold, point_metrics
 from federation.evaluation.scoring import evenly_spaced, patch_probabilities, top_k_score
 from federation.seeds import derive_seed
@@ -104,9 +105,10 @@ class SlideClientData(ClientData):
     num_classes = 2
 
     def __init__(self, hospital: str, splits: dict[str, list[BagIndex]],
-                 settings: SlidesConfig) -> None:
+                 settings: SlidesConfig, *, seed: int = 0) -> None:
         self.name = hospital
         self.settings = settings
+        self.seed = seed  # of the slide head's fit (attention_mil)
         self.unit = settings.privacy_unit
         self.train, self.validation, self.test = (splits[s] for s in
                                                   ("train", "validation", "test"))
@@ -136,7 +138,7 @@ class SlideClientData(ClientData):
         return {"kind": "slides", "target_mpp": s.target_mpp, "patch_size": s.patch_size,
                 "encoding": "as stored in the bags",
                 "normalisation": {"mean": list(PATCH_MEAN), "std": list(PATCH_STD)},
-                "aggregation": {"method": "top_k_mean", "k": s.top_k},
+                "aggregation": {"method": s.aggregation, "k": s.top_k},
                 "privacy_unit": self.unit}
 
     # ------------------------------------------------------------------ batches
@@ -212,12 +214,6 @@ class SlideClientData(ClientData):
             indices = evenly_spaced(bag.n_patches, limit)
             yield bag, indices, patch_probabilities(module, self._reader, bag, indices)
 
-    def slide_scores(self, module: nn.Module, slides: Sequence[BagIndex],
-                     limit: int | None = None) -> np.ndarray:
-        """Top-k score of each slide (patches: ``limit`` evenly spaced ones, or all)."""
-        return np.array([top_k_score(p, self.settings.top_k)
-                         for _, _, p in self._scored(module, slides, limit)])
-
     def evaluate(self, module: nn.Module) -> dict[str, float]:
         """Slide AUC and accuracy (threshold 0.5) on the validation slides, and the mean
         patch cross-entropy of the patches scored."""
@@ -238,10 +234,17 @@ class SlideClientData(ClientData):
                 "loss": losses / max(count, 1)}
 
     def calibrate(self, module: nn.Module) -> dict[str, Any]:
-        """The decision threshold on the slide score, chosen on the validation slides."""
-        scores = self.slide_scores(module, self.validation)
+        """The slide aggregation (``slides.aggregation``, fitted on the training slides where
+        it needs fitting) and the decision threshold on its score, chosen on the validation
+        slides."""
+        s = self.settings
+        aggregator = fit_aggregator(s.aggregation, module, self._reader, self.train,
+                                    top_k=s.top_k, limit=s.eval_patches_per_slide,
+                                    seed=self.seed)
+        scores = [aggregator.score(module, self._reader, bag) for bag in self.validation]
         labels = [bag.label for bag in self.validation]
-        return {"threshold": choose_threshold(labels, scores, what=self.name)}
+        return {"threshold": choose_threshold(labels, scores, what=self.name),
+                "aggregation": aggregator.card()}
 
     def write_records(self, directory: Path) -> None:
         """This hospital's ``splits.csv``."""
@@ -317,7 +320,8 @@ def load_hospital(config: FederationConfig, hospital: str) -> SlideClientData:
     log.info("%s: %d slides (%d train, %d validation, %d test), %d patches, patch labels "
              "from %s", hospital, len(bags), *(len(by_split[s]) for s in by_split),
              sum(b.n_patches for b in bags), " and ".join(sources))
-    return SlideClientData(hospital, by_split, settings)
+    return SlideClientData(hospital, by_split, settings,
+                           seed=derive_seed(config.seed, "aggregation", hospital))
 
 
 def load_slide_clients(config: FederationConfig, clients: Iterable[int]

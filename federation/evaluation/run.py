@@ -12,7 +12,11 @@ chose on that hospital's validation slides at the end of training. It writes, pe
   threshold), each metric with a bootstrap 95 % interval (``federation.evaluation.metrics``);
 - ``cross_site.csv`` (run level, when every hospital is evaluated): every hospital's shared
   models (the proxy, which travels anyway) on every hospital's test slides. Private models
-  are scored only at home: they never leave their hospital.
+  are scored only at home: they never leave their hospital. A slide head fitted at home
+  (``slides.aggregation: attention_mil``) does not travel either: at another hospital the
+  proxy gets a head fitted there, on that hospital's training slides, and a threshold chosen
+  on its validation slides (``federation.evaluation.aggregation``). Top-k pooling needs no
+  fitting, so a top-k proxy keeps its home threshold.
 """
 
 from __future__ import annotations
@@ -33,10 +37,21 @@ from federation.config import FederationConfig, load_config
 from federation.data.bags import BagIndex, BagReader, index_bag
 from federation.data.slides import read_manifest
 from federation.data.splits import read_splits
-from federation.evaluation.metrics import METRICS, metrics_with_intervals, point_metrics
-from federation.evaluation.scoring import patch_probabilities, top_k_score
+from federation.evaluation.aggregation import (
+    SlideAggregator,
+    TopK,
+    aggregator_from_card,
+    fit_aggregator,
+)
+from federation.evaluation.metrics import (
+    METRICS,
+    choose_threshold,
+    metrics_with_intervals,
+    point_metrics,
+)
 from federation.model_files import load_model
 from federation.outputs import RunDirectory
+from federation.seeds import derive_seed
 from slidefed.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -44,6 +59,7 @@ log = logging.getLogger(__name__)
 PREDICTION_COLUMNS = ("hospital", "slide_id", "split", "label", "score", "prediction", "model")
 CROSS_SITE_COLUMNS = ("model_hospital", "model", "data_hospital", "slides", *METRICS)
 EVALUATED_SPLITS = ("validation", "test")
+SPLITS = ("train", *EVALUATED_SPLITS)  # training slides: where a foreign proxy's head is fitted
 
 
 class EvaluationError(ValueError):
@@ -58,7 +74,7 @@ class SavedModel:
     name: str
     module: nn.Module
     threshold: float
-    top_k: int
+    aggregator: SlideAggregator
     shared: bool
 
 
@@ -95,7 +111,7 @@ def evaluate_run(run_dir: str | Path, hospitals: Sequence[str] | None = None, *,
     reader = BagReader()
     slides = {h: _hospital_slides(config, run, h) for h in chosen}
     models = {h: _saved_models(run, h) for h in chosen}
-    scorer = _Scorer(reader)
+    scorer = _Scorer(reader, config)
     bar = tqdm(total=sum(len(m) for m in models.values()), desc="evaluate", unit="model",
                disable=None if progress else True)
     predictions: dict[str, list[Prediction]] = {}
@@ -125,30 +141,50 @@ def evaluate_run(run_dir: str | Path, hospitals: Sequence[str] | None = None, *,
 
 
 class _Scorer:
-    """Slide scores of saved models, each slide scored once per model."""
+    """Slide scores of saved models, each slide scored once per model and aggregator."""
 
-    def __init__(self, reader: BagReader) -> None:
+    def __init__(self, reader: BagReader, config: FederationConfig) -> None:
         self.reader = reader
-        self._cache: dict[tuple[str, str, Path], float] = {}
+        self.config = config
+        self._cache: dict[tuple[str, str, str, Path], float] = {}
 
-    def score(self, model: SavedModel, bag: BagIndex) -> float:
-        key = (model.hospital, model.name, bag.path)
+    def score(self, model: SavedModel, bag: BagIndex, aggregator: SlideAggregator | None = None,
+              where: str | None = None) -> float:
+        """``bag``'s score by ``model`` with its own aggregator, or with ``aggregator``
+        (fitted at hospital ``where``)."""
+        key = (model.hospital, model.name, where or model.hospital, bag.path)
         if key not in self._cache:
-            probabilities = patch_probabilities(model.module, self.reader, bag)
-            self._cache[key] = top_k_score(probabilities, model.top_k)
+            self._cache[key] = (aggregator or model.aggregator).score(model.module, self.reader,
+                                                                      bag)
         return self._cache[key]
+
+    def away(self, model: SavedModel, hospital: str, slides: dict[str, list[BagIndex]]
+             ) -> tuple[SlideAggregator, float]:
+        """The aggregator and threshold of a shared ``model`` used at ``hospital``: its own
+        when nothing was fitted, else fitted on ``hospital``'s training slides, with the
+        threshold chosen on its validation slides."""
+        if hospital == model.hospital or isinstance(model.aggregator, TopK):
+            return model.aggregator, model.threshold
+        s = self.config.slides
+        aggregator = fit_aggregator(s.aggregation, model.module, self.reader, slides["train"],
+                                    top_k=s.top_k, limit=s.eval_patches_per_slide,
+                                    seed=derive_seed(self.config.seed, "aggregation", hospital))
+        scores = [self.score(model, bag, aggregator, hospital) for bag in slides["validation"]]
+        threshold = choose_threshold([b.label for b in slides["validation"]], scores,
+                                     what=f"{model.hospital}'s {model.name} at {hospital}")
+        return aggregator, threshold
 
 
 def _hospital_slides(config: FederationConfig, run: RunDirectory, hospital: str
                      ) -> dict[str, list[BagIndex]]:
-    """The hospital's validation and test slides, as its ``splits.csv`` recorded them."""
+    """The hospital's slides by split, as its ``splits.csv`` recorded them."""
     splits_path = run.hospital_dir(hospital) / "splits.csv"
     if not splits_path.is_file():
         raise EvaluationError(f"{splits_path}: missing; did the run finish?")
     splits = read_splits(splits_path)
     listed = {slide_id: (label, path) for slide_id, label, path in
               read_manifest(Path(config.data.root) / hospital)}
-    by_split: dict[str, list[BagIndex]] = {s: [] for s in EVALUATED_SPLITS}
+    by_split: dict[str, list[BagIndex]] = {s: [] for s in SPLITS}
     for slide_id, split in splits.items():
         if split not in by_split:
             continue
@@ -168,9 +204,12 @@ def _saved_models(run: RunDirectory, hospital: str) -> list[SavedModel]:
     models = []
     for path in paths:
         module, card = load_model(path)
+        # Files from before fitted aggregations record top-k pooling only under "data".
+        aggregation = card["decision"].get("aggregation", {"method": "top_k",
+                                                           "k": card["data"]["aggregation"]["k"]})
         models.append(SavedModel(hospital, card["model"], module,
                                  float(card["decision"]["threshold"]),
-                                 int(card["data"]["aggregation"]["k"]), bool(card["shared"])))
+                                 aggregator_from_card(aggregation), bool(card["shared"])))
     return models
 
 
@@ -205,9 +244,10 @@ def _write_cross_site(path: Path, models: dict[str, list[SavedModel]],
     for owner, saved in models.items():
         for model in (m for m in saved if m.shared):
             for hospital, by_split in slides.items():
+                aggregator, threshold = scorer.away(model, hospital, by_split)
                 test = by_split["test"]
-                scores = [scorer.score(model, bag) for bag in test]
-                metrics = point_metrics([b.label for b in test], scores, model.threshold)
+                scores = [scorer.score(model, bag, aggregator, hospital) for bag in test]
+                metrics = point_metrics([b.label for b in test], scores, threshold)
                 rows.append({"model_hospital": owner, "model": model.name,
                              "data_hospital": hospital, "slides": len(test), **metrics})
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
