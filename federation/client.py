@@ -273,7 +273,9 @@ def train_cross_entropy(model: LocalModel, epochs: int) -> float:
     model.module.train()
     meter = _LossMeter()
     for _ in range(epochs):
-        for x, y, groups in model.batches():
+        # A DP model's Poisson batches come with class-balancing weights; DP-SGD leaves them
+        # out, since they are computed from the client's label counts, which DP does not cover.
+        for x, y, groups, _ in model.batches():
             loss = F.cross_entropy(model.module(x), y, reduction="none")
             if len(y) or model.is_private:  # an empty Poisson batch is still a (noise) step
                 model.step(loss, groups)
@@ -296,15 +298,17 @@ def train_mutual(
     ``second`` the same with the roles swapped and ``second_weight``. Both losses are computed
     from one forward pass of each model, before either updates. Batches are ``second``'s (the
     Poisson batches its DP accounting assumes) unless ``train_second`` is False — a DP model
-    past its ε budget — in which case ``second`` is only a fixed teacher. Returns the mean
-    training loss of each trained model by name.
+    past its ε budget — in which case ``second`` is only a fixed teacher. ``first``'s rows are
+    weighted by the batch's class-balancing ``weights`` where it has them, so that it learns
+    from uniformly drawn slides what it would from ``epoch``'s balanced ones. Returns the
+    mean training loss of each trained model by name.
     """
     first.module.train()
     second.module.train()
     meters = {first.name: _LossMeter(), second.name: _LossMeter()}
     source = second if train_second else first
     for _ in range(epochs):
-        for x, y, groups in source.batches():
+        for x, y, groups, weights in source.batches():
             first_logits = first.module(x)
             if train_second:
                 second_logits = second.module(x)
@@ -313,6 +317,8 @@ def train_mutual(
                 with torch.no_grad():
                     second_logits = second.module(x)
             first_loss = distillation_loss(first_logits, y, second_logits.detach(), first_weight)
+            if weights is not None:  # ``first`` is never DP: it may balance classes as
+                first_loss = first_loss * weights  # ``epoch`` does for a model trained alone
             if len(y):
                 first.step(first_loss, groups)
             meters[first.name].add(first_loss)

@@ -227,3 +227,23 @@ def test_epochs_without_dp_draw_both_slide_labels_equally_often(bag_cohort) -> N
             tumour_share.append(int(batch.labels.max()))  # a tumour slide's row is tumour
     assert len(tumour_share) == 150 * 4
     assert 0.42 < np.mean(tumour_share) < 0.58  # uniform draws would give 0.25
+
+
+def test_uniformly_drawn_slides_carry_weights_that_restore_the_class_balance(bag_cohort
+                                                                           ) -> None:
+    root, _ = bag_cohort
+    bags = index_cohort(root, HOSPITAL)
+    skewed = [bags[0]] + [b for b in bags if b.label == 0]  # 1 tumour slide : 3 normal
+    data = SlideClientData(HOSPITAL, {"train": skewed, "validation": [], "test": []},
+                           _client(bag_cohort, patches_per_slide=2, augment="none").settings)
+    (batch,) = data.sampled([[0, 1, 2, 3]], torch.Generator().manual_seed(0))
+    slide_is_tumour = torch.tensor([1, 0, 0, 0])[batch.groups]
+    # Weights 4 / (2 · count): the tumour slide 2, each normal one 2/3; per row, as a slide's
+    # patches share its weight.
+    expected = torch.where(slide_is_tumour == 1, 2.0, 2.0 / 3.0)
+    torch.testing.assert_close(batch.weights, expected)
+    tumour_mass = batch.weights[slide_is_tumour == 1].sum() / batch.weights.sum()
+    assert float(tumour_mass) == pytest.approx(0.5)  # what epoch's balanced draws give
+    assert all(b.weights is None for b in data.epoch(2, torch.Generator().manual_seed(0)))
+    (empty,) = data.sampled([[]], torch.Generator().manual_seed(0))
+    assert empty.weights.shape == (0,)

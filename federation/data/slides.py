@@ -123,6 +123,8 @@ class SlideClientData(ClientData):
         counts = np.bincount(labels, minlength=2)
         self._balance = torch.tensor([1.0 / counts[label] for label in labels],
                                      dtype=torch.float64)
+        # Loss weights with the same effect on uniformly drawn slides; mean 1 over the slides.
+        self._slide_weights = (self._balance * len(labels) / np.count_nonzero(counts)).float()
 
     # ------------------------------------------------------------------ what models need
 
@@ -158,7 +160,7 @@ class SlideClientData(ClientData):
                 ) -> Iterator[Batch]:
         if self.unit == "patch":
             return self._load(self._patch_steps(unit_batches), generator)
-        return self._load(self._slide_steps(unit_batches, generator), generator)
+        return self._load(self._slide_steps(unit_batches, generator), generator, balance=True)
 
     def _slide_steps(self, slide_batches: Iterable[list[int]], generator: torch.Generator
                      ) -> Iterator[list[tuple[int, tuple[int, ...], int]]]:
@@ -187,7 +189,9 @@ class SlideClientData(ClientData):
         return tuple(sorted(int(i) for i in _draw(np.arange(len(labels)), k, generator)))
 
     def _load(self, steps: Iterator[list[tuple[int, tuple[int, ...], int]]],
-              generator: torch.Generator) -> Iterator[Batch]:
+              generator: torch.Generator, *, balance: bool = False) -> Iterator[Batch]:
+        """The steps' patches as batches, with class-balancing row weights if ``balance``
+        (for uniformly drawn slides)."""
         requests = [[PatchRequest(s, indices, group, int(torch.randint(2**62, (1,),
                                                                         generator=generator)))
                      for s, indices, group in step] for step in steps]
@@ -197,12 +201,22 @@ class SlideClientData(ClientData):
             return _collate(rows, size=self.settings.patch_size, grouped=grouped)
 
         if self.settings.workers == 0:
-            for step in requests:
-                yield collate([self._rows[r] for r in step])
-            return
-        yield from DataLoader(self._rows, batch_sampler=requests, collate_fn=collate,
-                              num_workers=self.settings.workers,
-                              multiprocessing_context="fork")
+            loaded: Iterable[Batch] = (collate([self._rows[r] for r in step])
+                                       for step in requests)
+        else:
+            loaded = DataLoader(self._rows, batch_sampler=requests, collate_fn=collate,
+                                num_workers=self.settings.workers,
+                                multiprocessing_context="fork")
+        for step, batch in zip(requests, loaded, strict=True):
+            if balance:
+                batch = batch._replace(weights=self._row_weights(step))
+            yield batch
+
+    def _row_weights(self, step: list[PatchRequest]) -> torch.Tensor:
+        """Each row's slide's class-balancing weight."""
+        if not step:
+            return torch.zeros(0)
+        return torch.cat([self._slide_weights[r.slide].expand(len(r.indices)) for r in step])
 
     # ------------------------------------------------------------------ evaluation
 
