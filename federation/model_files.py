@@ -15,7 +15,10 @@ client, each by the process that trained it. The file is a ``torch.save`` of pla
     shared            true when the model (or its updates) left the hospital during training
     data              what it was trained on: ``ClientData.describe()`` (for slides: target
                       mpp, patch size, normalisation, aggregation, privacy unit)
-    decision          settings chosen on held-out data (slides: ``threshold``)
+    decision          what turns outputs into calls (slides: ``threshold``, chosen on the
+                      validation slides, and ``aggregation``, the slide aggregator's card:
+                      top-k's ``k`` or a fitted attention head's weights, which never leave
+                      the hospital; ``federation.evaluation.aggregation``)
     privacy           {"dp": bool, "epsilon", "delta", "unit"}: the (ε, δ) the model was
                       trained under and what one unit is (record, slide or patch)
 
