@@ -512,25 +512,33 @@ def _check_privacy(config: FederationConfig, source: str, provenance: dict[str, 
 
 
 def _check_together(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
-    """Constraints that involve two keys; the message names both."""
+    """Constraints that involve two keys; the message names both. Those of one kind of data
+    live in its own function, so a check added here applies to every run."""
     if config.data.name == "bags":
-        hospitals = config.data.hospitals
-        where = provenance.get("data.hospitals", provenance.get("clients", source))
-        if not hospitals:
-            raise ConfigError(f"{where}: data.name = bags needs data.hospitals, one name per "
-                              "client")
-        if len(hospitals) != config.clients:
-            raise ConfigError(f"{where}: clients = {config.clients} but data.hospitals names "
-                              f"{len(hospitals)} hospitals")
-        slides = config.slides
-        if (config.dp.enabled and config.dp.mechanism == "ghost"
-                and slides.privacy_unit == "slide" and slides.patches_per_slide > 1):
-            where = provenance.get("dp.mechanism", provenance.get("slides.patches_per_slide",
-                                                                  source))
-            raise ConfigError(f"{where}: dp.mechanism = ghost clips each patch alone and cannot "
-                              "clip a slide's patches together; use bookkeeping or hooks, or "
-                              "slides.patches_per_slide = 1")
-        return
+        _check_slides(config, source, provenance)
+    else:
+        _check_images(config, source, provenance)
+
+
+def _check_slides(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
+    hospitals = config.data.hospitals
+    where = provenance.get("data.hospitals", provenance.get("clients", source))
+    if not hospitals:
+        raise ConfigError(f"{where}: data.name = bags needs data.hospitals, one name per client")
+    if len(hospitals) != config.clients:
+        raise ConfigError(f"{where}: clients = {config.clients} but data.hospitals names "
+                          f"{len(hospitals)} hospitals")
+    slides = config.slides
+    if (config.dp.enabled and config.dp.mechanism == "ghost"
+            and slides.privacy_unit == "slide" and slides.patches_per_slide > 1):
+        where = provenance.get("dp.mechanism", provenance.get("slides.patches_per_slide",
+                                                              source))
+        raise ConfigError(f"{where}: dp.mechanism = ghost clips each patch alone and cannot "
+                          "clip a slide's patches together; use bookkeeping or hooks, or "
+                          "slides.patches_per_slide = 1")
+
+
+def _check_images(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
     spc = config.data.samples_per_client
     if spc is not None and config.optim.batch_size > spc:
         where = provenance.get("optim.batch_size", provenance.get("data.samples_per_client",
