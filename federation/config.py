@@ -83,6 +83,19 @@ def _plain_names(values: tuple[str, ...]) -> str | None:
     return None
 
 
+def _metric_patterns(values: tuple[str, ...]) -> str | None:
+    vocabularies = (catalog.MODEL_NAMES, catalog.SPLITS, catalog.ROUND_METRICS)
+    for value in values:
+        parts = value.split("/")
+        if len(parts) != 3:
+            return f"{value!r} is not model/split/metric (e.g. '*/test/accuracy')"
+        for part, what, known in zip(parts, ("model", "split", "metric"), vocabularies,
+                                     strict=True):
+            if part != "*" and part not in known:
+                return f"{value!r}: unknown {what} {part!r}; choose '*' or one of {list(known)}"
+    return None
+
+
 def _setting(default: Any, check: Check | None = None) -> Any:
     return field(default=default, metadata={"check": check})
 
@@ -226,6 +239,30 @@ class FedAvgConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """What each hospital sends the coordinator (the process of client 0) for the run-level
+    ``metrics.csv`` and ``summary.json``; every row stays in the hospital's own
+    ``hospitals/<h>/metrics.csv`` whatever this says.
+
+    ``shared_metrics``: ``model/split/metric`` patterns, ``*`` matching any part; a round's
+    metric row is sent when one matches. The default is what ``slidefed report`` and the run
+    summary use: each model's held-out accuracy (and a slide run's validation AUC), and no
+    training losses. The private model's held-out accuracy is included because ProxyFL, FML
+    and Regular are judged by it; ``proxy/test/accuracy`` alone keeps even that at home.
+    """
+
+    shared_metrics: tuple[str, ...] = _setting(
+        ("*/test/accuracy", "*/validation/accuracy", "*/validation/auc"), _metric_patterns)
+
+    def shares(self, model: str, split: str, metric: str) -> bool:
+        """Whether a hospital sends the coordinator its rows of ``model``'s ``metric`` on
+        ``split``."""
+        return any(all(p in ("*", v) for p, v in zip(pattern.split("/"), (model, split, metric),
+                                                      strict=True))
+                   for pattern in self.shared_metrics)
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """One federation run. ``backend``: auto (mpi when started by mpiexec, else local), local
     or mpi. ``threads``: torch threads per process. The thread count changes the order of
@@ -258,6 +295,14 @@ class FederationConfig:
     dml: DMLConfig = field(default_factory=DMLConfig)
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     slides: SlidesConfig = field(default_factory=SlidesConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def client_name(self, client: int) -> str:
+        """The name of client ``client`` in the run directory (``hospitals/<name>/``): its
+        hospital for patch bags, ``client_<k>`` for images."""
+        if self.data.name == "bags":
+            return self.data.hospitals[client]
+        return f"client_{client}"
 
 
 # ---------------------------------------------------------------------------- loading
