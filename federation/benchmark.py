@@ -132,7 +132,7 @@ def run_benchmark(
             if _is_finished(run):
                 log.info("%s: finished earlier; skipped", run.name)
                 continue
-            resume = _has_checkpoint(run.directory)
+            resume = run_files.has_checkpoint(run.directory)
             started = time.perf_counter()
             try:
                 execute(run, resume)
@@ -172,10 +172,6 @@ def _is_finished(run: PlannedRun) -> bool:
     return _comparable(earlier) == _comparable(run.config)
 
 
-def _has_checkpoint(directory: Path) -> bool:
-    from federation.outputs import RunDirectory  # imports torch
-
-    return RunDirectory(directory, is_root=True).checkpoint_round() is not None
 
 
 def _one_line(error: BaseException) -> str:

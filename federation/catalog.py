@@ -130,6 +130,15 @@ MODELS = Registry("model", {
 })
 
 
+# What the round loop's metric rows can name: the models of an algorithm's clients (its
+# ``roles``), the splits they are scored on, and the metrics of a round. ``report.shared_metrics``
+# patterns are checked against them, so a typo fails at configuration time instead of
+# silently sharing nothing; tests check that every algorithm and client data keep to them.
+MODEL_NAMES = ("private", "proxy", "shared")
+SPLITS = ("train", "test", "validation")
+ROUND_METRICS = ("accuracy", "auc", "loss")
+
+
 def available_models() -> list[str]:
     """Catalogued model names, plus the ``timm:<name>`` family."""
     return sorted(MODELS) + [f"{TIMM_PREFIX}<name>"]

@@ -8,7 +8,9 @@ the same algorithm code runs unchanged, and deterministically, on both backends.
 Tensors cross ranks only as contiguous CPU buffers through mpi4py's upper-case buffer methods
 (``Sendrecv``, ``Isend``/``Irecv``, ``Allreduce``, ``Bcast``); nothing model-sized is pickled.
 Every tensor a client sends is recorded in ``Communicator.sent_log`` so tests can assert what
-left a client (e.g. only proxy-sized buffers under ProxyFL).
+left a client (e.g. only proxy-sized buffers under ProxyFL). Small records (metric rows, the
+state a run starts from) are pickled by ``gather_rows`` and ``allgather``; the README's
+privacy section lists every message, and ``tests/test_messages.py`` checks that list.
 """
 
 from __future__ import annotations
@@ -148,6 +150,14 @@ class Communicator(ABC):
         """
 
     @abstractmethod
+    def allgather(self, by_owner: Mapping[int, Any]) -> list[Any]:
+        """Every client's object, in client order, on every process.
+
+        For what every process must decide alike, such as the round to resume from: a few
+        numbers and strings per client, pickled, never parameters or data.
+        """
+
+    @abstractmethod
     def barrier(self) -> None:
         """Wait until every process has reached this call."""
 
@@ -208,6 +218,10 @@ class LocalCommunicator(Communicator):
         self._check_owned_keys("rows_by_owner", rows_by_owner)
         return [row for c in self.owned for row in rows_by_owner[c]]
 
+    def allgather(self, by_owner: Mapping[int, Any]) -> list[Any]:
+        self._check_owned_keys("by_owner", by_owner)
+        return [by_owner[c] for c in self.owned]
+
     def barrier(self) -> None:
         return None
 
@@ -262,6 +276,10 @@ class MPICommunicator(Communicator):
         self._check_owned_keys("rows_by_owner", rows_by_owner)
         gathered = self._comm.gather(list(rows_by_owner[self.rank]), root=0)
         return None if gathered is None else [row for rows in gathered for row in rows]
+
+    def allgather(self, by_owner: Mapping[int, Any]) -> list[Any]:
+        self._check_owned_keys("by_owner", by_owner)
+        return self._comm.allgather(by_owner[self.rank])
 
     def barrier(self) -> None:
         self._comm.Barrier()

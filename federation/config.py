@@ -83,6 +83,19 @@ def _plain_names(values: tuple[str, ...]) -> str | None:
     return None
 
 
+def _metric_patterns(values: tuple[str, ...]) -> str | None:
+    vocabularies = (catalog.MODEL_NAMES, catalog.SPLITS, catalog.ROUND_METRICS)
+    for value in values:
+        parts = value.split("/")
+        if len(parts) != 3:
+            return f"{value!r} is not model/split/metric (e.g. '*/test/accuracy')"
+        for part, what, known in zip(parts, ("model", "split", "metric"), vocabularies,
+                                     strict=True):
+            if part != "*" and part not in known:
+                return f"{value!r}: unknown {what} {part!r}; choose '*' or one of {list(known)}"
+    return None
+
+
 def _setting(default: Any, check: Check | None = None) -> Any:
     return field(default=default, metadata={"check": check})
 
@@ -229,6 +242,30 @@ class FedAvgConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """What each hospital sends the coordinator (the process of client 0) for the run-level
+    ``metrics.csv`` and ``summary.json``; every row stays in the hospital's own
+    ``hospitals/<h>/metrics.csv`` whatever this says.
+
+    ``shared_metrics``: ``model/split/metric`` patterns, ``*`` matching any part; a round's
+    metric row is sent when one matches. The default is what ``slidefed report`` and the run
+    summary use: each model's held-out accuracy (and a slide run's validation AUC), and no
+    training losses. The private model's held-out accuracy is included because ProxyFL, FML
+    and Regular are judged by it; ``proxy/test/accuracy`` alone keeps even that at home.
+    """
+
+    shared_metrics: tuple[str, ...] = _setting(
+        ("*/test/accuracy", "*/validation/accuracy", "*/validation/auc"), _metric_patterns)
+
+    def shares(self, model: str, split: str, metric: str) -> bool:
+        """Whether a hospital sends the coordinator its rows of ``model``'s ``metric`` on
+        ``split``."""
+        return any(all(p in ("*", v) for p, v in zip(pattern.split("/"), (model, split, metric),
+                                                      strict=True))
+                   for pattern in self.shared_metrics)
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """One federation run. ``backend``: auto (mpi when started by mpiexec, else local), local
     or mpi. ``threads``: torch threads per process. The thread count changes the order of
@@ -261,6 +298,14 @@ class FederationConfig:
     dml: DMLConfig = field(default_factory=DMLConfig)
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     slides: SlidesConfig = field(default_factory=SlidesConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def client_name(self, client: int) -> str:
+        """The name of client ``client`` in the run directory (``hospitals/<name>/``): its
+        hospital for patch bags, ``client_<k>`` for images."""
+        if self.data.name == "bags":
+            return self.data.hospitals[client]
+        return f"client_{client}"
 
 
 # ---------------------------------------------------------------------------- loading
@@ -515,25 +560,33 @@ def _check_privacy(config: FederationConfig, source: str, provenance: dict[str, 
 
 
 def _check_together(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
-    """Constraints that involve two keys; the message names both."""
+    """Constraints that involve two keys; the message names both. Those of one kind of data
+    live in its own function, so a check added here applies to every run."""
     if config.data.name == "bags":
-        hospitals = config.data.hospitals
-        where = provenance.get("data.hospitals", provenance.get("clients", source))
-        if not hospitals:
-            raise ConfigError(f"{where}: data.name = bags needs data.hospitals, one name per "
-                              "client")
-        if len(hospitals) != config.clients:
-            raise ConfigError(f"{where}: clients = {config.clients} but data.hospitals names "
-                              f"{len(hospitals)} hospitals")
-        slides = config.slides
-        if (config.dp.enabled and config.dp.mechanism == "ghost"
-                and slides.privacy_unit == "slide" and slides.patches_per_slide > 1):
-            where = provenance.get("dp.mechanism", provenance.get("slides.patches_per_slide",
-                                                                  source))
-            raise ConfigError(f"{where}: dp.mechanism = ghost clips each patch alone and cannot "
-                              "clip a slide's patches together; use bookkeeping or hooks, or "
-                              "slides.patches_per_slide = 1")
-        return
+        _check_slides(config, source, provenance)
+    else:
+        _check_images(config, source, provenance)
+
+
+def _check_slides(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
+    hospitals = config.data.hospitals
+    where = provenance.get("data.hospitals", provenance.get("clients", source))
+    if not hospitals:
+        raise ConfigError(f"{where}: data.name = bags needs data.hospitals, one name per client")
+    if len(hospitals) != config.clients:
+        raise ConfigError(f"{where}: clients = {config.clients} but data.hospitals names "
+                          f"{len(hospitals)} hospitals")
+    slides = config.slides
+    if (config.dp.enabled and config.dp.mechanism == "ghost"
+            and slides.privacy_unit == "slide" and slides.patches_per_slide > 1):
+        where = provenance.get("dp.mechanism", provenance.get("slides.patches_per_slide",
+                                                              source))
+        raise ConfigError(f"{where}: dp.mechanism = ghost clips each patch alone and cannot "
+                          "clip a slide's patches together; use bookkeeping or hooks, or "
+                          "slides.patches_per_slide = 1")
+
+
+def _check_images(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
     spc = config.data.samples_per_client
     if spc is not None and config.optim.batch_size > spc:
         where = provenance.get("optim.batch_size", provenance.get("data.samples_per_client",

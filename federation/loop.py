@@ -1,12 +1,15 @@
 """The round loop: set up clients and algorithm, run the rounds, evaluate, account, checkpoint.
 
 ``run_federation(config)`` is what ``slidefed federate`` runs on every process (one per MPI
-rank, or one for all clients on the local backend). Per round: the algorithm trains and
-communicates; each DP model's ε is computed once; every ``eval_every`` rounds (and after the
-last) each model of each client is scored on that client's test set; the root process appends
-the rows to ``metrics.csv`` / ``privacy.csv``; every ``checkpoint_every`` rounds (and after the
-last) every process checkpoints its clients. ``resume=True`` continues from the last
-checkpoint and gives the same files as an uninterrupted run.
+rank, or one for all clients on the local backend). Before any data are read, the processes
+agree on where to start (``federation.outputs.agree_on_start``). Per round: the algorithm
+trains and communicates; each DP model's ε is computed once; every ``eval_every`` rounds (and
+after the last) each model of each client is scored on that client's test set; each hospital
+appends all its rows to its own ``hospitals/<h>/metrics.csv`` / ``privacy.csv`` and sends the
+coordinator (the root process) its ε and the metrics ``report.shared_metrics`` names, for the
+run's files; every ``checkpoint_every`` rounds (and after the last) every process checkpoints
+its hospitals into their own directories. ``resume=True`` continues from the last checkpoint
+every hospital has and gives the same files as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from federation.config import ConfigError, FederationConfig
 from federation.data import ClientData, load_client_data
 from federation.model_files import save_model
 from federation.models import check_timm_names
-from federation.outputs import RunDirectory
+from federation.outputs import RunDirectory, agree_on_start
 
 log = logging.getLogger(__name__)
 
@@ -93,26 +96,28 @@ def run_federation(
     check_timm_names(config.model)
     run = RunDirectory(config.output_dir, is_root=comm.is_root)
     run.check_writable()
-    if resume and run.checkpoint_round() is not None:
-        completed = run.resume(config)
+    names = {c: config.client_name(c) for c in comm.owned}
+    facts = comm.allgather({c: run.start_facts(config, names[c], coordinator=c == 0)
+                            for c in comm.owned})
+    completed = agree_on_start(facts, [config.client_name(c) for c in range(comm.size)],
+                               config.rounds, resume=resume, force=force)
+    if completed:
+        run.resume(config, names.values(), completed)
     else:
-        if resume:
-            log.info("--resume: no checkpoint in %s; starting from round 1", run.root)
-        run.start(config, force=force)
-        completed = 0
+        run.start(config, names.values())
     threads = configure_threads(config, comm)
     data = load_client_data(config, comm.owned)
     algorithm: Algorithm = ALGORITHMS[config.algorithm](config, comm, data)
     earlier = {"wall_s": 0.0, "seconds": {}, "elements_sent": 0}
     if completed:
         for c in comm.owned:
-            state = run.load_client(completed, c)
+            state = run.load_client(completed, names[c])
             algorithm.load_state_dict(c, state["algorithm"])
-        earlier = {**earlier, **run.load_client(completed, comm.owned[0])["process"]}
+        earlier = {**earlier, **run.load_client(completed, names[comm.owned[0]])["process"]}
         for category, seconds in earlier["seconds"].items():
             algorithm.stopwatch.seconds[category] += seconds
     for c in comm.owned:
-        data[c].write_records(run.hospital_dir(data[c].name))
+        data[c].write_records(run.hospital_dir(names[c]))
     comm.barrier()
     if comm.is_root:
         log.info("%s: %d clients (%d in this process, %d torch threads each process), "
@@ -135,16 +140,17 @@ def run_federation(
             for c, models in algorithm.evaluate().items():
                 rows[c] += _metric_rows(number, c, models, losses.get(c, {}),
                                         data[c].eval_split)
-        gathered = comm.gather_rows(rows)
+        for c in comm.owned:
+            run.append(rows[c], hospital=names[c])
+        gathered = comm.gather_rows({c: _shared_rows(rows[c], config) for c in comm.owned})
         if gathered is not None:
-            run.append([r for r in gathered if r["file"] == "metrics"],
-                       [r for r in gathered if r["file"] == "privacy"])
+            run.append(gathered)
             latest = _update_latest(latest, gathered)
             _show_progress(rounds, latest, algorithm.reported_model)
         if number == config.rounds or (
             config.checkpoint_every and number % config.checkpoint_every == 0
         ):
-            _checkpoint(run, algorithm, comm, number, earlier, started)
+            _checkpoint(run, algorithm, comm, number, earlier, started, names)
 
     with algorithm.stopwatch("evaluation"):
         _save_final_models(run, algorithm, data, config)
@@ -194,6 +200,13 @@ def _metric_rows(
     return rows
 
 
+def _shared_rows(rows: list[dict[str, Any]], config: FederationConfig) -> list[dict[str, Any]]:
+    """What a hospital sends the coordinator of its round's rows: its ε (the report and
+    every reader of the run need it) and the metrics ``report.shared_metrics`` names."""
+    return [row for row in rows if row["file"] == "privacy"
+            or config.report.shares(row["model"], row["split"], row["metric"])]
+
+
 def _process_totals(algorithm: Algorithm, comm: Communicator, earlier: Mapping[str, Any],
                     started: float) -> dict[str, Any]:
     """This process's wall time, seconds per category and elements sent over the whole run:
@@ -204,15 +217,16 @@ def _process_totals(algorithm: Algorithm, comm: Communicator, earlier: Mapping[s
 
 
 def _checkpoint(run: RunDirectory, algorithm: Algorithm, comm: Communicator, number: int,
-                earlier: Mapping[str, Any], started: float) -> None:
+                earlier: Mapping[str, Any], started: float, names: Mapping[int, str]) -> None:
     with algorithm.stopwatch("checkpointing"):
         process = _process_totals(algorithm, comm, earlier, started)
         for c in comm.owned:
-            run.save_client(number, c, {"round": number, "algorithm": algorithm.state_dict(c),
-                                        "process": process})
-        comm.barrier()
-        if comm.is_root:
-            run.commit_checkpoint(number)
+            run.save_client(number, names[c], {"round": number,
+                                               "algorithm": algorithm.state_dict(c),
+                                               "process": process})
+        comm.barrier()  # every hospital holds this round now: older checkpoints may go
+        for c in comm.owned:
+            run.keep_only_checkpoint(names[c], number)
 
 
 def _update_latest(latest: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -31,11 +31,9 @@ ModelFactory = Callable[..., nn.Module]
 
 
 
-class UnknownModelError(KeyError):
-    """Raised for a model name that is not in the registry."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
+class UnknownModelError(ValueError):
+    """Raised for a model name that is not in the registry. A ``ValueError``, so that the CLI
+    reports it in one line, as it does every other bad input."""
 
 
 def create_model(

@@ -117,7 +117,8 @@ def read_run(directory: Path) -> RunResult:
             by_round.setdefault(round_, {})[client] = value
     if not by_round:
         raise ReportError(f"{metrics_path}: no test accuracy of model {model!r} (the model "
-                          f"summary.json reports); models present: {sorted(present)}")
+                          f"summary.json reports); models present: {sorted(present)} (does "
+                          "the run's report.shared_metrics leave it out?)")
 
     privacy_path = directory / run_files.PRIVACY
     epsilon: dict[int, dict[int, float]] = {}

@@ -2,18 +2,25 @@
 matter when two runs are compared. Torch-free, so the report and the benchmark runner read
 runs without importing the engine.
 
-Layout (the contract in DESIGN.md)::
+Layout (the contract in DESIGN.md). The coordinator (the process of client 0) writes the
+run-level files from what the hospitals send it (``report.shared_metrics``); everything under
+``hospitals/<name>/`` is written by that hospital's own process only, so a hospital's
+directory may lie on its own disk (``output_dir`` of its process)::
 
     config.yaml                  the resolved configuration
-    metrics.csv                  round, client, model, split, metric, value
+    metrics.csv                  round, client, model, split, metric, value: the rows the
+                                 hospitals share (report.shared_metrics)
     privacy.csv                  round, client, epsilon, delta, unit (what ε protects:
                                  record, slide or patch), status (active; stopped once the
                                  next round would pass dp.epsilon_budget: ε is final)
     summary.json                 final results and where the time went
-    checkpoints/latest.json      {"round": r}: the last complete checkpoint
-    checkpoints/round_<r>/client_<k>.pt
     federate.log                 stdout and stderr of a run the benchmark ran under mpiexec
     hospitals/<name>/            what belongs to one hospital, written by its process only:
+        metrics.csv              every metric of its models, training losses included
+        privacy.csv              its ε, as in the run's privacy.csv
+        checkpoints/run_config.yaml   the configuration its checkpoints were written under
+        checkpoints/round_<r>.pt      its state after round r (one, or two while a new
+                                      checkpoint is being committed)
         splits.csv               its slides' train / validation / test split (slide data)
         models/<model>.pt        its final models (``federation.model_files``)
         slide_predictions.csv    ``slidefed evaluate``: its validation and test slides
@@ -30,7 +37,9 @@ decides which runs are finished.
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +47,8 @@ CONFIG = "config.yaml"
 METRICS = "metrics.csv"
 PRIVACY = "privacy.csv"
 SUMMARY = "summary.json"
-CHECKPOINTS = "checkpoints"
-LATEST_CHECKPOINT = "latest.json"  # inside CHECKPOINTS
+CHECKPOINTS = "checkpoints"  # inside a hospital's directory
+CHECKPOINT_CONFIG = "run_config.yaml"  # inside CHECKPOINTS; not config.yaml, which marks a run
 FEDERATE_LOG = "federate.log"
 HOSPITALS = "hospitals"
 
@@ -57,18 +66,42 @@ EXECUTION_KEYS = frozenset({"backend", "threads", "device", "checkpoint_every", 
 # threads changes the order of float sums, so a resumed run would no longer give the
 # uninterrupted run's numbers.
 RESUMABLE_CHANGES = (EXECUTION_KEYS - {"output_dir", "threads"}) | {"rounds"}
+# PER_PROCESS_KEYS: what the processes of one run may set each for itself, as hospitals with
+# their own machines do: where its files and data lie, its hardware, how it was launched.
+# Every other key must agree across the processes (``federation.outputs.agree_on_start``).
+PER_PROCESS_KEYS = frozenset({"output_dir", "data.root", "device", "slides.workers", "backend"})
 # RUNNER_KEYS: what the benchmark runner sets per run; an override of one would contradict
 # its --algorithms, --seeds, -o or --backend.
 RUNNER_KEYS = frozenset({"algorithm", "seed", "output_dir", "backend"})
 # RUN_ONLY_KEYS: what runs reported together may differ in (``report``): the algorithm and
 # seed being compared, how they executed, how often they were evaluated and where the data
-# lay. They must agree on every other key.
-RUN_ONLY_KEYS = EXECUTION_KEYS | RUNNER_KEYS | {"eval_every", "data.root"}
+# lay, and which metrics their hospitals shared. They must agree on every other key.
+RUN_ONLY_KEYS = EXECUTION_KEYS | RUNNER_KEYS | {"eval_every", "data.root",
+                                                 "report.shared_metrics"}
 
 
-def client_checkpoint(round: int, client: int) -> str:
-    """Path, relative to ``CHECKPOINTS``, of one client's state after ``round`` rounds."""
-    return f"round_{round:06d}/client_{client:04d}.pt"
+def checkpoint_file(round: int) -> str:
+    """Name, inside a hospital's ``CHECKPOINTS``, of its state after ``round`` rounds."""
+    return f"round_{round:06d}.pt"
+
+
+def checkpoint_rounds(directory: Path) -> list[int]:
+    """The rounds of the checkpoints in ``directory`` (a hospital's ``CHECKPOINTS``), ascending.
+    Each file is written under a temporary name and renamed, so one that is there is whole."""
+    return sorted(int(p.stem.removeprefix("round_")) for p in directory.glob("round_*.pt"))
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether any hospital of the run in ``run_dir`` (all on this disk) holds a checkpoint."""
+    return any(checkpoint_rounds(d) for d in (run_dir / HOSPITALS).glob(f"*/{CHECKPOINTS}"))
+
+
+def config_hash(flat: Mapping[str, Any], ignore: Iterable[str] = ()) -> str:
+    """A short fingerprint of a flattened configuration, leaving out the keys ``ignore``:
+    what processes compare to know that they run the same configuration without sending it."""
+    ignored = set(ignore)
+    kept = {key: value for key, value in sorted(flat.items()) if key not in ignored}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def flatten_config(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

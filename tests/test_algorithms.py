@@ -235,8 +235,9 @@ def test_epsilon_budget_stops_a_client_before_the_round_that_would_pass_it(
         assert [status for _, status in spent] == ["active"] + ["stopped"] * 4
     stopped = [r.getMessage() for r in caplog.records if "would pass its budget" in r.getMessage()]
     assert len(stopped) == config.clients  # logged once per client
-    # Private models keep learning: their metrics appear every round.
-    metrics = _rows(tmp_path / "metrics.csv")
+    # Private models keep learning: their training losses (kept by each hospital) appear
+    # every round.
+    metrics = _rows(tmp_path / "hospitals" / "client_0" / "metrics.csv")
     last = [r for r in metrics if r["round"] == "5" and r["split"] == "train"]
     assert {r["model"] for r in last} == {"private"}
 
@@ -247,7 +248,7 @@ def test_a_budget_below_one_round_is_refused_before_training(digits: Path,
     with pytest.raises(ConfigError, match=r"^dp.epsilon_budget = 0.5 is below the epsilon of "
                                           r"one round \(3.47 for client 0's proxy\); raise"):
         run_federation(config)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not list((tmp_path / "run").glob("hospitals/*/checkpoints/round_*"))
     assert (tmp_path / "run" / "privacy.csv").read_text().count("\n") == 1  # the header only
 
 

@@ -72,3 +72,8 @@ def test_a_configuration_is_validated_without_torch_or_opacus():
              "import sys; assert 'torch' not in sys.modules and 'opacus' not in sys.modules")
     run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_every_algorithms_models_have_names_report_shared_metrics_can_choose():
+    names = {name for algorithm in ALGORITHMS for name in ALGORITHMS[algorithm].roles}
+    assert names <= set(catalog.MODEL_NAMES)

@@ -140,6 +140,14 @@ def test_gather_rows_concatenates_in_client_order() -> None:
     assert comm.is_root
 
 
+def test_allgather_gives_every_clients_object_in_client_order() -> None:
+    comm = LocalCommunicator(3)
+    assert comm.allgather({2: "c", 0: "a", 1: "b"}) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match=r"by_owner has clients \[0, 1\]"):
+        comm.allgather({0: "a", 1: "b"})
+    assert comm.sent_log == []  # not parameters: elements_sent counts models only
+
+
 def test_make_communicator_refuses_unknown_backends_and_empty_federations() -> None:
     with pytest.raises(ValueError, match=r"unknown communication backend 'nccl'"):
         make_communicator("nccl", 2)

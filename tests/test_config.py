@@ -83,6 +83,13 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
          "config.yaml: dp.noise_multiplier = 0.0 with dp.enabled = true adds no noise"),
         ("algorithm: joint\n", "config.yaml: algorithm = joint shares unclipped, noiseless "
          "gradients and cannot train with DP; set dp.enabled = false"),
+        ("report:\n  shared_metrics: [accuracy]\n", "config.yaml: report.shared_metrics = "
+         "('accuracy',): 'accuracy' is not model/split/metric (e.g. '*/test/accuracy')"),
+        ("report:\n  shared_metrics: ['*/test/acuracy']\n", "config.yaml: "
+         "report.shared_metrics = ('*/test/acuracy',): '*/test/acuracy': unknown metric "
+         "'acuracy'; choose '*' or one of ['accuracy', 'auc', 'loss']"),
+        ("report:\n  shared_metrics: ['meme/test/accuracy']\n", "config.yaml: "
+         "report.shared_metrics = ('meme/test/accuracy',): 'meme/test/accuracy': unknown model"),
     ],
 )
 def test_bad_keys_and_values_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:

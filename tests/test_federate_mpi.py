@@ -17,6 +17,7 @@ import pytest
 import yaml
 from federation_synthetic import small_config, write_synthetic_digits
 from mpi_launch import REPO, run_mpiexec
+from test_messages import ROW_FIELDS
 
 from federation.config import config_from_dict
 from federation.loop import run_federation
@@ -24,6 +25,7 @@ from federation.loop import run_federation
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
 FAILING = REPO / "tests" / "mpi_scripts" / "federate_failing_client.py"
+OWN_DISKS = REPO / "tests" / "mpi_scripts" / "federate_on_own_disks.py"
 TIMEOUT_S = 120
 
 
@@ -90,3 +92,50 @@ def test_an_exception_on_one_rank_ends_every_rank_with_its_message(
     assert "rank 2: RuntimeError: client 2 lost its data disk" in result.stderr
     failed_at = float(re.search(r"failing at ([0-9.]+)", result.stderr).group(1))
     assert ended - failed_at < 10, f"the job took {ended - failed_at:.1f} s to end"
+
+
+def test_hospitals_on_disks_of_their_own_send_only_the_listed_messages(
+    digits: Path, tmp_path: Path
+) -> None:
+    """Two ranks, each with its own output_dir: each writes only its hospital's files, a
+    resume agrees, every mpi4py call is one the README lists, and a hospital that lost its
+    checkpoint stops the next resume with the same line on both ranks."""
+    result, _ = _mpiexec(2, str(OWN_DISKS), str(digits), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: --resume: the hospitals hold checkpoints of no common round "
+                      "(client_0: 3; client_1: none); every hospital must resume from the same "
+                      "round: restore the missing hospitals/<name>/checkpoints, or start "
+                      "afresh with --force"] * 2
+
+    disk_0, disk_1 = tmp_path / "proxyfl_disk_0", tmp_path / "proxyfl_disk_1"
+    assert sorted(p.name for p in (disk_0 / "hospitals").iterdir()) == ["client_0"]
+    assert [p.name for p in disk_1.iterdir()] == ["hospitals"]  # no run-level file there
+    assert sorted(p.name for p in (disk_1 / "hospitals").iterdir()) == ["client_1"]
+    # Resumed on separate disks, the files are those of one uninterrupted local run.
+    local = tmp_path / "local"
+    run_federation(config_from_dict(small_config(
+        digits, local, clients=2, rounds=3, checkpoint_every=1, **{"model.private": "lenet5"})))
+    for disk, name in ((disk_0, "metrics.csv"), (disk_0, "privacy.csv"),
+                       (disk_0, "hospitals/client_0/metrics.csv"),
+                       (disk_1, "hospitals/client_1/metrics.csv")):
+        assert (disk / name).read_text() == (local / name).read_text(), name
+
+    proxy = 8 * 8 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # the 64-200-200-10 MLP
+    for rank in (0, 1):
+        calls = json.loads((tmp_path / f"calls_{rank}.json").read_text())
+        for algorithm, buffers in (("proxyfl", {("Sendrecv", proxy)}),
+                                   ("fedavg", {("Allreduce", 4), ("Allreduce", proxy + 1)})):
+            made = calls[algorithm]
+            assert {c["method"] for c in made} == {"allgather", "gather", "Barrier",
+                                                   *(method for method, _ in buffers)}
+            assert {(c["method"], c["sent"]) for c in made
+                    if c["method"][0].isupper() and c["method"] != "Barrier"} == buffers
+            starts = [c["sent"] for c in made if c["method"] == "allgather"]
+            assert len(starts) == (2 if algorithm == "proxyfl" else 1)  # one per run
+            assert all(len(fact) == 4 for fact in starts)  # StartFacts
+            for call in made:
+                if call["method"] == "gather":
+                    for row in call["sent"]:
+                        assert set(row) == ROW_FIELDS[row["file"]], row
+                        assert row.get("split") != "train", "a training loss crossed"

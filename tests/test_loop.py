@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from federation.algorithms import ALGORITHMS
 from federation.comm import LocalCommunicator
 from federation.config import ConfigError, config_from_dict, load_config
 from federation.loop import configure_threads, resolve_backend, run_federation
+from federation.outputs import RunDirectory, StartFacts, agree_on_start
 from federation.run_files import METRICS_COLUMNS, PRIVACY_COLUMNS
 from slidefed.cli import main
 
@@ -30,6 +32,11 @@ def digits(tmp_path_factory) -> Path:
 
 def _config(digits: Path, out: Path, **overrides):
     return config_from_dict(small_config(digits, out, **overrides))
+
+
+def _checkpoint_files(run_dir: Path) -> list[str]:
+    """The checkpoint files of every hospital of the run in ``run_dir``, by hospital."""
+    return [p.name for p in sorted(run_dir.glob("hospitals/*/checkpoints/round_*.pt"))]
 
 
 def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -49,11 +56,21 @@ def test_outputs_have_the_promised_files_and_columns(digits: Path, tmp_path: Pat
     assert sorted({int(r["round"]) for r in metrics}) == [3, 4]
     keys = {(r["round"], r["client"], r["model"], r["split"], r["metric"]) for r in metrics}
     assert len(keys) == len(metrics)
-    expected = {(str(t), str(c), m, s, k) for t in (3, 4) for c in range(4)
-                for m in ("private", "proxy")
-                for s, k in (("test", "accuracy"), ("test", "loss"), ("train", "loss"))}
-    assert keys == expected
+    # The coordinator's file holds what the hospitals share (report.shared_metrics: held-out
+    # accuracy); each hospital's own holds every row of its models, training losses included.
+    assert keys == {(str(t), str(c), m, "test", "accuracy") for t in (3, 4) for c in range(4)
+                    for m in ("private", "proxy")}
     assert all(0 <= float(r["value"]) <= 1 for r in metrics if r["metric"] == "accuracy")
+    for c in range(4):
+        columns, own = _read(tmp_path / "hospitals" / f"client_{c}" / "metrics.csv")
+        assert tuple(columns) == METRICS_COLUMNS
+        assert {(r["round"], r["model"], r["split"], r["metric"]) for r in own} == {
+            (str(t), m, s, k) for t in (3, 4) for m in ("private", "proxy")
+            for s, k in (("test", "accuracy"), ("test", "loss"), ("train", "loss"))}
+        shared = [r for r in metrics if r["client"] == str(c)]
+        assert shared == [r for r in own if r["split"] == "test" and r["metric"] == "accuracy"]
+        assert _read(tmp_path / "hospitals" / f"client_{c}" / "privacy.csv")[1] == [
+            r for r in _read(tmp_path / "privacy.csv")[1] if r["client"] == str(c)]
 
     columns, privacy = _read(tmp_path / "privacy.csv")
     assert tuple(columns) == PRIVACY_COLUMNS == ("round", "client", "epsilon", "delta", "unit",
@@ -82,7 +99,11 @@ def test_outputs_have_the_promised_files_and_columns(digits: Path, tmp_path: Pat
     times = summary["time"]
     assert {"wall_s", "training_s", "communication_s", "accounting_s"} <= times.keys()
     assert times["wall_s"] >= times["training_s"] > 0
-    assert (tmp_path / "checkpoints" / "latest.json").is_file()
+    for c in range(4):  # each hospital's checkpoint in its own directory
+        checkpoints = tmp_path / "hospitals" / f"client_{c}" / "checkpoints"
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["round_000004.pt",
+                                                                  "run_config.yaml"]
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("overrides", [{"algorithm": "regular"}, {"dp.enabled": False}])
@@ -104,12 +125,13 @@ def test_resume_after_a_kill_gives_the_uninterrupted_files(
 
     broken = _config(digits, tmp_path / "broken", **overrides)
     run_killed_in_round(broken, monkeypatch)  # in round 4; the checkpoint is of round 2
-    _, rows = _read(tmp_path / "broken" / "metrics.csv")
+    _, rows = _read(tmp_path / "broken" / "hospitals" / "client_0" / "metrics.csv")
     assert max(int(r["round"]) for r in rows) == 3
-    assert json.loads((tmp_path / "broken/checkpoints/latest.json").read_text()) == {"round": 2}
+    assert _checkpoint_files(tmp_path / "broken") == ["round_000002.pt"] * whole.clients
 
     summary = run_federation(broken, resume=True)
-    for name in ("metrics.csv", "privacy.csv"):
+    for name in ("metrics.csv", "privacy.csv", *(f"hospitals/client_{c}/{f}" for c in range(4)
+                                                 for f in ("metrics.csv", "privacy.csv"))):
         assert (tmp_path / "broken" / name).read_text() == (tmp_path / "whole" / name).read_text()
     assert summary["resumed_from_round"] == 2
     whole_summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
@@ -119,8 +141,84 @@ def test_resume_after_a_kill_gives_the_uninterrupted_files(
     # a K-vector per client, which the resumed run really sends again.
     repeated = whole.clients**2 if algorithm == "joint" else 0
     assert summary["elements_sent"] == whole_summary["elements_sent"] + repeated
-    assert [p.name for p in (tmp_path / "broken" / "checkpoints").glob("round_*")] == [
-        "round_000004"]
+    assert _checkpoint_files(tmp_path / "broken") == ["round_000004.pt"] * whole.clients
+
+
+def test_a_run_killed_while_hospitals_checkpoint_resumes_from_the_round_they_all_hold(
+    digits: Path, tmp_path: Path, monkeypatch
+) -> None:
+    overrides = {"rounds": 4, "checkpoint_every": 2}
+    run_federation(_config(digits, tmp_path / "whole", **overrides))
+    real_save = RunDirectory.save_client
+
+    def killed_at_client_2(self, round, name, state):
+        if round == 4 and name == "client_2":
+            raise KeyboardInterrupt
+        real_save(self, round, name, state)
+
+    monkeypatch.setattr(RunDirectory, "save_client", killed_at_client_2)
+    broken = _config(digits, tmp_path / "broken", **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(broken)
+    monkeypatch.undo()
+    assert _checkpoint_files(tmp_path / "broken") == [
+        "round_000002.pt", "round_000004.pt", "round_000002.pt", "round_000004.pt",
+        "round_000002.pt", "round_000002.pt"]  # clients 0 and 1 wrote round 4, 2 and 3 not
+    assert run_federation(broken, resume=True)["resumed_from_round"] == 2
+    for name in ("metrics.csv", "privacy.csv", "hospitals/client_3/metrics.csv"):
+        assert (tmp_path / "broken" / name).read_text() == (tmp_path / "whole" / name).read_text()
+    assert _checkpoint_files(tmp_path / "broken") == ["round_000004.pt"] * 4
+
+
+def test_a_hospital_that_lost_its_checkpoint_stops_the_resume_in_one_line(
+    digits: Path, tmp_path: Path
+) -> None:
+    run_federation(_config(digits, tmp_path, rounds=2))
+    (tmp_path / "hospitals/client_1/checkpoints/round_000002.pt").unlink()  # another disk
+    metrics = (tmp_path / "metrics.csv").read_text()
+    with pytest.raises(ConfigError, match=(
+            r"^--resume: the hospitals hold checkpoints of no common round \(client_0: 2; "
+            r"client_1: none; client_2: 2; client_3: 2\); every hospital must resume from the "
+            r"same round: restore")):
+        run_federation(_config(digits, tmp_path, rounds=3), resume=True)
+    assert (tmp_path / "metrics.csv").read_text() == metrics  # nothing was touched
+
+
+def _facts(rounds: tuple[int, ...], config_hash: str = "same", differences: tuple = (),
+           finished: str | None = None) -> StartFacts:
+    return StartFacts(config_hash, rounds, differences, finished)
+
+
+def test_processes_agree_on_where_to_start_or_all_refuse_alike() -> None:
+    names = ["a", "b", "c"]
+    agree = functools.partial(agree_on_start, names=names, rounds=10)
+    assert agree([_facts(())] * 3, resume=False, force=False) == 0
+    assert agree([_facts(())] * 3, resume=True, force=False) == 0  # nothing to resume
+    # a checkpoint being committed when the run stopped: the last round all of them hold
+    assert agree([_facts((4, 6)), _facts((4,)), _facts((4, 6))], resume=True, force=False) == 4
+    with pytest.raises(ConfigError, match=r"^--resume: the hospitals hold checkpoints of no "
+                                          r"common round \(a: 6; b: 4; c: 6\)"):
+        agree([_facts((6,)), _facts((4,)), _facts((6,))], resume=True, force=False)
+    with pytest.raises(ConfigError, match=r"^the process of hospital c runs another "
+                                          r"configuration than that of a \(fingerprint x vs "
+                                          r"same\); every process must run the same one, apart "
+                                          r"from backend, data.root, device, output_dir, "
+                                          r"slides.workers$"):
+        agree([_facts(()), _facts(()), _facts((), "x")], resume=False, force=False)
+    with pytest.raises(ConfigError, match=r"^--resume: the configuration differs from the one "
+                                          r"hospital b's checkpoints were written under: seed "
+                                          r"\(0 -> 1\)$"):
+        agree([_facts((4,)), _facts((4,), differences=("seed (0 -> 1)",)), _facts((4,))],
+              resume=True, force=False)
+    with pytest.raises(ConfigError, match=r"^hospital b holds a checkpointed run"):
+        agree([_facts(()), _facts((4,)), _facts(())], resume=False, force=False)
+    assert agree([_facts(()), _facts((4,)), _facts(())], resume=False, force=True) == 0
+    with pytest.raises(ConfigError, match=r"^/runs/x holds the results of a finished run"):
+        agree([_facts((), finished="/runs/x"), _facts(()), _facts(())], resume=True,
+              force=False)
+    with pytest.raises(ConfigError, match=r"^--resume: the run is checkpointed at round 12, "
+                                          r"past rounds = 10$"):
+        agree([_facts((12,))] * 3, resume=True, force=False)
 
 
 def test_resume_extends_a_finished_run(digits: Path, tmp_path: Path) -> None:
@@ -152,7 +250,8 @@ def test_a_checkpointed_run_is_not_overwritten_or_resumed_with_other_settings(
     digits: Path, tmp_path: Path
 ) -> None:
     run_federation(_config(digits, tmp_path, rounds=2))
-    with pytest.raises(ConfigError, match="holds a checkpointed run; pass --resume"):
+    with pytest.raises(ConfigError, match=r"^hospital client_0 holds a checkpointed run "
+                                          r"\(hospitals/client_0/checkpoints\); pass --resume"):
         run_federation(_config(digits, tmp_path, rounds=2))
     with pytest.raises(ConfigError, match=r"differs .*: dp.noise_multiplier \(1.0 -> 1.5\)"):
         run_federation(_config(digits, tmp_path, rounds=3, **{"dp.noise_multiplier": 1.5}),
@@ -162,7 +261,8 @@ def test_a_checkpointed_run_is_not_overwritten_or_resumed_with_other_settings(
 def test_finished_results_are_not_overwritten_without_force(digits: Path,
                                                              tmp_path: Path) -> None:
     run_federation(_config(digits, tmp_path, rounds=1))
-    shutil.rmtree(tmp_path / "checkpoints")  # what is left: a finished run's results
+    for checkpoints in (tmp_path / "hospitals").glob("*/checkpoints"):
+        shutil.rmtree(checkpoints)  # what is left: a finished run's results
     finished = (tmp_path / "metrics.csv").read_text()
     with pytest.raises(ConfigError, match="holds the results of a finished run .*--force"):
         run_federation(_config(digits, tmp_path, rounds=1, seed=1))
@@ -172,7 +272,7 @@ def test_finished_results_are_not_overwritten_without_force(digits: Path,
     # --force also replaces a checkpointed run, whose old checkpoints must not survive it
     run_federation(_config(digits, tmp_path, rounds=2, checkpoint_every=1), force=True)
     run_federation(_config(digits, tmp_path, rounds=1, checkpoint_every=0), force=True)
-    assert [p.name for p in (tmp_path / "checkpoints").glob("round_*")] == ["round_000001"]
+    assert _checkpoint_files(tmp_path) == ["round_000001.pt"] * 4
 
 
 @pytest.mark.parametrize("where, message", [

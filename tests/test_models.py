@@ -105,6 +105,8 @@ def test_unknown_model_lists_the_available_ones():
         create_model("resnet1000", num_classes=2)
     message = str(error.value)
     assert "\n" not in message and all(name in message for name in available_models())
+    # a ValueError, which the CLI prints as one line (a KeyError would escape as a traceback)
+    assert isinstance(error.value, ValueError) and message.startswith("unknown model 'resnet1000'")
     with pytest.raises(UnknownModelError, match="timm has no model"):
         create_model("timm:no_such_net", num_classes=2)
 

@@ -15,7 +15,29 @@ def test_key_sets_name_how_a_run_executes_and_what_runs_compare():
         {*execution, "rounds"} - {"output_dir", "threads"})  # threads changes the numbers
     assert sorted(run_files.RUNNER_KEYS) == ["algorithm", "backend", "output_dir", "seed"]
     assert sorted(run_files.RUN_ONLY_KEYS) == sorted(
-        {*execution, "algorithm", "seed", "data.root", "eval_every"})
+        {*execution, "algorithm", "seed", "data.root", "eval_every", "report.shared_metrics"})
+    # what hospitals on machines of their own set for themselves
+    assert sorted(run_files.PER_PROCESS_KEYS) == [
+        "backend", "data.root", "device", "output_dir", "slides.workers"]
+
+
+def test_config_hash_leaves_out_the_keys_it_is_told_to():
+    flat = {"rounds": 3, "output_dir": "/a", "dp.delta": None}
+    assert run_files.config_hash(flat) != run_files.config_hash({**flat, "output_dir": "/b"})
+    assert (run_files.config_hash(flat, ignore={"output_dir"})
+            == run_files.config_hash({**flat, "output_dir": "/b"}, ignore={"output_dir"}))
+    assert run_files.config_hash(flat) != run_files.config_hash({**flat, "rounds": 4})
+
+
+def test_checkpoint_rounds_are_the_whole_files_of_a_hospital(tmp_path):
+    checkpoints = tmp_path / run_files.HOSPITALS / "h_a" / run_files.CHECKPOINTS
+    assert not run_files.has_checkpoint(tmp_path)
+    checkpoints.mkdir(parents=True)
+    for name in (run_files.checkpoint_file(10), run_files.checkpoint_file(2),
+                 ".round_000012.pt.partial-99", run_files.CHECKPOINT_CONFIG):
+        (checkpoints / name).write_text("")
+    assert run_files.checkpoint_rounds(checkpoints) == [2, 10]
+    assert run_files.has_checkpoint(tmp_path)
 
 
 def test_flatten_config_gives_dotted_keys():

@@ -18,6 +18,7 @@ from federation_synthetic import run_killed_in_round
 from mpi_launch import run_mpiexec
 from slide_bags import slide_config
 
+from federation import catalog
 from federation.algorithms import ALGORITHMS
 from federation.config import config_from_dict
 from federation.evaluation.metrics import METRICS
@@ -96,6 +97,18 @@ def test_every_algorithm_trains_on_bags_and_its_run_evaluates(bag_cohort, tmp_pa
     columns, privacy = _read(tmp_path / "privacy.csv")
     assert tuple(columns) == PRIVACY_COLUMNS
     assert {r["unit"] for r in privacy} == ({"slide"} if private else set())
+
+    # The coordinator has the validation AUC and accuracy (report.shared_metrics); each
+    # hospital keeps every row, named as report.shared_metrics can choose them.
+    _, shared = _read(tmp_path / "metrics.csv")
+    assert {(r["split"], r["metric"]) for r in shared} == {("validation", "auc"),
+                                                           ("validation", "accuracy")}
+    for hospital in hospitals:
+        _, own = _read(tmp_path / "hospitals" / hospital / "metrics.csv")
+        assert {r["model"] for r in own} <= set(catalog.MODEL_NAMES)
+        assert {r["split"] for r in own} <= set(catalog.SPLITS)
+        assert {r["metric"] for r in own} == {"auc", "accuracy", "loss"} <= set(
+            catalog.ROUND_METRICS)
     assert bool(private) == (algorithm not in ("regular", "joint"))  # no DP model
 
 
@@ -113,10 +126,12 @@ def test_a_killed_slide_run_resumes_to_the_uninterrupted_files(bag_cohort, tmp_p
     run_federation(_config(bag_cohort, tmp_path / "whole", **overrides))
     broken = _config(bag_cohort, tmp_path / "broken", **overrides)
     run_killed_in_round(broken, monkeypatch)  # in round 4; the checkpoint is of round 2
-    assert json.loads((tmp_path / "broken/checkpoints/latest.json").read_text()) == {"round": 2}
+    assert [p.name for p in (tmp_path / "broken/hospitals/h_b/checkpoints").glob("round_*")
+            ] == ["round_000002.pt"]
     summary = run_federation(broken, resume=True)
     assert summary["resumed_from_round"] == 2
-    for name in ("metrics.csv", "privacy.csv", "hospitals/h_b/splits.csv"):
+    for name in ("metrics.csv", "privacy.csv", "hospitals/h_b/splits.csv",
+                 "hospitals/h_b/metrics.csv"):
         assert (tmp_path / "broken" / name).read_text() == (tmp_path / "whole" / name).read_text()
 
 
@@ -133,5 +148,6 @@ def test_three_ranks_under_mpiexec_write_the_local_backends_files(bag_cohort, tm
     for name in ("metrics.csv", "privacy.csv"):
         assert (tmp_path / "mpi" / name).read_text() == (tmp_path / "local" / name).read_text()
     for hospital in hospitals:
-        name = f"hospitals/{hospital}/splits.csv"
-        assert (tmp_path / "mpi" / name).read_text() == (tmp_path / "local" / name).read_text()
+        for name in (f"hospitals/{hospital}/splits.csv", f"hospitals/{hospital}/metrics.csv"):
+            assert (tmp_path / "mpi" / name).read_text() == (tmp_path / "local" / name
+                                                             ).read_text()

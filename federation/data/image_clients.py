@@ -118,7 +118,7 @@ def load_image_clients(config: FederationConfig, clients: Iterable[int]
         log.debug("client %d: %d training images, classes %s", client, counts.sum(),
                   counts.tolist())
     return {
-        c: ImageClientData(f"client_{c}", as_tensor_dataset(train, parts[c]),
+        c: ImageClientData(config.client_name(c), as_tensor_dataset(train, parts[c]),
                            as_tensor_dataset(test, tests[c]),
                            num_classes=train.num_classes, dataset=spec.name, mean=train.mean,
                            std=train.std)

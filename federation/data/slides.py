@@ -341,4 +341,4 @@ def load_hospital(config: FederationConfig, hospital: str) -> SlideClientData:
 def load_slide_clients(config: FederationConfig, clients: Iterable[int]
                        ) -> dict[int, SlideClientData]:
     """The hospitals of ``clients`` (client k = ``data.hospitals[k]``)."""
-    return {c: load_hospital(config, config.data.hospitals[c]) for c in clients}
+    return {c: load_hospital(config, config.client_name(c)) for c in clients}

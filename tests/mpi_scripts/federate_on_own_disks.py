@@ -1,0 +1,86 @@
+"""Run by tests/test_federate_mpi.py under ``mpiexec -n 2``: two hospitals on disks of their
+own, with every call into mpi4py recorded.
+
+    python federate_on_own_disks.py DIGITS OUT
+
+Rank r keeps its files in ``OUT/<algorithm>_disk_<r>`` (its own ``output_dir``). It runs
+ProxyFL for 2 rounds and resumes it to 3, then FedAvg for 2 rounds, and writes every call its
+communicator made into ``COMM_WORLD`` — the method, and what it sends: a buffer's element
+count, or the object it pickles — to ``OUT/calls_<r>.json``. Then rank 1's disk loses its
+ProxyFL checkpoint and both ranks try to resume to 4 rounds, printing ``error: ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' helpers
+from federation_synthetic import small_config  # noqa: E402
+
+from federation.comm import MPICommunicator  # noqa: E402
+from federation.config import ConfigError, config_from_dict  # noqa: E402
+from federation.loop import run_federation  # noqa: E402
+
+
+class RecordingComm:
+    """A stand-in for mpi4py's ``COMM_WORLD`` that logs each call before making it."""
+
+    def __init__(self, comm: Any, calls: list[dict[str, Any]]) -> None:
+        self._comm = comm
+        self._calls = calls
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._comm, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._calls.append({"method": name, "sent": _sent(name, args)})
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+def _sent(method: str, args: tuple) -> Any:
+    """What a call sends: the pickled object, a buffer's element count, or None."""
+    if method in ("gather", "allgather"):
+        return args[0]
+    if method in ("Barrier", "Irecv"):
+        return None
+    buffer = args[0]
+    return int((buffer[0] if isinstance(buffer, list) else buffer).size)
+
+
+def _federate(digits: Path, out: Path, algorithm: str, calls: list, *, rounds: int,
+              resume: bool = False) -> None:
+    comm = MPICommunicator(2)
+    comm._comm = RecordingComm(comm._comm, calls)
+    config = config_from_dict(small_config(
+        digits, out / f"{algorithm}_disk_{comm.rank}", algorithm=algorithm, clients=2,
+        rounds=rounds, checkpoint_every=1, backend="mpi", **{"model.private": "lenet5"}))
+    run_federation(config, comm, resume=resume)
+
+
+def main(digits: Path, out: Path) -> None:
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.rank
+    calls: dict[str, list] = {"proxyfl": [], "fedavg": []}
+    _federate(digits, out, "proxyfl", calls["proxyfl"], rounds=2)
+    _federate(digits, out, "proxyfl", calls["proxyfl"], rounds=3, resume=True)
+    _federate(digits, out, "fedavg", calls["fedavg"], rounds=2)
+    (out / f"calls_{rank}.json").write_text(json.dumps(calls))
+    if rank == 1:
+        shutil.rmtree(out / "proxyfl_disk_1" / "hospitals" / "client_1" / "checkpoints")
+    try:
+        _federate(digits, out, "proxyfl", [], rounds=4, resume=True)
+    except ConfigError as error:
+        print(f"error: {error}", flush=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

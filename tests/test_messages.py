@@ -1,0 +1,195 @@
+"""Everything that crosses from one client to another, checked against the list in the README's
+privacy section ("What crosses a rank").
+
+A recording communicator (the local backend, through the same public methods the MPI
+backend implements) logs every tensor and every pickled object each client hands it; every
+message of a short run of each algorithm must be one the list names, and no private model or
+raw data may be among them. ``tests/test_federate_mpi.py`` checks the same under a real
+``mpiexec`` at the level of mpi4py's calls.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+from federation_synthetic import small_config, write_synthetic_digits
+
+from federation.algorithms import ALGORITHMS, Algorithm
+from federation.comm import LocalCommunicator
+from federation.config import config_from_dict
+from federation.loop import run_federation
+from federation.outputs import StartFacts
+
+# The fields of each kind of pickled row (``federation.loop``), as the README lists them.
+ROW_FIELDS = {
+    "privacy": {"file", "round", "client", "epsilon", "delta", "unit", "status"},
+    "metrics": {"file", "round", "client", "model", "split", "metric", "value"},
+    "process": {"file", "wall_s", "seconds", "elements_sent"},
+}
+# The tensors each algorithm sends, as the README lists them: (operation, what it is).
+TENSORS = {
+    "regular": set(),
+    "regular_dp": set(),
+    "proxyfl": {("exchange", "proxy")},
+    "avgpush": {("exchange", "shared")},
+    "cwt": {("exchange", "shared")},
+    "fedavg": {("allreduce", "weighted shared")},
+    "fml": {("allreduce", "weighted shared")},
+    "joint": {("allreduce", "steps per epoch"), ("allreduce", "gradient sum")},
+}
+
+
+class Message(NamedTuple):
+    """One thing client ``src`` handed the communicator: ``op``, a copy of ``payload`` and,
+    for a tensor, a copy of the sender's models' parameters at that moment."""
+
+    op: str
+    src: int
+    payload: Any
+    models: dict[str, torch.Tensor]
+
+
+class RecordingCommunicator(LocalCommunicator):
+    """The local backend, logging every tensor and object a client sends, as it sends it;
+    ``algorithm`` (set once it is built) says what the senders' models are."""
+
+    def __init__(self, num_clients: int) -> None:
+        super().__init__(num_clients)
+        self.messages: list[Message] = []
+        self.algorithm: Algorithm | None = None
+
+    def _record(self, op: str, by_client: Mapping[int, Any]) -> None:
+        for c, payload in by_client.items():
+            if isinstance(payload, torch.Tensor):
+                clients = getattr(self.algorithm, "clients", {})
+                models = {name: model.flat.pack().clone()
+                          for name, model in clients[c].models.items()} if c in clients else {}
+                self.messages.append(Message(op, c, payload.clone(), models))
+            else:
+                self.messages.append(Message(op, c, copy.deepcopy(payload), {}))
+
+    def exchange(self, outgoing, send_to, recv_from):
+        self._record("exchange", {c: t for c, t in outgoing.items() if send_to[c]})
+        return super().exchange(outgoing, send_to, recv_from)
+
+    def allreduce_sum(self, local):
+        self._record("allreduce", local)
+        return super().allreduce_sum(local)
+
+    def broadcast(self, tensor_by_owner, root):
+        self._record("broadcast", {root: tensor_by_owner[root]})
+        return super().broadcast(tensor_by_owner, root)
+
+    def gather_rows(self, rows_by_owner):
+        self._record("gather_rows", rows_by_owner)
+        return super().gather_rows(rows_by_owner)
+
+    def allgather(self, by_owner):
+        self._record("allgather", by_owner)
+        return super().allgather(by_owner)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_synthetic_digits(tmp_path_factory.mktemp("digits"))
+
+
+def _run(digits: Path, out: Path, monkeypatch, algorithm: str, **overrides: Any
+         ) -> tuple[RecordingCommunicator, Algorithm]:
+    """A 2-round run of ``algorithm`` (LeNet-5 private, MLP proxy: their sizes differ) that
+    records its messages."""
+    config = config_from_dict(small_config(digits, out, algorithm=algorithm, rounds=2,
+                                           checkpoint_every=1, **{"model.private": "lenet5",
+                                                                  "fedavg.client_fraction": 0.5,
+                                                                  **overrides}))
+    comm = RecordingCommunicator(config.clients)
+    cls = ALGORITHMS[algorithm]
+    real_init = cls.__init__
+
+    def init(self, *args, **kwargs):
+        comm.algorithm = self
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__init__", init)
+    run_federation(config, comm)
+    monkeypatch.undo()
+    return comm, comm.algorithm
+
+
+def _tensor_kind(message: Message, algorithm: Algorithm) -> str:
+    """What a tensor message is, by comparison with its sender's models; ``unknown`` if none."""
+    tensor, config = message.payload, algorithm.config
+    for name, params in message.models.items():
+        if algorithm.roles[name].leaves_client and message.op == "exchange" and torch.equal(
+                tensor, params):
+            return name
+        if message.op != "allreduce" or tensor.numel() != params.numel() + 1:
+            continue
+        weight = float(tensor[-1])
+        if config.algorithm == "joint":  # [Σ gradients, batch size]: not a model, no DP
+            return "gradient sum" if weight <= config.optim.batch_size else "unknown"
+        if not algorithm.roles[name].leaves_client:
+            continue
+        units = algorithm.clients[message.src].data.num_units
+        if weight == 0 and not tensor[:-1].any():
+            return f"weighted {name}"
+        if weight == units and torch.allclose(tensor[:-1] / weight, params.to(torch.float64)):
+            return f"weighted {name}"
+    if message.op == "allreduce" and tensor.numel() == config.clients:
+        others = torch.cat([tensor[:message.src], tensor[message.src + 1:]])
+        if not others.any():  # a client fills only its own slot
+            return "steps per epoch"
+    return "unknown"
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_only_the_listed_messages_cross(digits: Path, tmp_path: Path, monkeypatch,
+                                        name: str) -> None:
+    comm, algorithm = _run(digits, tmp_path, monkeypatch, name)
+    config = algorithm.config
+    private = {model.flat.numel for model_name, model in algorithm.clients[0].models.items()
+               if not algorithm.roles[model_name].leaves_client and name != "joint"}
+
+    tensors = [m for m in comm.messages if isinstance(m.payload, torch.Tensor)]
+    for message in tensors:
+        assert not {message.payload.numel(), message.payload.numel() - 1} & private, (
+            "a private model crossed")
+    assert {(m.op, _tensor_kind(m, algorithm)) for m in tensors} == TENSORS[name]
+
+    objects = [m for m in comm.messages if not isinstance(m.payload, torch.Tensor)]
+    assert {m.op for m in objects} == {"allgather", "gather_rows"}
+    starts = [m for m in objects if m.op == "allgather"]
+    assert [m.src for m in starts] == list(range(config.clients))  # once per run, each client
+    assert all(isinstance(m.payload, StartFacts) and
+               all(isinstance(v, str | tuple | type(None)) for v in m.payload) for m in starts)
+    rows = [(m.src, row) for m in objects if m.op == "gather_rows" for row in m.payload]
+    for src, row in rows:
+        assert set(row) == ROW_FIELDS[row["file"]], row
+        assert all(isinstance(v, int | float | str | dict) for v in row.values()), row
+        if row["file"] != "process":
+            assert row["client"] == src  # a client sends only its own rows
+        if row["file"] == "metrics":
+            assert config.report.shares(row["model"], row["split"], row["metric"])
+            assert row["split"] != "train", "a training loss crossed"
+    kinds_of_rows = {row["file"] for _, row in rows}
+    assert kinds_of_rows == {"metrics", "process"} | ({"privacy"} if any(
+        model.is_private for model in algorithm.clients[0].models.values()) else set())
+
+
+def test_shared_metrics_choose_what_reaches_the_coordinator(digits: Path, tmp_path: Path,
+                                                            monkeypatch) -> None:
+    comm, _ = _run(digits, tmp_path, monkeypatch, "proxyfl",
+                      **{"report.shared_metrics": ["proxy/*/*"]})
+    rows = [row for m in comm.messages if m.op == "gather_rows" for row in m.payload
+            if row["file"] == "metrics"]
+    assert {(r["model"], r["split"], r["metric"]) for r in rows} == {
+        ("proxy", "test", "accuracy"), ("proxy", "test", "loss"), ("proxy", "train", "loss")}
+    # the hospitals keep every row; the coordinator's file has what they sent
+    own = (tmp_path / "hospitals" / "client_0" / "metrics.csv").read_text()
+    assert ",private,train,loss," in own and ",private," not in (tmp_path / "metrics.csv"
+                                                                  ).read_text()
