@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from federation import commands as federation_commands
 from preprocessing import commands as preprocessing_commands
+from slidefed import commands as slidefed_commands
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           parser_class=OneLineErrorParser)
     preprocessing_commands.register(commands, bench_commands)
     federation_commands.register(commands, bench_commands)
+    slidefed_commands.register(commands)
     return parser
 
 

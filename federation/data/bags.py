@@ -55,11 +55,13 @@ class BagIndex:
     ``patch_labels`` is int64 ``(N,)``: 1 for a tumour patch. ``label_source`` says where
     they come from: ``annotation`` (tumour-area fraction ≥ the bag's threshold), ``slide``
     (the slide label for every patch, weak supervision, also for bags of format version 1).
+    ``label`` is None for a slide of unknown diagnosis (``slidefed predict``); its weak patch
+    labels are then -1.
     """
 
     path: Path
     slide_id: str
-    label: int
+    label: int | None
     n_patches: int
     patch_size: int
     target_mpp: float
@@ -71,11 +73,11 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def index_bag(path: str | Path, label: int) -> BagIndex:
+def index_bag(path: str | Path, label: int | None) -> BagIndex:
     """Open ``path``, check it against the format, and index it for training.
 
     ``label`` is the slide's 0/1 label from the manifest; it becomes every patch's label when
-    the bag has no annotation-derived labels.
+    the bag has no annotation-derived labels; None when the diagnosis is what is sought.
     """
     path = Path(path)
     if not path.is_file():
@@ -87,7 +89,7 @@ def index_bag(path: str | Path, label: int) -> BagIndex:
         raise BagFormatError(path, f"unreadable bag ({error})") from None
 
 
-def _index_open_bag(path: Path, f: h5py.File, label: int) -> BagIndex:
+def _index_open_bag(path: Path, f: h5py.File, label: int | None) -> BagIndex:
     attrs = f.attrs
     if attrs.get("format") != FORMAT_NAME:
         raise BagFormatError(path, f"not a slidefed bag (format {attrs.get('format')!r})")
@@ -111,7 +113,7 @@ def _index_open_bag(path: Path, f: h5py.File, label: int) -> BagIndex:
     if n == 0 or patches.shape[0] != n:
         raise BagFormatError(path, "bag holds no patches" if n == 0 else
                              f"{patches.shape[0]} patches for {n} coordinates")
-    patch_labels = np.full(n, label, np.int64)
+    patch_labels = np.full(n, -1 if label is None else label, np.int64)
     source = "slide"
     if "labels" in f:
         labels = f["labels"]

@@ -51,8 +51,9 @@ class SlideAggregator(Protocol):
     """Scores slides with a patch model."""
 
     def score(self, module: nn.Module, reader: BagReader, bag: BagIndex,
-              indices: np.ndarray | None = None) -> float:
-        """The slide's score in [0, 1] from patches ``indices`` (default: all)."""
+              indices: np.ndarray | None = None, *, batch_size: int = SCORING_BATCH) -> float:
+        """The slide's score in [0, 1] from patches ``indices`` (default: all), read
+        ``batch_size`` at a time."""
 
     def card(self) -> dict[str, Any]:
         """What a model file stores to rebuild this aggregator."""
@@ -65,8 +66,9 @@ class TopK:
         self.k = k
 
     def score(self, module: nn.Module, reader: BagReader, bag: BagIndex,
-              indices: np.ndarray | None = None) -> float:
-        return top_k_score(patch_probabilities(module, reader, bag, indices), self.k)
+              indices: np.ndarray | None = None, *, batch_size: int = SCORING_BATCH) -> float:
+        return top_k_score(patch_probabilities(module, reader, bag, indices,
+                                               batch_size=batch_size), self.k)
 
     def card(self) -> dict[str, Any]:
         return {"method": "top_k", "k": self.k}
@@ -79,8 +81,9 @@ class AttentionHead:
         self.head = head.eval()
 
     def score(self, module: nn.Module, reader: BagReader, bag: BagIndex,
-              indices: np.ndarray | None = None) -> float:
-        features = torch.from_numpy(patch_features(module, reader, bag, indices))
+              indices: np.ndarray | None = None, *, batch_size: int = SCORING_BATCH) -> float:
+        features = torch.from_numpy(patch_features(module, reader, bag, indices,
+                                                   batch_size=batch_size))
         with torch.no_grad():
             return float(torch.softmax(self.head(features).double(), dim=0)[1])
 
@@ -201,3 +204,13 @@ def aggregator_from_card(card: dict[str, Any]) -> SlideAggregator:
         head.load_state_dict(card["state_dict"])
         return AttentionHead(head)
     raise ValueError(f"unknown slide aggregation {card.get('method')!r}")
+
+
+def model_aggregator(document: dict[str, Any]) -> SlideAggregator:
+    """The aggregator of a model file's contents (``federation.model_files``): its
+    ``decision["aggregation"]``, or top-k with ``data["aggregation"]["k"]`` for files written
+    before fitted aggregations, which record top-k pooling only under ``data``."""
+    card = document["decision"].get("aggregation")
+    if card is None:
+        card = {"method": "top_k", "k": document["data"]["aggregation"]["k"]}
+    return aggregator_from_card(card)

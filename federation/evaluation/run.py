@@ -40,8 +40,8 @@ from federation.data.splits import read_splits
 from federation.evaluation.aggregation import (
     SlideAggregator,
     TopK,
-    aggregator_from_card,
     fit_aggregator,
+    model_aggregator,
 )
 from federation.evaluation.metrics import (
     METRICS,
@@ -204,12 +204,9 @@ def _saved_models(run: RunDirectory, hospital: str) -> list[SavedModel]:
     models = []
     for path in paths:
         module, card = load_model(path)
-        # Files from before fitted aggregations record top-k pooling only under "data".
-        aggregation = card["decision"].get("aggregation", {"method": "top_k",
-                                                           "k": card["data"]["aggregation"]["k"]})
         models.append(SavedModel(hospital, card["model"], module,
-                                 float(card["decision"]["threshold"]),
-                                 aggregator_from_card(aggregation), bool(card["shared"])))
+                                 float(card["decision"]["threshold"]), model_aggregator(card),
+                                 bool(card["shared"])))
     return models
 
 
