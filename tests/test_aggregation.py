@@ -11,8 +11,13 @@ import torch
 from slide_bags import slide_config
 
 from federation.config import ConfigError, config_from_dict
-from federation.evaluation.aggregation import (AttentionHead, TopK, aggregator_from_card,
-                                               feature_layers, fit_attention_head)
+from federation.evaluation.aggregation import (
+    AttentionHead,
+    TopK,
+    aggregator_from_card,
+    feature_layers,
+    fit_attention_head,
+)
 from federation.evaluation.metrics import point_metrics
 from federation.evaluation.run import evaluate_run
 from federation.loop import run_federation
