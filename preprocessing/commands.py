@@ -203,7 +203,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
         "demo-cohort", help="write a synthetic multi-hospital cohort",
         description="Synthetic H&E slides, labels.csv and tumour annotations per hospital. "
         "Hospitals differ in stain, scanner (hospital b at 20x, 0.5 µm/px; the others at 40x, "
-        "0.25 µm/px), tumour prevalence and size (default 48, 60, 16, 46 slides; hospital c "
+        "0.25 µm/px), tumour prevalence and size (default 120, 150, 40, 110 slides; hospital c "
         "is small); some tumour slides hold only small foci, and inflamed regions mimic "
         "tumour. Every slide has a 1.0 µm/px level.")
     p.add_argument("-o", "--output", type=Path, required=True, help="cohort directory")
@@ -212,9 +212,9 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                    help="slides per hospital: one number for all, or one per hospital "
                    "(default: each hospital's own)")
     p.add_argument("--size-um", type=positive_int,
-                   help="slide width in µm, a multiple of 16 (default 640)")
+                   help="slide width in µm, a multiple of 16 (default 320)")
     p.add_argument("--tumour-contrast", type=float,
-                   help="difficulty, 0 (tumour looks normal) to 1 (obvious); default 0.4")
+                   help="difficulty, 0 (tumour looks normal) to 1 (obvious); default 0.25")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="slides written at once (default 1)")

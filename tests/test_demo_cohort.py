@@ -12,6 +12,7 @@ import openslide
 import pytest
 
 from preprocessing.demo_cohort import (
+    DEFAULT_SIZE_UM,
     TILING_MPP,
     CohortError,
     hospital_profile,
@@ -57,13 +58,13 @@ def by_hospital(plan):
 def test_default_plan_is_large_and_varied_enough_for_a_slide_level_comparison(default_plan):
     hospitals = by_hospital(default_plan)
     assert list(hospitals) == ["hospital_a", "hospital_b", "hospital_c", "hospital_d"]
-    assert 150 <= len(default_plan) <= 180
+    assert 400 <= len(default_plan) <= 450
     # A 40 % test split stratified by label, rounded down in every hospital and label.
     test_slides = sum(math.floor(0.4 * sum(p.label == label for p in slides))
                       for slides in hospitals.values() for label in (0, 1))
     assert test_slides >= 60
     sizes = sorted(len(slides) for slides in hospitals.values())
-    assert sizes[0] <= 20 and sizes[1] >= 40
+    assert sizes[0] <= 40 and sizes[1] >= 100
     mpps = {name: {p.spec.mpp for p in slides} for name, slides in hospitals.items()}
     assert sorted(mpps.values(), key=min) == [{0.25}, {0.25}, {0.25}, {0.5}]
     prevalences = [np.mean([p.label for p in slides]) for slides in hospitals.values()]
@@ -79,9 +80,9 @@ def test_every_slide_has_the_tiling_level_over_the_same_tissue_size(default_plan
         level_mpps = [spec.mpp * d for d in spec.level_downsamples]
         assert level_mpps[-1] == TILING_MPP  # the coarsest level, read as it is
         assert spec.level_downsample == 2
-        assert spec.width * spec.mpp == 640
+        assert spec.width * spec.mpp == DEFAULT_SIZE_UM == 320
         width, height = spec.level_dimensions[-1]
-        assert (width * TILING_MPP, height * TILING_MPP) == (640, spec.height * spec.mpp)
+        assert (width * TILING_MPP, height * TILING_MPP) == (320, spec.height * spec.mpp)
 
 
 def test_some_tumour_slides_hold_only_foci_of_one_to_four_patches(default_plan):
