@@ -14,10 +14,13 @@ import torch
 from slide_bags import index_cohort, slide_config
 from torch import nn
 
+from federation.catalog import OPTIMIZERS
+from federation.client import LocalModel, distillation_loss, train_mutual
 from federation.config import ConfigError, config_from_dict
 from federation.data.bags import BagFormatError
 from federation.data.slides import CohortError, SlideClientData, load_hospital
 from federation.data.splits import read_splits, split_slides
+from federation.models import create_model
 
 HOSPITAL = "h_a"
 
@@ -247,3 +250,32 @@ def test_uniformly_drawn_slides_carry_weights_that_restore_the_class_balance(bag
     assert all(b.weights is None for b in data.epoch(2, torch.Generator().manual_seed(0)))
     (empty,) = data.sampled([[]], torch.Generator().manual_seed(0))
     assert empty.weights.shape == (0,)
+
+
+def test_mutual_learning_weights_only_the_private_models_rows(bag_cohort) -> None:
+    root, _ = bag_cohort
+    bags = index_cohort(root, HOSPITAL)
+    skewed = [bags[0]] + [b for b in bags if b.label == 0]
+    data = SlideClientData(HOSPITAL, {"train": skewed, "validation": [], "test": []},
+                           _client(bag_cohort, patches_per_slide=2, augment="none").settings)
+    (batch,) = data.sampled([[0, 1, 2, 3]], torch.Generator().manual_seed(0))
+
+    def local(name: str, seed: int) -> LocalModel:
+        module = create_model("patch_cnn", num_classes=2, in_channels=3, seed=seed)
+        return LocalModel(name, module, data, optimizer=OPTIMIZERS["sgd"], lr=0.1,
+                          weight_decay=0.0, batch_size=4, seed=seed, dp=None)
+
+    private, proxy = local("private", 1), local("proxy", 2)
+    proxy.batches = lambda: iter([batch])  # the proxy's (Poisson) batch, with its weights
+    losses: dict[str, torch.Tensor] = {}
+    for model in (private, proxy):  # record the losses; no update, so models stay as they are
+        model.step = lambda loss, groups=None, name=model.name: losses.__setitem__(
+            name, loss.detach())
+    train_mutual(private, proxy, first_weight=0.3, second_weight=0.6, epochs=1)
+
+    with torch.no_grad():
+        private_logits, proxy_logits = private.module(batch.inputs), proxy.module(batch.inputs)
+    torch.testing.assert_close(losses["private"], distillation_loss(
+        private_logits, batch.labels, proxy_logits, 0.3) * batch.weights)
+    torch.testing.assert_close(losses["proxy"], distillation_loss(
+        proxy_logits, batch.labels, private_logits, 0.6))  # DP-SGD never sees the weights
