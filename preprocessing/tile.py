@@ -40,6 +40,11 @@ from .qc import write_qc_picture
 
 log = logging.getLogger(__name__)
 
+# A pool of tiling workers costs ~0.1 s to start and stop (fork, every worker opening the
+# slide), what ~30 patches take to read and encode: a worker gets at least this many patches
+# or is not started, so --workers never makes a slide slower.
+MIN_PATCHES_PER_WORKER = 64
+
 
 @dataclass(frozen=True)
 class TileResult:
@@ -135,6 +140,12 @@ def _encoded_runs(slide: Slide, layout: SlideLayout, options: TilingOptions, wor
         yield from pool.imap_unordered(_worker_encode, tasks)
 
 
+def tiling_workers(n_patches: int, workers: int) -> int:
+    """Processes worth using for a slide of ``n_patches``: at most ``workers``, each with at
+    least :data:`MIN_PATCHES_PER_WORKER` patches, and 1 (no pool) for small slides."""
+    return max(1, min(workers, n_patches // MIN_PATCHES_PER_WORKER))
+
+
 def tile_slide(slide_path: str | Path, bag_path: str | Path,
                options: TilingOptions | None = None, *, slide_id: str | None = None,
                workers: int = 1, qc_path: str | Path | None = None,
@@ -143,8 +154,10 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
     """Cut the tissue of ``slide_path`` into patches and write them to the bag ``bag_path``.
 
     ``annotation`` (GeoJSON tumour polygons, level-0 px) or else ``slide_label`` (0 or 1)
-    gives the patches their labels. Raises :class:`~wsi.slide.SlideError` naming the slide
-    when it cannot be used or holds no tissue patch, and
+    gives the patches their labels. ``workers`` processes read and encode patches, fewer when
+    the slide has too few patches to repay them (:func:`tiling_workers`). Raises
+    :class:`~wsi.slide.SlideError` naming the slide when it cannot be used or holds no tissue
+    patch, and
     :class:`~wsi.annotations.AnnotationError` naming the annotation when that is unusable.
     The bag appears only when complete, and the QC picture (overview, tissue mask, kept
     patches) at ``qc_path``, when given, only with it: a slide that fails has neither.
@@ -171,6 +184,9 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
         if n == 0:
             raise SlideError(slide_path, f"no patch has tissue fraction >= {options.min_tissue}")
         labels = patch_labels(slide_id, layout, options.tumour_threshold, tumour, slide_label)
+        if (used := tiling_workers(n, workers)) < workers:
+            log.debug("%s: %d patches, tiled by %d process(es) rather than %d", slide_id, n,
+                      used, workers)
         attributes = BagAttributes(
             slide_id=slide_id, source_path=os.path.abspath(slide_path), mpp_level0=info.mpp,
             mpp_source=info.mpp_source, target_mpp=options.target_mpp,
@@ -182,7 +198,7 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
                        options.encoding, labels) as writer, \
                 tqdm(total=n, unit="patch", desc=slide_id, disable=None if progress else True,
                      leave=False) as bar:
-            for start, (chunks, checksums) in _encoded_runs(slide, layout, options, workers):
+            for start, (chunks, checksums) in _encoded_runs(slide, layout, options, used):
                 writer.write_chunks(start, chunks, checksums)
                 bar.update(len(chunks))
     if qc_path is not None:
