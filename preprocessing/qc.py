@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import imagecodecs
 import numpy as np
+from imagecodecs import PNG, png_encode  # named: loaded now, not in each forked job
 from PIL import Image, ImageDraw
 
 from slidefed.atomic import atomic_path
@@ -52,7 +52,7 @@ def write_qc_picture(path: str | Path, overview: Overview, coords: np.ndarray,
                         (y + step_level0) * factor - 1], outline=PATCH_OUTLINE)
     # zlib level 1 with the "up" filter: ~7x faster than PIL's default PNG (level 6, filters
     # chosen per row), for a file ~15% larger; a photo-like overview compresses poorly anyway.
-    encoded = imagecodecs.png_encode(np.asarray(image), level=1, filter=imagecodecs.PNG.FILTER.UP)
+    encoded = png_encode(np.asarray(image), level=1, filter=PNG.FILTER.UP)
     with atomic_path(path) as tmp:
         tmp.write_bytes(encoded)
     return path

@@ -22,7 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from skimage import filters, morphology
+from skimage import morphology
+
+# Named, not reached through skimage's lazily loaded ``filters``: a preprocessing job forks
+# one process per slide after its imports, and each child would otherwise import it again.
+from skimage.filters import threshold_otsu
 
 from .slide import Slide, SlideInfo
 
@@ -163,7 +167,7 @@ def detect_tissue(rgb: np.ndarray, mpp: float, ink: np.ndarray | None = None) ->
     value = brightest / 255.0
     stained = saturation[~ink]  # saturated ink would pull Otsu's threshold up
     if stained.size and np.ptp(stained) > 0:
-        threshold = float(np.clip(filters.threshold_otsu(stained), MIN_SATURATION,
+        threshold = float(np.clip(threshold_otsu(stained), MIN_SATURATION,
                                   MAX_SATURATION))
     else:
         threshold = MAX_SATURATION
