@@ -29,6 +29,7 @@ from wsi.bag import (
     PatchLabels,
     checksum,
 )
+from wsi.brightfield import fluorescence_reason
 from wsi.grid import grid_coords, tissue_fractions
 from wsi.patches import max_run_length, read_patch_run, split_runs
 from wsi.resolution import ReadPlan, plan_reading
@@ -71,10 +72,16 @@ class SlideLayout:
 
 
 def plan_layout(slide: Slide, options: TilingOptions) -> SlideLayout:
-    """Resolution plan, tissue mask and the kept patches of ``slide``, row by row."""
+    """Resolution plan, tissue mask and the kept patches of ``slide``, row by row.
+
+    Raises :class:`SlideError` for a fluorescence slide unless ``options`` allow them."""
     info = slide.info
     plan = plan_reading(info, options.target_mpp, options.patch_size)
     overview = slide_overview(slide)
+    if not options.allow_fluorescence and (
+            reason := fluorescence_reason(slide.properties, overview.rgb)):
+        raise SlideError(info.path, f"not a brightfield slide: {reason}; pass "
+                                    "--allow-fluorescence to tile it anyway")
     coords = grid_coords(info.width, info.height, plan.step_level0)
     tissue = tissue_fractions(overview.mask, overview.downsample, coords, plan.step_level0)
     keep = tissue >= options.min_tissue

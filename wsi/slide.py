@@ -105,7 +105,8 @@ def _unsupported_reason(path: Path) -> str:
 class Slide:
     """An open slide. Use as a context manager, or call :meth:`close`.
 
-    Regions come back as RGB ``uint8`` arrays; areas the scanner did not image (transparent in
+    ``properties`` are OpenSlide's, as the file states them. Regions come back as RGB
+    ``uint8`` arrays; areas the scanner did not image (transparent in
     OpenSlide) are composited onto white, the colour of an empty glass slide.
     """
 
@@ -125,6 +126,7 @@ class Slide:
             raise SlideError(path, _unsupported_reason(path)) from exc
         except openslide.OpenSlideError as exc:
             raise SlideError(path, f"corrupt or unreadable slide ({exc})") from exc
+        self.properties: dict[str, str] = dict(self._osr.properties)
         try:
             self.info = self._describe(path, fill_mpp, override_mpp)
         except BaseException:
