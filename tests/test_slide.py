@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -134,6 +136,38 @@ def test_slide_without_mpp_is_refused_unless_user_supplies_it(tmp_path):
     with open_slide(path, fill_mpp=0.5) as slide:
         assert slide.info.mpp == 0.5 and slide.info.vendor == "generic-tiff"
         assert slide.info.mpp_source == "fill"
+
+
+@pytest.mark.parametrize("resolution, unit, stated", [
+    ((72, 72), "INCH", "352.778"),  # 72 dpi, a TIFF writer's default
+    ((1e4 / 16.78, 1e4 / 16.78), "CENTIMETER", "16.78"),  # a DICOM converter's placeholder
+    ((4e9, 4e9), "CENTIMETER", "2.5e-06"),
+])
+def test_placeholder_mpp_counts_as_missing(tmp_path, resolution, unit, stated):
+    # Such values used to be trusted and refused as "coarser than the target", or tiled at
+    # a resolution the slide does not have.
+    path = tmp_path / "placeholder.tiff"
+    tifffile.imwrite(path, np.full((512, 512, 3), 230, np.uint8), tile=(256, 256),
+                     photometric="rgb", resolution=resolution, resolutionunit=unit)
+    with pytest.raises(SlideError, match=rf"stated {stated} µm/px looks like a placeholder "
+                                         r"\(scanners give 0.05-10\); pass --fill-mpp"):
+        open_slide(path)
+    with open_slide(path, fill_mpp=0.25) as slide:
+        assert slide.info.mpp == 0.25 and slide.info.mpp_source == "fill"
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("0", "stated 0 µm/px looks like a placeholder"),
+    ("1000", "stated 1000 µm/px looks like a placeholder"),
+    ("nan", "stated nan µm/px looks like a placeholder"),
+    ("n/a", "unreadable microns per pixel ('n/a')"),
+])
+def test_implausible_or_unreadable_stated_mpp_is_no_mpp(value, reason):
+    from wsi.slide import _parse_mpp
+
+    mpp, why = _parse_mpp(Path("s.svs"), {"openslide.mpp-x": value})
+    assert mpp is None and reason in why
+    assert _parse_mpp(Path("s.svs"), {"openslide.mpp-x": "0.2527"}) == (0.2527, "")
 
 
 @pytest.mark.parametrize("content, reason", [
