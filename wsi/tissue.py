@@ -154,6 +154,8 @@ def pen_ink(rgb: np.ndarray, mpp: float) -> np.ndarray:
     ink = np.zeros_like(greener)
     ink[greener] = ((hue >= INK_HUES[0]) & (hue <= INK_HUES[1])
                     & (saturation > INK_MIN_SATURATION) & (value > MIN_VALUE))
+    if not ink.any():  # most slides: skip labelling an empty mask
+        return ink
     return morphology.remove_small_objects(ink, max_size=max(1, int(INK_MIN_AREA_UM2 / mpp**2)))
 
 
