@@ -42,9 +42,11 @@ from .qc import write_qc_picture
 log = logging.getLogger(__name__)
 
 # A pool of tiling workers costs ~0.1 s to start and stop (fork, every worker opening the
-# slide), what ~30 patches take to read and encode: a worker gets at least this many patches
-# or is not started, so --workers never makes a slide slower.
+# slide), what ~30 patches of 256 px take to read and encode, or ~100 of 64 px read at 128 px
+# (1 ms each): a worker is started only for this many patches, and this many pixels read, so
+# that --workers never makes a slide slower.
 MIN_PATCHES_PER_WORKER = 64
+MIN_READ_PIXELS_PER_WORKER = 64 * 256 * 256
 
 
 @dataclass(frozen=True)
@@ -147,10 +149,12 @@ def _encoded_runs(slide: Slide, layout: SlideLayout, options: TilingOptions, wor
         yield from pool.imap_unordered(_worker_encode, tasks)
 
 
-def tiling_workers(n_patches: int, workers: int) -> int:
-    """Processes worth using for a slide of ``n_patches``: at most ``workers``, each with at
-    least :data:`MIN_PATCHES_PER_WORKER` patches, and 1 (no pool) for small slides."""
-    return max(1, min(workers, n_patches // MIN_PATCHES_PER_WORKER))
+def tiling_workers(n_patches: int, read_size: int, workers: int) -> int:
+    """Processes worth using for a slide of ``n_patches`` read at ``read_size`` px: at most
+    ``workers``, each with at least :data:`MIN_PATCHES_PER_WORKER` patches and
+    :data:`MIN_READ_PIXELS_PER_WORKER` pixels to read, and 1 (no pool) for small slides."""
+    per_worker = max(MIN_PATCHES_PER_WORKER, -(-MIN_READ_PIXELS_PER_WORKER // read_size**2))
+    return max(1, min(workers, n_patches // per_worker))
 
 
 def tile_slide(slide_path: str | Path, bag_path: str | Path,
@@ -191,7 +195,7 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
         if n == 0:
             raise SlideError(slide_path, f"no patch has tissue fraction >= {options.min_tissue}")
         labels = patch_labels(slide_id, layout, options.tumour_threshold, tumour, slide_label)
-        if (used := tiling_workers(n, workers)) < workers:
+        if (used := tiling_workers(n, layout.plan.read_size, workers)) < workers:
             log.debug("%s: %d patches, tiled by %d process(es) rather than %d", slide_id, n,
                       used, workers)
         attributes = BagAttributes(

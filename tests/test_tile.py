@@ -77,6 +77,7 @@ def test_patches_come_from_tissue_not_glass(real_bag, real_slide):
 def test_parallel_tiling_writes_the_same_bag(real_bag, real_slide, tmp_path, monkeypatch):
     result, _ = real_bag
     monkeypatch.setattr(tile, "MIN_PATCHES_PER_WORKER", 1)  # 38 patches would stay serial
+    monkeypatch.setattr(tile, "MIN_READ_PIXELS_PER_WORKER", 1)
     parallel = tile_slide(real_slide, tmp_path / "p.h5", TilingOptions(), workers=2,
                           progress=False)
     with h5py.File(result.bag_path, "r") as a, h5py.File(parallel.bag_path, "r") as b:
@@ -90,8 +91,12 @@ def test_workers_are_used_only_for_slides_with_enough_patches(real_slide, tmp_pa
     # A 35-patch slide took 1.6x as long with 2 workers: starting the pool cost more than it
     # saved. Below MIN_PATCHES_PER_WORKER patches per worker no pool starts.
     per = tile.MIN_PATCHES_PER_WORKER
-    assert tile.tiling_workers(per - 1, 4) == 1 and tile.tiling_workers(2 * per, 4) == 2
-    assert tile.tiling_workers(100 * per, 4) == 4 and tile.tiling_workers(100 * per, 1) == 1
+    assert tile.tiling_workers(per - 1, 256, 4) == 1 and tile.tiling_workers(2 * per, 256, 4) == 2
+    assert tile.tiling_workers(100 * per, 256, 4) == 4
+    assert tile.tiling_workers(100 * per, 256, 1) == 1
+    # Patches read at 128 px cost a quarter as much: each worker needs four times as many.
+    assert tile.tiling_workers(2 * per, 128, 4) == 1 and tile.tiling_workers(8 * per, 128, 4) == 2
+    assert tile.tiling_workers(2 * per, 1024, 4) == 2  # never fewer than 64 patches a worker
 
     def no_pool(method):
         raise AssertionError("a worker pool was started for a small slide")
