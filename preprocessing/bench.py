@@ -4,7 +4,9 @@ Both sides run in the same invocation, each in a fresh forked process (so peak m
 per pass) after one untimed read of the file (so both find it in the OS page cache). The
 baseline is one ``read_region`` call per patch at the same level and size, converted to a
 NumPy array, and nothing else; ``slidefed tile`` additionally finds tissue, resizes when
-needed, compresses and writes the bag.
+needed, compresses and writes the bag. The per-slide overhead is what a slide costs before and
+after its patches, whatever their number: opening it, its overview and tissue mask, the patch
+grid, and the QC picture that ``preprocess`` writes of every slide.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from wsi.patches import read_patch_run
 from wsi.slide import open_slide
 
 from .isolation import run_isolated
-from .tile import TilingOptions, plan_layout, tile_slide
+from .qc import write_qc_picture
+from .tile import TilingOptions, plan_layout, tile_slide, tiling_workers
 
 # Levels compared besides each encoding's default.
 ENCODING_LEVELS_TO_COMPARE = {"jpeg": (80, 95), "deflate": (6,)}
@@ -66,6 +69,16 @@ def _bare_reads(slide_path: Path, coords: np.ndarray, level: int, size: int) -> 
     return time.perf_counter() - started
 
 
+def _overhead(slide_path: Path, qc: Path, options: TilingOptions) -> tuple[float, float]:
+    """Seconds to open ``slide_path`` and lay out its patches, and to write its QC picture."""
+    started = time.perf_counter()
+    with open_slide(slide_path, options.fill_mpp, options.override_mpp) as slide:
+        layout = plan_layout(slide, options)
+    laid_out = time.perf_counter()
+    write_qc_picture(qc, layout.overview, layout.coords, layout.plan.step_level0)
+    return laid_out - started, time.perf_counter() - laid_out
+
+
 def _tile(slide_path: Path, bag: Path, options: TilingOptions, workers: int) -> float:
     started = time.perf_counter()
     tile_slide(slide_path, bag, options, workers=workers, progress=False)
@@ -74,8 +87,9 @@ def _tile(slide_path: Path, bag: Path, options: TilingOptions, workers: int) -> 
 
 def bench_tiling(slide_path: str | Path, options: TilingOptions | None = None,
                  workers: int = 2) -> dict:
-    """Measure tiling throughput, its ratio to bare reads, the speed-up with ``workers``
-    processes, peak RSS and bytes per stored patch. Returns one flat dict."""
+    """Measure tiling throughput, its ratio to bare reads, the per-slide overhead, the speed-up
+    with ``workers`` processes (as many as the slide's patches repay), peak RSS and bytes per
+    stored patch. Returns one flat dict."""
     slide_path = Path(slide_path)
     options = options or TilingOptions()
     with open_slide(slide_path, options.fill_mpp, options.override_mpp) as slide:
@@ -91,6 +105,8 @@ def bench_tiling(slide_path: str | Path, options: TilingOptions | None = None,
         bag = Path(tmp) / "bench.h5"
         tile_s, tile_rss = _in_fresh_process(_tile, slide_path, bag, options, 1)
         bag_bytes = bag.stat().st_size
+        (layout_s, qc_s), _ = _in_fresh_process(_overhead, slide_path, Path(tmp) / "qc.png",
+                                                options)
         parallel_s, parallel_rss = _in_fresh_process(
             partial(_tile, slide_path, Path(tmp) / "bench_parallel.h5", options), workers)
     return {
@@ -104,7 +120,11 @@ def bench_tiling(slide_path: str | Path, options: TilingOptions | None = None,
         "bare_read_region_patches_per_s": round(n / bare_s, 1),
         "tile_patches_per_s": round(n / tile_s, 1),
         "ratio_tile_vs_bare": round(bare_s / tile_s, 3),
+        "per_slide_overhead_s": round(layout_s + qc_s, 3),
+        "overhead_layout_s": round(layout_s, 3),
+        "overhead_qc_s": round(qc_s, 3),
         "workers": workers,
+        "workers_used": tiling_workers(n, layout.plan.read_size, workers),
         "tile_patches_per_s_parallel": round(n / parallel_s, 1),
         "speedup_parallel": round(tile_s / parallel_s, 3),
         "peak_rss_mb_tile": round(tile_rss, 1),

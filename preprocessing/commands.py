@@ -78,6 +78,9 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="NAME",
                         help="QuPath classification counted as tumour, case-insensitive; "
                              f"repeat for several (default {', '.join(DEFAULT_TUMOUR_CLASSES)})")
+    parser.add_argument("--allow-fluorescence", action="store_true",
+                        help="tile fluorescence (dark-field) slides instead of refusing them; "
+                             "the tissue mask is made for brightfield stains")
     parser.add_argument("--ignore-unclassified", action="store_true",
                         help="annotations without a classification are not tumour (default: "
                              "they are)")
@@ -91,7 +94,8 @@ def tiling_options(args: argparse.Namespace) -> TilingOptions:
                          tumour_threshold=args.tumour_threshold,
                          annotation_rules=AnnotationRules(
                              tuple(args.tumour_classes or DEFAULT_TUMOUR_CLASSES),
-                             unclassified_is_tumour=not args.ignore_unclassified))
+                             unclassified_is_tumour=not args.ignore_unclassified),
+                         allow_fluorescence=args.allow_fluorescence)
 
 
 def run_tile(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ class TilingOptions:
     encoding: PatchEncoding = PatchEncoding()
     tumour_threshold: float = DEFAULT_TUMOUR_THRESHOLD
     annotation_rules: AnnotationRules = AnnotationRules()
+    allow_fluorescence: bool = False  # tile dark-field slides instead of refusing them
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:

@@ -29,6 +29,7 @@ from wsi.bag import (
     PatchLabels,
     checksum,
 )
+from wsi.brightfield import fluorescence_reason
 from wsi.grid import grid_coords, tissue_fractions
 from wsi.patches import max_run_length, read_patch_run, split_runs
 from wsi.resolution import ReadPlan, plan_reading
@@ -39,6 +40,13 @@ from .options import TilingOptions
 from .qc import write_qc_picture
 
 log = logging.getLogger(__name__)
+
+# A pool of tiling workers costs ~0.1 s to start and stop (fork, every worker opening the
+# slide), what ~30 patches of 256 px take to read and encode, or ~100 of 64 px read at 128 px
+# (1 ms each): a worker is started only for this many patches, and this many pixels read, so
+# that --workers never makes a slide slower.
+MIN_PATCHES_PER_WORKER = 64
+MIN_READ_PIXELS_PER_WORKER = 64 * 256 * 256
 
 
 @dataclass(frozen=True)
@@ -66,10 +74,16 @@ class SlideLayout:
 
 
 def plan_layout(slide: Slide, options: TilingOptions) -> SlideLayout:
-    """Resolution plan, tissue mask and the kept patches of ``slide``, row by row."""
+    """Resolution plan, tissue mask and the kept patches of ``slide``, row by row.
+
+    Raises :class:`SlideError` for a fluorescence slide unless ``options`` allow them."""
     info = slide.info
     plan = plan_reading(info, options.target_mpp, options.patch_size)
     overview = slide_overview(slide)
+    if not options.allow_fluorescence and (
+            reason := fluorescence_reason(slide.properties, overview.rgb)):
+        raise SlideError(info.path, f"not a brightfield slide: {reason}; pass "
+                                    "--allow-fluorescence to tile it anyway")
     coords = grid_coords(info.width, info.height, plan.step_level0)
     tissue = tissue_fractions(overview.mask, overview.downsample, coords, plan.step_level0)
     keep = tissue >= options.min_tissue
@@ -135,6 +149,14 @@ def _encoded_runs(slide: Slide, layout: SlideLayout, options: TilingOptions, wor
         yield from pool.imap_unordered(_worker_encode, tasks)
 
 
+def tiling_workers(n_patches: int, read_size: int, workers: int) -> int:
+    """Processes worth using for a slide of ``n_patches`` read at ``read_size`` px: at most
+    ``workers``, each with at least :data:`MIN_PATCHES_PER_WORKER` patches and
+    :data:`MIN_READ_PIXELS_PER_WORKER` pixels to read, and 1 (no pool) for small slides."""
+    per_worker = max(MIN_PATCHES_PER_WORKER, -(-MIN_READ_PIXELS_PER_WORKER // read_size**2))
+    return max(1, min(workers, n_patches // per_worker))
+
+
 def tile_slide(slide_path: str | Path, bag_path: str | Path,
                options: TilingOptions | None = None, *, slide_id: str | None = None,
                workers: int = 1, qc_path: str | Path | None = None,
@@ -143,8 +165,10 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
     """Cut the tissue of ``slide_path`` into patches and write them to the bag ``bag_path``.
 
     ``annotation`` (GeoJSON tumour polygons, level-0 px) or else ``slide_label`` (0 or 1)
-    gives the patches their labels. Raises :class:`~wsi.slide.SlideError` naming the slide
-    when it cannot be used or holds no tissue patch, and
+    gives the patches their labels. ``workers`` processes read and encode patches, fewer when
+    the slide has too few patches to repay them (:func:`tiling_workers`). Raises
+    :class:`~wsi.slide.SlideError` naming the slide when it cannot be used or holds no tissue
+    patch, and
     :class:`~wsi.annotations.AnnotationError` naming the annotation when that is unusable.
     The bag appears only when complete, and the QC picture (overview, tissue mask, kept
     patches) at ``qc_path``, when given, only with it: a slide that fails has neither.
@@ -171,6 +195,9 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
         if n == 0:
             raise SlideError(slide_path, f"no patch has tissue fraction >= {options.min_tissue}")
         labels = patch_labels(slide_id, layout, options.tumour_threshold, tumour, slide_label)
+        if (used := tiling_workers(n, layout.plan.read_size, workers)) < workers:
+            log.debug("%s: %d patches, tiled by %d process(es) rather than %d", slide_id, n,
+                      used, workers)
         attributes = BagAttributes(
             slide_id=slide_id, source_path=os.path.abspath(slide_path), mpp_level0=info.mpp,
             mpp_source=info.mpp_source, target_mpp=options.target_mpp,
@@ -182,7 +209,7 @@ def tile_slide(slide_path: str | Path, bag_path: str | Path,
                        options.encoding, labels) as writer, \
                 tqdm(total=n, unit="patch", desc=slide_id, disable=None if progress else True,
                      leave=False) as bar:
-            for start, (chunks, checksums) in _encoded_runs(slide, layout, options, workers):
+            for start, (chunks, checksums) in _encoded_runs(slide, layout, options, used):
                 writer.write_chunks(start, chunks, checksums)
                 bar.update(len(chunks))
     if qc_path is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -136,6 +138,38 @@ def test_slide_without_mpp_is_refused_unless_user_supplies_it(tmp_path):
         assert slide.info.mpp_source == "fill"
 
 
+@pytest.mark.parametrize("resolution, unit, stated", [
+    ((72, 72), "INCH", "352.778"),  # 72 dpi, a TIFF writer's default
+    ((1e4 / 16.78, 1e4 / 16.78), "CENTIMETER", "16.78"),  # a DICOM converter's placeholder
+    ((4e9, 4e9), "CENTIMETER", "2.5e-06"),
+])
+def test_placeholder_mpp_counts_as_missing(tmp_path, resolution, unit, stated):
+    # Such values used to be trusted and refused as "coarser than the target", or tiled at
+    # a resolution the slide does not have.
+    path = tmp_path / "placeholder.tiff"
+    tifffile.imwrite(path, np.full((512, 512, 3), 230, np.uint8), tile=(256, 256),
+                     photometric="rgb", resolution=resolution, resolutionunit=unit)
+    with pytest.raises(SlideError, match=rf"stated {stated} µm/px looks like a placeholder "
+                                         r"\(scanners give 0.05-10\); pass --fill-mpp"):
+        open_slide(path)
+    with open_slide(path, fill_mpp=0.25) as slide:
+        assert slide.info.mpp == 0.25 and slide.info.mpp_source == "fill"
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("0", "stated 0 µm/px looks like a placeholder"),
+    ("1000", "stated 1000 µm/px looks like a placeholder"),
+    ("nan", "stated nan µm/px looks like a placeholder"),
+    ("n/a", "unreadable microns per pixel ('n/a')"),
+])
+def test_implausible_or_unreadable_stated_mpp_is_no_mpp(value, reason):
+    from wsi.slide import _parse_mpp
+
+    mpp, why = _parse_mpp(Path("s.svs"), {"openslide.mpp-x": value})
+    assert mpp is None and reason in why
+    assert _parse_mpp(Path("s.svs"), {"openslide.mpp-x": "0.2527"}) == (0.2527, "")
+
+
 @pytest.mark.parametrize("content, reason", [
     (b"", "empty file"),
     (b"this is a text file, not a slide\n", "not a slide format"),
@@ -169,3 +203,45 @@ def test_areas_outside_the_scan_read_as_white_glass(real_slide):
         region = slide.read_region((2220 - 32, 0), 0, (64, 16))
     assert (region[:, 32:] == 255).all()  # beyond the right edge: transparent in OpenSlide
     assert (region[:, :32] < 255).any()
+
+
+def test_pen_ink_hues_are_those_of_skimage_rgb2hsv():
+    # pen_ink converts only pixels with green above red, with skimage's own arithmetic.
+    from skimage import color, morphology
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    rgb[:20] = rgb[:20, :, :1]  # greys
+    hsv = color.rgb2hsv(rgb)
+    hue = hsv[..., 0] * 360
+    expected = ((hue >= 90) & (hue <= 230) & (hsv[..., 1] > 0.15) & (hsv[..., 2] > 0.15))
+    expected = morphology.remove_small_objects(expected, max_size=int(100_000 / 8.0**2))
+    np.testing.assert_array_equal(pen_ink(rgb, mpp=8.0), expected)
+
+
+def test_coarse_closing_matches_the_exact_closing():
+    # Fine overviews of small slides close on a coarser mask; gaps narrower than the disk
+    # still close (also where a crack is thinner than a coarse block), wide ones stay open,
+    # and the outline keeps its fine detail.
+    from wsi.tissue import _closing, _exact_closing
+
+    mask = np.zeros((600, 800), bool)
+    mask[100:500, 100:380] = True
+    mask[100:500, 386:700] = True  # a 6-px crack between two halves
+    mask[150:450, 420:680] = False  # a hole far wider than the disk
+    mask[450:453, 120:300:7] = False  # dents along an edge
+    radius = 64.0
+    exact, coarse = _exact_closing(mask, radius), _closing(mask, radius)
+    assert coarse[110:490, 380:386].all() and not coarse[200:400, 470:630].any()
+    assert (exact ^ coarse).sum() < 0.01 * exact.sum()
+    assert (mask & ~coarse).sum() == 0
+
+
+def test_real_slide_mask_barely_moves_with_the_coarse_closing(real_slide, monkeypatch):
+    import wsi.tissue as tissue
+
+    with open_slide(real_slide) as slide:
+        fast = slide_overview(slide).mask
+        monkeypatch.setattr(tissue, "_closing", tissue._exact_closing)
+        exact = slide_overview(slide).mask
+    assert (fast ^ exact).sum() < 0.01 * exact.sum()  # 0.53% when written

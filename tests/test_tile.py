@@ -13,6 +13,7 @@ import pytest
 import shapely
 from PIL import Image
 
+from preprocessing import tile
 from preprocessing.tile import TilingOptions, tile_slide
 from wsi.bag import PatchEncoding, check_bag, read_labels, read_patches
 from wsi.slide import SlideError
@@ -73,14 +74,37 @@ def test_patches_come_from_tissue_not_glass(real_bag, real_slide):
     assert chroma(patches) > 2 * chroma(glass_pixels)
 
 
-def test_parallel_tiling_writes_the_same_bag(real_bag, real_slide, tmp_path):
+def test_parallel_tiling_writes_the_same_bag(real_bag, real_slide, tmp_path, monkeypatch):
     result, _ = real_bag
+    monkeypatch.setattr(tile, "MIN_PATCHES_PER_WORKER", 1)  # 38 patches would stay serial
+    monkeypatch.setattr(tile, "MIN_READ_PIXELS_PER_WORKER", 1)
     parallel = tile_slide(real_slide, tmp_path / "p.h5", TilingOptions(), workers=2,
                           progress=False)
     with h5py.File(result.bag_path, "r") as a, h5py.File(parallel.bag_path, "r") as b:
         np.testing.assert_array_equal(a["coords"][()], b["coords"][()])
         everything = range(len(a["coords"]))
         np.testing.assert_array_equal(read_patches(a, everything), read_patches(b, everything))
+
+
+def test_workers_are_used_only_for_slides_with_enough_patches(real_slide, tmp_path,
+                                                              monkeypatch):
+    # A 35-patch slide took 1.6x as long with 2 workers: starting the pool cost more than it
+    # saved. Below MIN_PATCHES_PER_WORKER patches per worker no pool starts.
+    per = tile.MIN_PATCHES_PER_WORKER
+    assert tile.tiling_workers(per - 1, 256, 4) == 1 and tile.tiling_workers(2 * per, 256, 4) == 2
+    assert tile.tiling_workers(100 * per, 256, 4) == 4
+    assert tile.tiling_workers(100 * per, 256, 1) == 1
+    # Patches read at 128 px cost a quarter as much: each worker needs four times as many.
+    assert tile.tiling_workers(2 * per, 128, 4) == 1 and tile.tiling_workers(8 * per, 128, 4) == 2
+    assert tile.tiling_workers(2 * per, 1024, 4) == 2  # never fewer than 64 patches a worker
+
+    def no_pool(method):
+        raise AssertionError("a worker pool was started for a small slide")
+
+    monkeypatch.setattr(tile.multiprocessing, "get_context", no_pool)
+    result = tile_slide(real_slide, tmp_path / "small.h5", TilingOptions(), workers=4,
+                        progress=False)
+    assert 0 < result.n_patches < 4 * per
 
 
 def test_resized_patches_match_a_downscaled_read(real_slide, tmp_path):
@@ -151,3 +175,13 @@ def test_weak_labels_no_labels_and_overridden_mpp(tumour_slide, tmp_path):
         assert "labels" not in f and f.attrs["mpp_source"] == "override"
     with pytest.raises(SlideError, match="slide label must be 0 or 1, got 2"):
         tile_slide(slide.path, tmp_path / "x.h5", SMALL_PATCHES, slide_label=2, progress=False)
+
+
+def test_bench_tiling_reports_the_per_slide_overhead(real_slide):
+    from preprocessing.bench import bench_tiling
+
+    row = bench_tiling(real_slide, TilingOptions(), workers=2)  # 38 patches: no pool
+    assert row["n_patches"] > 0 and row["workers_used"] == 1
+    assert row["per_slide_overhead_s"] == pytest.approx(
+        row["overhead_layout_s"] + row["overhead_qc_s"], abs=2e-3)
+    assert 0 < row["overhead_qc_s"] < row["per_slide_overhead_s"]

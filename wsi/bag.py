@@ -59,6 +59,10 @@ from PIL import Image
 
 from slidefed.atomic import partial_path
 
+# PIL loads its JPEG and PNG plugins on the first encode; do it at import, so the processes a
+# preprocessing job forks for its slides inherit them.
+Image.preinit()
+
 FORMAT_NAME = "slidefed-bag"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)

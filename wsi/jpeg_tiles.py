@@ -18,9 +18,12 @@ import math
 import os
 from pathlib import Path
 
-import imagecodecs
 import numpy as np
 import tifffile
+
+# Named: imagecodecs loads each codec on first use, which every forked per-slide process of
+# a preprocessing job would repeat.
+from imagecodecs import Jpeg8Error, jpeg8_decode
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +78,9 @@ class JpegTiledLevel:
     def _decode(self, index: int) -> np.ndarray:
         try:
             data = os.pread(self._fd, int(self._counts[index]), int(self._offsets[index]))
-            return imagecodecs.jpeg8_decode(data, tables=self._tables,
+            return jpeg8_decode(data, tables=self._tables,
                                             colorspace=self._colorspace, outcolorspace="RGB")
-        except (imagecodecs.Jpeg8Error, OSError) as exc:
+        except (Jpeg8Error, OSError) as exc:
             raise TileError(f"JPEG tile {index} is corrupt or unreadable ({exc})") from None
 
 

@@ -1,8 +1,9 @@
 """Open a whole-slide image with OpenSlide and state exactly what it holds.
 
 A thin, honest wrapper (STYLE.md, "OpenSlide"): levels, downsamples, vendor and the level-0
-microns per pixel as the file states them. A slide that states no µm/px is refused unless
-the caller supplies the scanner's level-0 value (``fill_mpp``); a stated value is replaced
+microns per pixel as the file states them. A slide that states no µm/px, or a placeholder
+outside the range of real scanners (:data:`PLAUSIBLE_MPP`), is refused unless the caller
+supplies the scanner's level-0 value (``fill_mpp``); a stated value is replaced
 only when the caller says so (``override_mpp``); nothing is guessed, and ``mpp_source`` says
 which happened.
 """
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 
 # Anisotropic pixels beyond this relative difference are reported, then the x value is used.
 _MPP_XY_TOLERANCE = 0.01
+# Level-0 µm/px of real slide scanners: ~0.1 under a 100x oil objective, ~4 for a 2.5x scan.
+# A value outside is a placeholder, as the TIFF tags of 72 or 96 dpi (352.8, 264.6 µm/px), a
+# converter's default (16.78) or 0 are, and counts as no value.
+PLAUSIBLE_MPP = (0.05, 10.0)
 
 
 class SlideError(ValueError):
@@ -69,21 +74,22 @@ class SlideInfo:
         return self.mpp * self.level_downsamples[level]
 
 
-def _parse_mpp(path: Path, properties: Mapping[str, str]) -> float | None:
+def _parse_mpp(path: Path, properties: Mapping[str, str]) -> tuple[float | None, str]:
+    """The level-0 µm/px the file states, or None and why there is none to use."""
     raw_x = properties.get(openslide.PROPERTY_NAME_MPP_X)
     if raw_x is None:
-        return None
+        return None, "slide states no microns per pixel"
     try:
         mpp_x = float(raw_x)
         mpp_y = float(properties.get(openslide.PROPERTY_NAME_MPP_Y, raw_x))
-    except ValueError as exc:
-        raise SlideError(path, f"unreadable microns-per-pixel property {raw_x!r}") from exc
-    if not (math.isfinite(mpp_x) and mpp_x > 0):
-        raise SlideError(path, f"file states an invalid microns-per-pixel value {raw_x!r}; "
-                               "pass --override-mpp with the real one")
+    except ValueError:
+        return None, f"slide states an unreadable microns per pixel ({raw_x!r})"
+    if not (math.isfinite(mpp_x) and PLAUSIBLE_MPP[0] <= mpp_x <= PLAUSIBLE_MPP[1]):
+        return None, (f"slide's stated {mpp_x:g} µm/px looks like a placeholder (scanners give "
+                      f"{PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g})")
     if abs(mpp_x - mpp_y) > _MPP_XY_TOLERANCE * mpp_x:
         log.warning("%s: anisotropic pixels (mpp-x %g, mpp-y %g); using mpp-x", path, mpp_x, mpp_y)
-    return mpp_x
+    return mpp_x, ""
 
 
 # File signatures, to say more than "unsupported" when a slide-like file fails to open.
@@ -105,7 +111,8 @@ def _unsupported_reason(path: Path) -> str:
 class Slide:
     """An open slide. Use as a context manager, or call :meth:`close`.
 
-    Regions come back as RGB ``uint8`` arrays; areas the scanner did not image (transparent in
+    ``properties`` are OpenSlide's, as the file states them. Regions come back as RGB
+    ``uint8`` arrays; areas the scanner did not image (transparent in
     OpenSlide) are composited onto white, the colour of an empty glass slide.
     """
 
@@ -125,6 +132,7 @@ class Slide:
             raise SlideError(path, _unsupported_reason(path)) from exc
         except openslide.OpenSlideError as exc:
             raise SlideError(path, f"corrupt or unreadable slide ({exc})") from exc
+        self.properties: dict[str, str] = dict(self._osr.properties)
         try:
             self.info = self._describe(path, fill_mpp, override_mpp)
         except BaseException:
@@ -139,13 +147,17 @@ class Slide:
             log.info("%s: --override-mpp %g replaces the file's %s", path, override_mpp,
                      properties.get(openslide.PROPERTY_NAME_MPP_X, "(none)"))
             mpp, source = override_mpp, "override"
-        elif (file_mpp := _parse_mpp(path, properties)) is not None:
-            mpp, source = file_mpp, "file"
-        elif fill_mpp is not None:
-            mpp, source = fill_mpp, "fill"
         else:
-            raise SlideError(path, "slide states no microns per pixel; pass --fill-mpp with the "
-                                   "scanner's level-0 value")
+            file_mpp, missing = _parse_mpp(path, properties)
+            if file_mpp is not None:
+                mpp, source = file_mpp, "file"
+            elif fill_mpp is None:
+                raise SlideError(path, f"{missing}; pass --fill-mpp with the scanner's level-0 "
+                                       "value")
+            else:
+                if properties.get(openslide.PROPERTY_NAME_MPP_X) is not None:
+                    log.warning("%s: %s; using --fill-mpp %g", path, missing, fill_mpp)
+                mpp, source = fill_mpp, "fill"
         return SlideInfo(
             path=path,
             vendor=properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
