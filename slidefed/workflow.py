@@ -113,6 +113,12 @@ def check_config(config: Mapping[str, Any], basedir: str) -> None:
                 f"config: federation.algorithms: unknown algorithm {algorithm!r}; choose from "
                 f"{', '.join(catalog.ALGORITHMS)}")
         try:
-            load_config(path, _federate_overrides(config, algorithm))
+            run = load_config(path, _federate_overrides(config, algorithm))
         except ConfigError as error:
             raise WorkflowConfigError(f"config: federation ({algorithm}): {error}") from None
+        tiling = config.get("tiling", {})
+        for key, trained in (("mpp", run.slides.target_mpp), ("patch_size", run.slides.patch_size)):
+            if key in tiling and tiling[key] != trained:
+                raise WorkflowConfigError(
+                    f"config: tiling.{key} is {tiling[key]} but federation ({algorithm}) trains "
+                    f"on {trained}; make them match")

@@ -17,11 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 
 
-def dry_run(workdir: Path, config: Path) -> subprocess.CompletedProcess:
+def dry_run(workdir: Path, config: Path, *options: str) -> subprocess.CompletedProcess:
     """``snakemake -n -p`` of the workflow in ``workdir``; stdout and stderr together."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run([str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-                           "-n", "-p", "-c1", "--configfile", str(config)],
+                           "-n", "-p", "-c1", "--configfile", str(config), *options],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=120)
 
@@ -38,7 +38,7 @@ def cohort(tmp_path: Path) -> dict:
             "hospitals": {"site_1": str(tmp_path / "site_1" / "labels.csv"),
                           "site_2": {"slides": str(tmp_path / "site_2" / "labels.csv"),
                                      "annotations": str(tmp_path / "site_2")}},
-            "tiling": {"mpp": 0.5, "patch_size": 256},
+            "tiling": {"mpp": 1.0, "patch_size": 64},
             "federation": {"config": "configs/slides_demo.yaml",
                            "algorithms": ["proxyfl", "regular"]}}
 
@@ -61,6 +61,26 @@ def test_a_valid_cohort_passes_the_checks(tmp_path, cohort):
 def test_the_shipped_configs_pass_the_checks(tmp_path, config):
     run = dry_run(tmp_path, REPO / config)
     assert run.returncode == 0, run.stdout[-2000:]
+
+
+def test_the_cohort_template_passes_the_checks_once_its_paths_exist(tmp_path, cohort):
+    template = yaml.safe_load((REPO / "configs" / "cohort_template.yaml").read_text())
+    assert [type(v) for v in template["hospitals"].values()] == [str, dict]  # both forms
+    template["hospitals"] = cohort["hospitals"]
+    template["output_dir"] = cohort["output_dir"]
+    run = dry_run(tmp_path, write(tmp_path, template))
+    assert run.returncode == 0, run.stdout[-2000:]
+    for algorithm in template["federation"]["algorithms"]:
+        assert f"--set algorithm={algorithm} " in run.stdout
+
+
+def test_the_slurm_profile_launches_federate_with_srun_pmi2(tmp_path):
+    # The profile's resources without the SLURM plugin: the same profile, executed locally.
+    run = dry_run(tmp_path, REPO / "configs" / "ci.yaml", "--profile",
+                  str(REPO / "configs" / "slurm"), "--executor", "local")
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert run.stdout.count("srun --mpi=pmi2 -n 2 slidefed federate") == 2
+    assert "slurm_partition=cpu" in run.stdout
 
 
 def _missing_folder(c, tmp):
@@ -99,6 +119,10 @@ def _unknown_tiling_key(c, tmp):
     c["tiling"]["mpp_target"] = 0.5
 
 
+def _tiling_unlike_training(c, tmp):
+    c["tiling"]["mpp"] = 0.5
+
+
 def _bad_override(c, tmp):
     c["federation"]["set"] = ["dp.noise=2"]
 
@@ -128,6 +152,7 @@ def _demo_hospitals_mismatch(c, tmp):
                    "unexpected)"),
     (_unknown_tiling_key, "config: tiling: Additional properties are not allowed "
                           "('mpp_target' was unexpected)"),
+    (_tiling_unlike_training, "config: tiling.mpp is 0.5 but federation (proxyfl) trains on 1.0"),
     (_bad_override, "config: federation (proxyfl): --set dp.noise=2: unknown key 'dp.noise'"),
     (_missing_federation_config, "config: federation.config: {tmp}/slides.yaml: no such file"),
     (_demo_hospitals_mismatch, "config: demo_cohort.hospitals is 3 but hospitals names 2"),
