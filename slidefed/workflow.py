@@ -5,7 +5,8 @@ The Snakefile validates the structure against ``workflow/schemas/config.schema.y
 hospital names usable as file names, each hospital's slide list (the folder or CSV and its
 columns, read as ``slidefed preprocess`` will read it), and every algorithm's federation
 configuration (names from ``federation.catalog``, keys and values as ``slidefed federate``
-will check them). Each problem is one line naming the config key.
+will check them, and the patches it trains on are the tiling's). Each problem is one line
+naming the config key.
 """
 
 from __future__ import annotations
