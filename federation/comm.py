@@ -38,6 +38,21 @@ _PARAMETER_TAG = 17
 # Seconds between writing a failing rank's message and calling MPI Abort (see _abort_world).
 _ABORT_GRACE_S = 0.2
 
+# Environment variables by which launchers announce how many processes they started:
+# MPICH/hydra, Intel MPI and Slurm's PMI-2 (PMI_SIZE), Open MPI, and srun whatever its --mpi
+# (SLURM_STEP_NUM_TASKS, set for a job step's tasks; not SLURM_NTASKS, which a batch script's
+# one process has too).
+_LAUNCH_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+
+# How to start one MPI rank per client, for error messages.
+LAUNCH_HINT = "mpiexec -n K, or under SLURM srun --mpi=pmi2 -n K"
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (mpiexec, srun) says it started; 1 without one."""
+    return max((int(os.environ[v]) for v in _LAUNCH_SIZE_VARIABLES
+                if os.environ.get(v, "").isdigit()), default=1)
+
 
 class Transfer(NamedTuple):
     """One tensor sent by client ``src``: to ``dst``, or to all clients when ``dst`` is None."""
@@ -264,10 +279,18 @@ class MPICommunicator(Communicator):
 
         self._mpi = MPI
         self._comm = MPI.COMM_WORLD
+        launched = launched_processes()
+        if self._comm.size == 1 < launched:
+            # srun without --mpi=pmi2 (or a launcher of another MPI) starts worlds of one.
+            raise ValueError(
+                f"the launcher started {launched} processes but each is an MPI world of size "
+                "1 and would train alone: the launcher does not speak the MPI mpi4py uses "
+                f"(with the mpich wheel: {LAUNCH_HINT})"
+            )
         if self._comm.size != num_clients:
             raise ValueError(
                 f"backend 'mpi' needs one rank per client: num_clients={num_clients} but "
-                f"mpiexec started {self._comm.size} ranks"
+                f"the MPI world has {self._comm.size} ranks (start {LAUNCH_HINT})"
             )
         super().__init__(num_clients, [self._comm.rank])
         self.rank = self._comm.rank

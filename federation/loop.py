@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from federation import run_files
 from federation.algorithms import ALGORITHMS, Algorithm
-from federation.comm import Communicator, make_communicator
+from federation.comm import LAUNCH_HINT, Communicator, launched_processes, make_communicator
 from federation.config import ConfigError, FederationConfig
 from federation.data import ClientData, load_client_data
 from federation.model_files import save_model
@@ -36,10 +36,8 @@ from federation.outputs import RunDirectory, agree_on_start
 log = logging.getLogger(__name__)
 
 # Environment variables by which MPI launchers announce a rank (MPICH/hydra and Intel MPI,
-# Open MPI, PMIx), the number of ranks (MPICH/hydra, Intel MPI and Slurm's PMI-2; Open MPI)
-# and the number of ranks on this node.
+# Open MPI, PMIx) and the number of ranks on this node.
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
-_WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 _LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
@@ -47,17 +45,22 @@ def resolve_backend(backend: str) -> str:
     """``auto`` -> ``mpi`` inside an MPI launcher (mpiexec, srun), else ``local``.
 
     ``local`` inside a launch of several processes is refused: each process would run the
-    whole federation, all of them into one output directory.
+    whole federation, all of them into one output directory. So is ``auto`` when the launcher
+    started several processes none of which is an MPI rank (``srun`` without ``--mpi=pmi2``).
     """
+    resolved = backend
     if backend == "auto":
-        backend = "mpi" if any(v in os.environ for v in _RANK_VARIABLES) else "local"
-    world = max((int(os.environ[v]) for v in _WORLD_SIZE_VARIABLES
-                 if os.environ.get(v, "").isdigit()), default=1)
-    if backend == "local" and world > 1:
-        raise ConfigError(f"backend local under an MPI launch of {world} processes would run "
-                          f"{world} whole federations into one output_dir; use --backend mpi, "
-                          "or start one process")
-    return backend
+        resolved = "mpi" if any(v in os.environ for v in _RANK_VARIABLES) else "local"
+    launched = launched_processes()
+    if resolved == "local" and launched > 1:
+        if backend == "auto":
+            raise ConfigError(f"the launcher started {launched} processes but none is an MPI "
+                              "rank, so each would train every client alone; start one rank "
+                              f"per client ({LAUNCH_HINT}), or one process")
+        raise ConfigError(f"backend local under an MPI launch of {launched} processes would run "
+                          f"{launched} whole federations into one output_dir; use --backend "
+                          "mpi, or start one process")
+    return resolved
 
 
 def configure_threads(config: FederationConfig, comm: Communicator) -> int:

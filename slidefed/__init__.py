@@ -6,6 +6,8 @@
 - ``slidefed.atomic``: atomic file writes, which ``wsi``, ``preprocessing`` and
   ``federation`` all use; it sits below them and imports only the standard library, so the
   engine need not import ``wsi`` for it.
+- ``slidefed.workflow``: the Snakemake workflow's config checks and the command-line options
+  its rules pass; like the console script it sits above the three packages.
 
-Nothing else belongs here; importing this package imports neither module.
+Nothing else belongs here; importing this package imports none of these modules.
 """

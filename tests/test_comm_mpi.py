@@ -96,8 +96,8 @@ def test_collectives_refuse_ranks_that_disagree_on_the_buffer() -> None:
 def test_mpi_backend_refuses_a_world_of_the_wrong_size() -> None:
     result, _ = _mpiexec(2, "wrong-size")
     assert result.returncode != 0
-    assert "backend 'mpi' needs one rank per client: num_clients=3 but mpiexec started 2 ranks" \
-        in result.stderr
+    assert "backend 'mpi' needs one rank per client: num_clients=3 but the MPI world has 2 " \
+        "ranks (start mpiexec -n K, or under SLURM srun --mpi=pmi2 -n K)" in result.stderr
 
 
 

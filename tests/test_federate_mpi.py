@@ -9,8 +9,10 @@ stalling the suite.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,31 @@ def test_hospitals_on_disks_of_their_own_send_only_the_listed_messages(
                     for row in call["sent"]:
                         assert set(row) == ROW_FIELDS[row["file"]], row
                         assert row.get("split") != "train", "a training loss crossed"
+
+
+@pytest.mark.parametrize("backend, message", [
+    ("auto", "the launcher started 3 processes but none is an MPI rank, so each would train "
+             "every client alone"),
+    ("mpi", "the launcher started 3 processes but each is an MPI world of size 1 and would "
+            "train alone"),
+])
+def test_srun_without_pmi2_stops_every_task_instead_of_training_alone(
+    digits: Path, tmp_path: Path, backend: str, message: str
+) -> None:
+    # What `srun -n 3` without --mpi=pmi2 starts: three tasks told of the step's size, none
+    # given a PMI rank, so each mpi4py world has one process.
+    path = _write_config(digits, tmp_path, clients=3)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "PMIX_", "OMPI_", "SLURM_"))}
+    tasks = [subprocess.Popen(
+        [sys.executable, "-m", "slidefed", "-q", "federate", "--config", str(path),
+         "--set", f"backend={backend}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "SLURM_STEP_NUM_TASKS": "3", "SLURM_NTASKS": "3",
+             "SLURM_PROCID": str(task), "PYTHONPATH": str(REPO)})
+        for task in range(3)]
+    for task in tasks:
+        _, stderr = task.communicate(timeout=TIMEOUT_S)
+        assert task.returncode != 0
+        assert message in stderr and "srun --mpi=pmi2 -n K" in stderr, stderr
+    assert not (tmp_path / "unused").exists()  # nobody trained

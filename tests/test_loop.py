@@ -321,6 +321,23 @@ def test_a_local_backend_is_refused_inside_an_mpi_launch_of_several(monkeypatch,
     assert resolve_backend("mpi") == "mpi"
 
 
+def test_backend_auto_is_refused_when_srun_started_tasks_that_are_not_mpi_ranks(
+        monkeypatch) -> None:
+    for variable in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_SIZE",
+                     "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "3")  # a batch script's one process: one federation
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    assert resolve_backend("auto") == "local"
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "3")  # srun -n 3 without --mpi=pmi2
+    with pytest.raises(ConfigError, match=r"^the launcher started 3 processes but none is an "
+                                          r"MPI rank, .* \(mpiexec -n K, or under SLURM srun "
+                                          r"--mpi=pmi2 -n K\), or one process$"):
+        resolve_backend("auto")
+    monkeypatch.setenv("PMI_RANK", "0")  # srun --mpi=pmi2 gives each task a rank
+    assert resolve_backend("auto") == "mpi"
+
+
 def test_the_default_thread_count_is_the_same_on_both_backends(monkeypatch) -> None:
     set_to: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)

@@ -1,0 +1,29 @@
+# The synthetic demo cohort, only when the config has a `demo_cohort:` block: it writes the
+# slide lists that `hospitals:` names.
+
+if "demo_cohort" in config:
+    DEMO = config["demo_cohort"]
+    # Optional keys become options; slides_per_hospital is one number or one per hospital.
+    DEMO_OPTIONS = {
+        key: " ".join(map(str, value)) if isinstance(value, list) else value
+        for key, value in DEMO.items()
+        if key in ("slides_per_hospital", "size_um", "tumour_contrast")
+    }
+
+    rule demo_cohort:
+        """Synthetic H&E slides, labels.csv and tumour annotations per hospital."""
+        output:
+            [slides for slides, _ in HOSPITALS.values()],
+        params:
+            root=f"{OUT}/cohort",
+            options=" ".join(
+                f"--{key.replace('_', '-')} {value}" for key, value in DEMO_OPTIONS.items()
+            ),
+        threads: workflow.cores
+        log:
+            f"{OUT}/logs/demo_cohort.log",
+        benchmark:
+            f"{OUT}/benchmarks/demo_cohort.tsv"
+        shell:
+            "slidefed demo-cohort -o {params.root} --hospitals {DEMO[hospitals]} "
+            "--seed {DEMO[seed]} {params.options} --workers {threads} > {log} 2>&1"
