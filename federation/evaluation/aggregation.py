@@ -29,10 +29,10 @@ from torch import nn
 
 from federation.catalog import AGGREGATIONS
 from federation.data.bags import BagIndex, BagReader
-from federation.data.patches import to_model_input
 from federation.evaluation.scoring import (
     SCORING_BATCH,
     evenly_spaced,
+    model_batches,
     patch_probabilities,
     top_k_score,
 )
@@ -155,9 +155,8 @@ def patch_features(module: nn.Module, reader: BagReader, bag: BagIndex,
     module.eval()
     device = next(module.parameters()).device
     features = []
-    for start in range(0, len(indices), batch_size):
-        patches = reader.read(bag.path, indices[start:start + batch_size])
-        features.append(extractor(to_model_input(patches).to(device)).float().cpu().numpy())
+    for batch in model_batches(reader, bag, indices, batch_size):
+        features.append(extractor(batch.to(device)).float().cpu().numpy())
     module.train(was_training)
     return np.concatenate(features)
 
