@@ -1,5 +1,6 @@
-"""Federation subcommands: ``slidefed federate`` and ``slidefed evaluate`` here; ``slidefed
-bench algorithms`` and ``slidefed report`` come from ``federation.benchmark``.
+"""Federation subcommands: ``slidefed federate``, ``slidefed evaluate`` and ``slidefed
+heatmap`` here; ``slidefed bench algorithms`` and ``slidefed report`` come from
+``federation.benchmark``.
 
 torch and mpi4py are imported inside the command, so registering it costs ``slidefed tile``
 nothing at start-up.
@@ -39,6 +40,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_run(args.run_dir, args.hospital or None, n_bootstrap=args.bootstrap)
     print(f"{args.run_dir}: {one_line(result)}")
+    return 0
+
+
+def run_heatmap(args: argparse.Namespace) -> int:
+    from federation.evaluation.run_heatmaps import draw_run_heatmaps
+
+    written = draw_run_heatmaps(args.run_dir, args.hospital or None, split=args.split,
+                                limit=args.limit)
+    print(f"{args.run_dir}: {len(written)} heatmaps -> "
+          f"{args.run_dir / 'hospitals' / '<hospital>' / 'heatmaps'}")
     return 0
 
 
@@ -86,3 +97,15 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap resamples for the 95%% intervals (default %(default)s)")
     p.set_defaults(run=run_evaluate)
+
+    p = commands.add_parser(
+        "heatmap",
+        help="heatmaps of a finished run's slides over their QC pictures, from the bags alone")
+    p.add_argument("run_dir", type=Path, help="the run's output directory")
+    p.add_argument("--hospital", action="append", default=[],
+                   help="only this hospital (repeatable; default: all)")
+    p.add_argument("--split", choices=("train", "validation", "test"), default="test",
+                   help="whose slides (default %(default)s)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="at most the first N slides of the split per hospital")
+    p.set_defaults(run=run_heatmap)

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           parser_class=OneLineErrorParser)
     preprocessing_commands.register(commands, bench_commands)
     federation_commands.register(commands, bench_commands)
-    slidefed_commands.register(commands)
+    slidefed_commands.register(commands, bench_commands)
     return parser
 
 

@@ -1,5 +1,5 @@
 """Subcommands that compose the packages: ``slidefed predict`` (tiles with ``wsi/`` and
-``preprocessing/``, scores with ``federation/``).
+``preprocessing/``, scores with ``federation/``) and its benchmark, ``slidefed bench predict``.
 
 The libraries are imported inside the command, so registering it costs the other commands
 nothing at start-up.
@@ -8,6 +8,7 @@ nothing at start-up.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -32,7 +33,17 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0 if predictions else 1
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def run_bench_predict(args: argparse.Namespace) -> int:
+    from federation.evaluation.scoring import SCORING_BATCH
+    from slidefed.bench_predict import bench_predict
+
+    print(json.dumps(bench_predict(args.model, args.slides, device=args.device,
+                                   batch_size=args.batch_size or SCORING_BATCH,
+                                   repeats=args.repeats)))
+    return 0
+
+
+def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the ``slidefed`` parser."""
     p = commands.add_parser(
         "predict", help="diagnose new slides (or bags) with a saved model: scores, heatmaps, "
@@ -57,3 +68,14 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "(OUTDIR/regions/<slide>.geojson)")
     p.add_argument("--no-heatmap", action="store_true", help="skip the heatmap PNGs")
     p.set_defaults(run=run_predict)
+
+    p = bench.add_parser("predict", help="slidefed predict's throughput vs the bare forward pass")
+    p.add_argument("--model", type=Path, required=True, help="model file")
+    p.add_argument("slides", type=Path, nargs="+", metavar="SLIDE", help="slide files")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                   help="where the model runs (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="patches per forward pass (default: as slidefed evaluate)")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="interleaved repeats, median reported (default %(default)s)")
+    p.set_defaults(run=run_bench_predict)

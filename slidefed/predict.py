@@ -27,7 +27,7 @@ from federation.devices import resolve_device
 from federation.evaluation.aggregation import SlideAggregator, model_aggregator
 from federation.evaluation.heatmap import heatmap_title, read_patch_map, write_heatmap
 from federation.evaluation.regions import tumour_regions, write_regions
-from federation.evaluation.scoring import SCORING_BATCH, patch_probabilities
+from federation.evaluation.scoring import SCORING_BATCH
 from federation.model_files import load_model
 from preprocessing.options import TilingOptions
 from preprocessing.tile import tile_slide
@@ -139,12 +139,14 @@ def predict_slides(model: str | Path, inputs: Sequence[str | Path], out_dir: str
 def _predict_bag(predictor: Predictor, reader: BagReader, bag: BagIndex, source: Path,
                  out_dir: Path, *, batch_size: int, fill_mpp: float | None,
                  annotation: Path | None, heatmap: bool, geojson: bool) -> SlidePrediction:
-    score = predictor.aggregator.score(predictor.module, reader, bag, batch_size=batch_size)
+    if not (heatmap or geojson):
+        score = predictor.aggregator.score(predictor.module, reader, bag, batch_size=batch_size)
+        return SlidePrediction(bag.slide_id, score, int(score >= predictor.threshold),
+                               predictor.threshold, bag.n_patches, predictor.name)
+    score, probabilities = predictor.aggregator.score_with_probabilities(
+        predictor.module, reader, bag, batch_size=batch_size)
     prediction = SlidePrediction(bag.slide_id, score, int(score >= predictor.threshold),
                                  predictor.threshold, bag.n_patches, predictor.name)
-    if not (heatmap or geojson):
-        return prediction
-    probabilities = patch_probabilities(predictor.module, reader, bag, batch_size=batch_size)
     patches = read_patch_map(bag.path)
     if heatmap:
         tumour = [] if annotation is None else read_tumour_annotation(

@@ -8,15 +8,16 @@ import h5py
 import numpy as np
 import pytest
 import shapely
+import torch
 from shapely.geometry import box, shape
 
 from federation.data.bags import BagReader, index_bag
-from federation.evaluation.aggregation import model_aggregator
+from federation.evaluation.aggregation import AttentionHead, feature_layers, model_aggregator
 from federation.evaluation.heatmap import heatmap_figure, read_patch_map
 from federation.evaluation.regions import tumour_regions
 from federation.evaluation.scoring import patch_probabilities
 from federation.model_files import load_model, save_model
-from federation.models import create_model
+from federation.models import GatedAttentionMIL, create_model
 from preprocessing.options import TilingOptions
 from preprocessing.tile import tile_slide
 from slidefed.cli import main
@@ -72,6 +73,27 @@ def test_predict_gives_the_evaluation_score_for_a_slide_and_its_bag(slide, tmp_p
     lines = (tmp_path / "predictions.csv").read_text().splitlines()
     assert lines[0] == "slide_id,score,prediction,threshold,n_patches,model"
     assert lines[1].split(",")[:2] == ["s1", repr(expected)]
+
+
+@pytest.mark.parametrize("method", ["top_k", "attention_mil"])
+def test_one_pass_gives_the_score_and_the_patch_probabilities(slide, method, tmp_path):
+    module, card = load_model(slide["model"])
+    bag, reader = index_bag(slide["bag"], None), BagReader()
+    if method == "top_k":
+        aggregator = model_aggregator(card)
+    else:
+        torch.manual_seed(0)
+        in_features = feature_layers(module)[1].in_features
+        aggregator = AttentionHead(GatedAttentionMIL(in_features=in_features, num_classes=2,
+                                                      embed_dim=8, attention_dim=4))
+    score, probabilities = aggregator.score_with_probabilities(module, reader, bag)
+    assert score == aggregator.score(module, reader, bag)
+    np.testing.assert_allclose(probabilities, patch_probabilities(module, reader, bag),
+                               rtol=0, atol=1e-6)
+    if method == "top_k":  # and predict, drawing a heatmap, gives evaluation's score
+        rows, _ = predict_slides(slide["model"], [slide["bag"]], tmp_path, device="cpu",
+                                 geojson=True, progress=False)
+        assert rows[0].score == score
 
 
 def test_a_fitted_aggregation_in_the_file_is_the_one_used(slide, tmp_path):

@@ -29,10 +29,10 @@ from torch import nn
 
 from federation.catalog import AGGREGATIONS
 from federation.data.bags import BagIndex, BagReader
-from federation.data.patches import to_model_input
 from federation.evaluation.scoring import (
     SCORING_BATCH,
     evenly_spaced,
+    model_batches,
     patch_probabilities,
     top_k_score,
 )
@@ -55,6 +55,11 @@ class SlideAggregator(Protocol):
         """The slide's score in [0, 1] from patches ``indices`` (default: all), read
         ``batch_size`` at a time."""
 
+    def score_with_probabilities(self, module: nn.Module, reader: BagReader, bag: BagIndex, *,
+                                 batch_size: int = SCORING_BATCH) -> tuple[float, np.ndarray]:
+        """The slide's :meth:`score` (bit for bit) and every patch's tumour probability, from
+        one pass of the slide's patches through ``module``."""
+
     def card(self) -> dict[str, Any]:
         """What a model file stores to rebuild this aggregator."""
 
@@ -70,6 +75,11 @@ class TopK:
         return top_k_score(patch_probabilities(module, reader, bag, indices,
                                                batch_size=batch_size), self.k)
 
+    def score_with_probabilities(self, module: nn.Module, reader: BagReader, bag: BagIndex, *,
+                                 batch_size: int = SCORING_BATCH) -> tuple[float, np.ndarray]:
+        probabilities = patch_probabilities(module, reader, bag, batch_size=batch_size)
+        return top_k_score(probabilities, self.k), probabilities
+
     def card(self) -> dict[str, Any]:
         return {"method": "top_k", "k": self.k}
 
@@ -84,8 +94,21 @@ class AttentionHead:
               indices: np.ndarray | None = None, *, batch_size: int = SCORING_BATCH) -> float:
         features = torch.from_numpy(patch_features(module, reader, bag, indices,
                                                    batch_size=batch_size))
+        return self._slide_score(features)
+
+    def score_with_probabilities(self, module: nn.Module, reader: BagReader, bag: BagIndex, *,
+                                 batch_size: int = SCORING_BATCH) -> tuple[float, np.ndarray]:
+        # The patch probabilities are the CNN's final layer applied to the same features.
+        features = torch.from_numpy(patch_features(module, reader, bag, batch_size=batch_size))
+        _, classifier = feature_layers(module)
         with torch.no_grad():
-            return float(torch.softmax(self.head(features).double(), dim=0)[1])
+            logits = classifier(features.to(classifier.weight.device)).double()
+        probabilities = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
+        return self._slide_score(features), probabilities
+
+    @torch.no_grad()
+    def _slide_score(self, features: torch.Tensor) -> float:
+        return float(torch.softmax(self.head(features).double(), dim=0)[1])
 
     def card(self) -> dict[str, Any]:
         first = self.head.embed[0]
@@ -132,9 +155,8 @@ def patch_features(module: nn.Module, reader: BagReader, bag: BagIndex,
     module.eval()
     device = next(module.parameters()).device
     features = []
-    for start in range(0, len(indices), batch_size):
-        patches = reader.read(bag.path, indices[start:start + batch_size])
-        features.append(extractor(to_model_input(patches).to(device)).float().cpu().numpy())
+    for batch in model_batches(reader, bag, indices, batch_size):
+        features.append(extractor(batch.to(device)).float().cpu().numpy())
     module.train(was_training)
     return np.concatenate(features)
 

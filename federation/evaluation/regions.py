@@ -27,9 +27,7 @@ def tumour_regions(patches: PatchMap, probabilities: np.ndarray,
                    threshold: float) -> dict[str, Any]:
     """A GeoJSON FeatureCollection of the regions of patches with probability ≥ ``threshold``."""
     hot = np.flatnonzero(probabilities >= threshold)
-    boxes = [box(*b) for b in patches.boxes()[hot].tolist()]
-    merged = shapely.unary_union(boxes) if boxes else shapely.Polygon()
-    regions = list(getattr(merged, "geoms", [merged])) if not merged.is_empty else []
+    regions = merged_patches(patches, hot)
     centres = shapely.points(patches.coords[hot] + patches.footprint / 2)
     features = []
     for region in regions:
@@ -43,6 +41,14 @@ def tumour_regions(patches: PatchMap, probabilities: np.ndarray,
                                "patches": int(inside.sum())}},
         })
     return {"type": "FeatureCollection", "features": features}
+
+
+def merged_patches(patches: PatchMap, chosen: np.ndarray) -> list[shapely.Polygon]:
+    """The connected regions (shapely polygons, level-0 px) that the footprints of patches
+    ``chosen`` (indices or a boolean mask) cover."""
+    boxes = [box(*b) for b in patches.boxes()[chosen].tolist()]
+    merged = shapely.unary_union(boxes) if boxes else shapely.Polygon()
+    return list(getattr(merged, "geoms", [merged])) if not merged.is_empty else []
 
 
 def write_regions(path: str | Path, collection: dict[str, Any]) -> Path:

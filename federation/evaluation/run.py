@@ -96,21 +96,10 @@ def evaluate_run(run_dir: str | Path, hospitals: Sequence[str] | None = None, *,
                  n_bootstrap: int = 1000, progress: bool = True) -> dict[str, Any]:
     """Evaluate ``hospitals`` (default: all) of the run in ``run_dir``; returns the metrics."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise EvaluationError(f"{run_dir}: not a run directory (no config.yaml)")
-    config = load_config(config_path)
-    if config.data.name != "bags":
-        raise EvaluationError(f"{config_path}: data.name is {config.data.name!r}; slide-level "
-                              "evaluation needs a run on patch bags")
-    run = RunDirectory(run_dir, is_root=True)
-    chosen = list(config.data.hospitals if hospitals is None else hospitals)
-    unknown = sorted(set(chosen) - set(config.data.hospitals))
-    if unknown:
-        raise EvaluationError(f"{config_path}: no hospital {', '.join(unknown)} in this run")
+    config, run, chosen = open_run(run_dir, hospitals)
     reader = BagReader()
-    slides = {h: _hospital_slides(config, run, h) for h in chosen}
-    models = {h: _saved_models(run, h) for h in chosen}
+    slides = {h: hospital_slides(config, run, h) for h in chosen}
+    models = {h: saved_models(run, h) for h in chosen}
     scorer = _Scorer(reader, config)
     bar = tqdm(total=sum(len(m) for m in models.values()), desc="evaluate", unit="model",
                disable=None if progress else True)
@@ -138,6 +127,24 @@ def evaluate_run(run_dir: str | Path, hospitals: Sequence[str] | None = None, *,
         _write_json(run_dir / "slide_metrics.json", result)
         _write_cross_site(run_dir / "cross_site.csv", models, slides, scorer)
     return result
+
+
+def open_run(run_dir: Path, hospitals: Sequence[str] | None
+             ) -> tuple[FederationConfig, RunDirectory, list[str]]:
+    """The config and directory of the slide run in ``run_dir``, and ``hospitals`` (default:
+    all of the run's), checked."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise EvaluationError(f"{run_dir}: not a run directory (no config.yaml)")
+    config = load_config(config_path)
+    if config.data.name != "bags":
+        raise EvaluationError(f"{config_path}: data.name is {config.data.name!r}; slide-level "
+                              "evaluation needs a run on patch bags")
+    chosen = list(config.data.hospitals if hospitals is None else hospitals)
+    unknown = sorted(set(chosen) - set(config.data.hospitals))
+    if unknown:
+        raise EvaluationError(f"{config_path}: no hospital {', '.join(unknown)} in this run")
+    return config, RunDirectory(run_dir, is_root=True), chosen
 
 
 class _Scorer:
@@ -175,7 +182,7 @@ class _Scorer:
         return aggregator, threshold
 
 
-def _hospital_slides(config: FederationConfig, run: RunDirectory, hospital: str
+def hospital_slides(config: FederationConfig, run: RunDirectory, hospital: str
                      ) -> dict[str, list[BagIndex]]:
     """The hospital's slides by split, as its ``splits.csv`` recorded them."""
     splits_path = run.hospital_dir(hospital) / "splits.csv"
@@ -196,7 +203,8 @@ def _hospital_slides(config: FederationConfig, run: RunDirectory, hospital: str
     return by_split
 
 
-def _saved_models(run: RunDirectory, hospital: str) -> list[SavedModel]:
+def saved_models(run: RunDirectory, hospital: str) -> list[SavedModel]:
+    """The hospital's saved models (``hospitals/<h>/models/*.pt``), loaded."""
     paths = sorted((run.hospital_dir(hospital) / "models").glob("*.pt"))
     if not paths:
         raise EvaluationError(f"{run.hospital_dir(hospital) / 'models'}: no saved models; did "

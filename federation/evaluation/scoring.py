@@ -12,6 +12,9 @@ whichever path asks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from torch import nn
@@ -29,6 +32,23 @@ def evenly_spaced(n: int, limit: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
 
 
+def model_batches(reader: BagReader, bag: BagIndex, indices: np.ndarray,
+                  batch_size: int) -> Iterator[torch.Tensor]:
+    """Model input of ``bag``'s patches ``indices``, ``batch_size`` at a time. The next batch
+    is read and decoded in a background thread while the caller runs the model on this one
+    (HDF5 reads, libjpeg-turbo and torch's kernels release the GIL)."""
+
+    def load(start: int) -> torch.Tensor:
+        return to_model_input(reader.read(bag.path, indices[start:start + batch_size]))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidefed-read") as pool:
+        pending = pool.submit(load, 0) if len(indices) else None
+        for start in range(batch_size, len(indices) + batch_size, batch_size):
+            batch = pending.result()
+            pending = pool.submit(load, start) if start < len(indices) else None
+            yield batch
+
+
 @torch.no_grad()
 def patch_probabilities(module: nn.Module, reader: BagReader, bag: BagIndex,
                         indices: np.ndarray | None = None, *,
@@ -39,9 +59,8 @@ def patch_probabilities(module: nn.Module, reader: BagReader, bag: BagIndex,
     module.eval()
     device = next(module.parameters()).device
     probabilities = []
-    for start in range(0, len(indices), batch_size):
-        patches = reader.read(bag.path, indices[start:start + batch_size])
-        logits = module(to_model_input(patches).to(device))
+    for batch in model_batches(reader, bag, indices, batch_size):
+        logits = module(batch.to(device))
         probabilities.append(torch.softmax(logits.double(), dim=1)[:, 1].cpu().numpy())
     module.train(was_training)
     return np.concatenate(probabilities) if probabilities else np.zeros(0)

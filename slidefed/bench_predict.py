@@ -1,0 +1,118 @@
+"""``slidefed bench predict``: how fast predict scores slides, against the bare forward pass.
+
+The slides are tiled once, at the model's settings, into temporary bags. Each repeat then
+runs, interleaved so that load from other processes hits all alike:
+
+- ``forward``: the model alone on the same patches held in memory as model input, in the
+  same batches (the ceiling);
+- ``streamed``: ``patch_probabilities`` on the bags, as predict and evaluate run it: the next
+  batch is read and decoded in a background thread while the model runs on this one;
+- ``serial``: the same reads, decodes and forward passes one after the other (what streaming
+  saves);
+- ``predict``: ``predict_slides`` end to end on the slide files (tiling included, no heatmap
+  or GeoJSON), and ``predict_heatmap`` the same with a heatmap per slide.
+
+The JSON gives each variant's patches per second (median over repeats, and each repeat), its
+ratio to ``forward`` and, for the predict variants, slides per minute.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from federation.data.bags import BagIndex, BagReader, index_bag
+from federation.data.patches import to_model_input
+from federation.evaluation.scoring import SCORING_BATCH, patch_probabilities
+from preprocessing.options import TilingOptions
+from preprocessing.tile import tile_slide
+from slidefed.predict import load_predictor, predict_slides
+
+
+def bench_predict(model: str | Path, slides: Sequence[str | Path], *, device: str = "cpu",
+                  batch_size: int = SCORING_BATCH, repeats: int = 3) -> dict[str, Any]:
+    """Time the variants above on ``slides`` with the model file ``model``."""
+    if repeats < 1:
+        raise ValueError(f"bench predict: --repeats must be at least 1, got {repeats}")
+    predictor = load_predictor(model, device)
+    module = predictor.module.eval()
+    target = next(module.parameters()).device
+    options = TilingOptions(target_mpp=predictor.target_mpp, patch_size=predictor.patch_size)
+    with tempfile.TemporaryDirectory(prefix="slidefed-bench-predict-") as scratch:
+        bags = [index_bag(tile_slide(s, Path(scratch) / f"{i}.h5", options,
+                                     progress=False).bag_path, None)
+                for i, s in enumerate(slides)]
+        n = sum(bag.n_patches for bag in bags)
+        reader = BagReader()
+        inputs = [to_model_input(reader.read(bag.path, np.arange(start, min(
+            start + batch_size, bag.n_patches)))).to(target)
+                  for bag in bags for start in range(0, bag.n_patches, batch_size)]
+        reader.close()
+
+        @torch.no_grad()
+        def forward() -> None:
+            for x in inputs:
+                module(x)
+
+        def streamed() -> None:
+            scorer = BagReader()
+            for bag in bags:
+                patch_probabilities(module, scorer, bag, batch_size=batch_size)
+            scorer.close()
+
+        def serial() -> None:
+            scorer = BagReader()
+            for bag in bags:
+                _serial_probabilities(module, scorer, bag, batch_size)
+            scorer.close()
+
+        def predict() -> None:
+            predict_slides(model, slides, Path(scratch) / "out", device=device,
+                           batch_size=batch_size, heatmaps=False, progress=False)
+
+        def predict_heatmap() -> None:
+            predict_slides(model, slides, Path(scratch) / "out", device=device,
+                           batch_size=batch_size, progress=False)
+
+        variants: dict[str, Callable[[], None]] = {
+            "forward": forward, "streamed": streamed, "serial": serial, "predict": predict,
+            "predict_heatmap": predict_heatmap}
+        forward()  # warm-up: first-call allocations, lazy imports
+        seconds: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, run in variants.items():
+                start = time.perf_counter()
+                run()
+                seconds[name].append(time.perf_counter() - start)
+    rates = {name: [n / s for s in times] for name, times in seconds.items()}
+    base = statistics.median(rates["forward"])
+    result: dict[str, Any] = {
+        "model": str(model), "architecture": type(module).__name__, "device": str(target),
+        "slides": len(bags), "patches": n, "patch_size": predictor.patch_size,
+        "batch_size": batch_size, "repeats": repeats, "torch_threads": torch.get_num_threads(),
+        "variants": {}}
+    for name, per_repeat in rates.items():
+        median = statistics.median(per_repeat)
+        row = {"patches_per_s": round(median, 1),
+               "per_repeat": [round(r, 1) for r in per_repeat],
+               "ratio_to_forward": round(median / base, 3)}
+        if name.startswith("predict"):
+            row["slides_per_min"] = round(60 * len(bags) / statistics.median(seconds[name]), 1)
+        result["variants"][name] = row
+    return result
+
+
+@torch.no_grad()
+def _serial_probabilities(module: torch.nn.Module, reader: BagReader, bag: BagIndex,
+                          batch_size: int) -> None:
+    device = next(module.parameters()).device
+    for start in range(0, bag.n_patches, batch_size):
+        patches = reader.read(bag.path, np.arange(start, min(start + batch_size, bag.n_patches)))
+        torch.softmax(module(to_model_input(patches).to(device)).double(), dim=1)
