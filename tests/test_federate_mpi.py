@@ -124,18 +124,24 @@ def test_hospitals_on_disks_of_their_own_send_only_the_listed_messages(
     proxy = 8 * 8 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # the 64-200-200-10 MLP
     for rank in (0, 1):
         calls = json.loads((tmp_path / f"calls_{rank}.json").read_text())
-        for algorithm, buffers in (("proxyfl", {("Sendrecv", proxy)}),
-                                   ("fedavg", {("Allreduce", 4), ("Allreduce", proxy + 1)})):
+        barrier = ("Isend", "barrier", 0)  # an empty message to every other rank
+        for algorithm, buffers in (
+            ("proxyfl", {("Isend", "exchange", proxy), barrier}),
+            ("fedavg", {("Isend", "probe", 2), ("Iallreduce", None, proxy + 1), barrier}),
+        ):
             made = calls[algorithm]
-            assert {c["method"] for c in made} == {"allgather", "gather", "Barrier",
-                                                   *(method for method, _ in buffers)}
-            assert {(c["method"], c["sent"]) for c in made
-                    if c["method"][0].isupper() and c["method"] != "Barrier"} == buffers
-            starts = [c["sent"] for c in made if c["method"] == "allgather"]
+            assert {c["method"] for c in made} == {"isend", "improbe", "Isend", "Irecv",
+                                                   *(method for method, _, _ in buffers)}
+            assert {(c["method"], c["kind"], c["sent"]) for c in made
+                    if c["method"] in ("Isend", "Iallreduce")} == buffers
+            # Pickled: start facts to every other rank, metric rows from client 1 to client 0.
+            assert {c["kind"] for c in made if c["method"] == "isend"} == (
+                {"allgather", "gather_rows"} if rank == 1 else {"allgather"})
+            starts = [c["sent"] for c in made if c["kind"] == "allgather"]
             assert len(starts) == (2 if algorithm == "proxyfl" else 1)  # one per run
             assert all(len(fact) == 4 for fact in starts)  # StartFacts
             for call in made:
-                if call["method"] == "gather":
+                if call["kind"] == "gather_rows":
                     for row in call["sent"]:
                         assert set(row) == ROW_FIELDS[row["file"]], row
                         assert row.get("split") != "train", "a training loss crossed"
