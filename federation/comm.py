@@ -278,7 +278,8 @@ class MPICommunicator(Communicator):
     """One client per MPI rank of ``COMM_WORLD`` (rank = client id); tensors move as buffers.
 
     Every wait polls non-blocking requests (see the module docstring). Polling without sleep
-    spins as MPICH's own blocking waits do, and drives MPI's progress as often.
+    spins as MPICH's own blocking waits do, yielding the core between polls as they do
+    (``MPIR_CVAR_POLLS_BEFORE_YIELD``), and drives MPI's progress as often.
     """
 
     def __init__(self, num_clients: int) -> None:
@@ -399,6 +400,7 @@ class MPICommunicator(Communicator):
                 message = None if source in received else self._comm.improbe(source, tag)
                 if message is not None:
                     received[source] = message.recv()
+            os.sched_yield()
             self._check_deadline(started, [s for s in sources if s not in received], what)
         return received
 
@@ -411,6 +413,7 @@ class MPICommunicator(Communicator):
         """
         started = time.monotonic()
         while not self._mpi.Request.Testall(requests, statuses):
+            os.sched_yield()  # as MPICH's blocking waits do: a peer sharing the core may run
             if self.timeout_s is not None and time.monotonic() - started > self.timeout_s:
                 # Test each, keeping the statuses of those that complete meanwhile.
                 kept = statuses or [None] * len(requests)
