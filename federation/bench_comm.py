@@ -14,6 +14,12 @@ previous rank's, end to end from model to model:
   bound model's state_dict would serialise its shared storage once per tensor).
 
 Times are the slowest rank's per exchange, summarised over repeats as median and best.
+
+``polling`` measures what the engine's interruptible waits cost (``MPICommunicator._wait``
+polls non-blocking requests, see ``federation.comm``), each against MPI's blocking call on
+the same buffers in the same run: ``Sendrecv`` against polled ``Isend``/``Irecv``,
+``Allreduce`` against polled ``Iallreduce``, and the collectives' numel/dtype check as a
+4-integer ``Allreduce`` against the point-to-point check that can name a missing rank.
 """
 
 from __future__ import annotations
@@ -117,7 +123,36 @@ def _bench_model(
             "best": round(float(pickled_ms.min() / flat_ms.min()), 1),
         },
         "unpack_ms": _summary(unpack_ms),
+        "polling": _bench_polling(comm, world, flat.pack().numpy(), dst, src, repeats, warmup),
     }
+
+
+def _bench_polling(comm: MPICommunicator, world: Any, send: np.ndarray, dst: int, src: int,
+                   repeats: int, warmup: int) -> dict[str, Any]:
+    """Blocking MPI calls against the engine's polled waits on the same buffers (see the
+    module docstring): per pair the slowest rank's ms and polled / blocking of the medians."""
+    from mpi4py import MPI
+
+    received = np.empty_like(send)
+    probe, extremes = np.zeros(4, dtype=np.int64), np.empty(4, dtype=np.int64)
+    tensor = torch.from_numpy(send)
+    pairs = {
+        "sendrecv": (lambda: world.Sendrecv(send, dst, 0, received, src, 0),
+                     lambda: comm._wait([world.Irecv(received, src, 0),
+                                         world.Isend(send, dst, 0)], [src, dst], "")),
+        "allreduce": (lambda: world.Allreduce(send, received, op=MPI.SUM),
+                      lambda: comm._wait([world.Iallreduce(send, received, op=MPI.SUM)],
+                                         None, "")),
+        "check": (lambda: world.Allreduce(probe, extremes, op=MPI.MAX),
+                  lambda: comm._check_same_everywhere(tensor, "")),
+    }
+    results = {}
+    for name, (blocking, polled) in pairs.items():
+        blocking_ms = _slowest_rank_ms(world, blocking, repeats, warmup)
+        polled_ms = _slowest_rank_ms(world, polled, repeats, warmup)
+        results[name] = {"blocking_ms": _summary(blocking_ms), "polled_ms": _summary(polled_ms),
+                         "ratio": round(float(np.median(polled_ms) / np.median(blocking_ms)), 2)}
+    return results
 
 
 def _slowest_rank_ms(world: Any, fn: Callable[[], None], repeats: int, warmup: int) -> np.ndarray:

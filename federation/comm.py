@@ -6,17 +6,22 @@ clients. Every method therefore takes and returns dicts keyed by the *owned* cli
 the same algorithm code runs unchanged, and deterministically, on both backends.
 
 Tensors cross ranks only as contiguous CPU buffers through mpi4py's upper-case buffer methods
-(``Sendrecv``, ``Isend``/``Irecv``, ``Allreduce``, ``Bcast``); nothing model-sized is pickled.
-Every tensor a client sends is recorded in ``Communicator.sent_log`` so tests can assert what
-left a client (e.g. only proxy-sized buffers under ProxyFL). Small records (metric rows, the
-state a run starts from) are pickled by ``gather_rows`` and ``allgather``; the README's
-privacy section lists every message, and ``tests/test_messages.py`` checks that list.
+(``Isend``/``Irecv``, ``Iallreduce``, ``Ibcast``); nothing model-sized is pickled. Every
+tensor a client sends is recorded in ``Communicator.sent_log`` so tests can assert what left a
+client (e.g. only proxy-sized buffers under ProxyFL). Small records (metric rows, the state a
+run starts from) are pickled by ``gather_rows`` and ``allgather``; the README's privacy
+section lists every message, and ``tests/test_messages.py`` checks that list.
+
+Under MPI no call blocks inside MPI: every operation is non-blocking and polled from Python,
+so a SIGTERM handler runs at once wherever a rank waits, and a peer that sends nothing for
+``timeout_s`` raises ``PeerTimeoutError`` naming it (``run_guarded`` then ends every rank).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -31,9 +36,10 @@ log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 
-# Point-to-point parameter messages use one tag; MPI's non-overtaking rule keeps the messages
-# between one pair of ranks in order, and a pair appears at most once per exchange.
-_PARAMETER_TAG = 17
+# The tag of each kind of point-to-point message; MPI's non-overtaking rule keeps the messages
+# of one kind between one pair of ranks in order, and a pair appears at most once per
+# operation. "probe" is the numel and dtype that precede a collective.
+TAGS = {"exchange": 17, "gather_rows": 18, "allgather": 19, "probe": 20, "barrier": 21}
 
 # Seconds between writing a failing rank's message and calling MPI Abort (see _abort_world).
 _ABORT_GRACE_S = 0.2
@@ -52,6 +58,10 @@ def launched_processes() -> int:
     """How many processes the launcher (mpiexec, srun) says it started; 1 without one."""
     return max((int(os.environ[v]) for v in _LAUNCH_SIZE_VARIABLES
                 if os.environ.get(v, "").isdigit()), default=1)
+
+
+class PeerTimeoutError(TimeoutError):
+    """A peer sent or took nothing for the communicator's ``timeout_s``; names it and the wait."""
 
 
 class Transfer(NamedTuple):
@@ -81,7 +91,15 @@ class Communicator(ABC):
         self.size = size
         self.owned = sorted(owned)
         self.sent_log: list[Transfer] = []
+        self.timeout_s: float | None = None
+        self.names: Sequence[str] | None = None
         self._receive_pool: dict[tuple[int, int], torch.Tensor] = {}
+
+    def configure(self, *, timeout_s: float | None, names: Sequence[str]) -> None:
+        """Give up on a peer silent for ``timeout_s`` seconds (None: wait forever), and name
+        client c ``names[c]`` (its hospital) in errors."""
+        self.timeout_s = timeout_s
+        self.names = list(names)
 
     @property
     def is_root(self) -> bool:
@@ -272,7 +290,12 @@ class LocalCommunicator(Communicator):
 
 
 class MPICommunicator(Communicator):
-    """One client per MPI rank of ``COMM_WORLD`` (rank = client id); tensors move as buffers."""
+    """One client per MPI rank of ``COMM_WORLD`` (rank = client id); tensors move as buffers.
+
+    Every wait polls non-blocking requests (see the module docstring). Polling without sleep
+    spins as MPICH's own blocking waits do, yielding the core between polls as they do
+    (``MPIR_CVAR_POLLS_BEFORE_YIELD``), and drives MPI's progress as often.
+    """
 
     def __init__(self, num_clients: int) -> None:
         from mpi4py import MPI  # initialises MPI, so only when this backend is chosen
@@ -294,41 +317,43 @@ class MPICommunicator(Communicator):
             )
         super().__init__(num_clients, [self._comm.rank])
         self.rank = self._comm.rank
+        self._others = [r for r in range(num_clients) if r != self.rank]
 
     def gather_rows(self, rows_by_owner: Mapping[int, Sequence[Row]]) -> list[Row] | None:
         self._check_owned_keys("rows_by_owner", rows_by_owner)
-        gathered = self._comm.gather(list(rows_by_owner[self.rank]), root=0)
-        return None if gathered is None else [row for rows in gathered for row in rows]
+        mine, tag = list(rows_by_owner[self.rank]), TAGS["gather_rows"]
+        if self.rank != 0:
+            self._wait([self._comm.isend(mine, 0, tag)], [0], "while sending metric rows")
+            return None
+        others = self._receive_objects(self._others, tag, "while gathering metric rows")
+        return mine + [row for r in self._others for row in others[r]]
 
     def allgather(self, by_owner: Mapping[int, Any]) -> list[Any]:
         self._check_owned_keys("by_owner", by_owner)
-        return self._comm.allgather(by_owner[self.rank])
+        tag = TAGS["allgather"]
+        sends = [self._comm.isend(by_owner[self.rank], r, tag) for r in self._others]
+        others = self._receive_objects(self._others, tag, "in allgather")
+        self._wait(sends, self._others, "in allgather")
+        return [by_owner[r] if r == self.rank else others[r] for r in range(self.size)]
 
     def barrier(self) -> None:
-        self._comm.Barrier()
+        # An empty message to and from every other rank, so a missing rank can be named.
+        self._all_to_all(np.empty(0, dtype=np.int64), TAGS["barrier"], "at a barrier")
 
     def _exchange(self, outgoing, send_to, recv_from):
         mine = outgoing[self.rank]
         dsts, srcs = list(send_to[self.rank]), list(recv_from[self.rank])
         received = self._receive_buffers(self.rank, len(srcs), mine)
-        statuses = [self._mpi.Status() for _ in srcs]
+        statuses = [self._mpi.Status() for _ in srcs + dsts]
+        requests = [self._comm.Irecv(self._buffer(buf), s, TAGS["exchange"])
+                    for buf, s in zip(received, srcs, strict=True)]
+        requests += [self._comm.Isend(self._buffer(mine), d, TAGS["exchange"]) for d in dsts]
         try:
-            if len(dsts) == 1 and len(srcs) == 1:
-                self._comm.Sendrecv(
-                    self._buffer(mine), dsts[0], _PARAMETER_TAG,
-                    self._buffer(received[0]), srcs[0], _PARAMETER_TAG, statuses[0],
-                )
-            else:
-                requests = [self._comm.Irecv(self._buffer(buf), s, _PARAMETER_TAG)
-                            for buf, s in zip(received, srcs, strict=True)]
-                sends = [self._comm.Isend(self._buffer(mine), d, _PARAMETER_TAG) for d in dsts]
-                # Status objects only for receives: their counts are what gets checked.
-                self._mpi.Request.Waitall(requests, statuses)
-                self._mpi.Request.Waitall(sends)
+            self._wait(requests, srcs + dsts, "while exchanging parameters", statuses)
         except self._mpi.Exception as error:
-            # Waitall reports ERR_IN_STATUS and leaves the real cause (e.g. a message longer
+            # Testall reports ERR_IN_STATUS and leaves the real cause (e.g. a message longer
             # than the receive buffer) in the failed receive's status.
-            causes = [(s, st.Get_error()) for s, st in zip(srcs, statuses, strict=True)
+            causes = [(s, st.Get_error()) for s, st in zip(srcs, statuses, strict=False)
                       if st.Get_error() != self._mpi.SUCCESS]
             senders = [s for s, _ in causes] or srcs
             code = causes[0][1] if causes else error.error_code
@@ -338,7 +363,7 @@ class MPICommunicator(Communicator):
                 f"{self._mpi.Get_error_string(self._mpi.Get_error_class(code))}"
             ) from error
         mpi_type = _MPI_TYPES[mine.dtype](self._mpi)
-        for s, status in zip(srcs, statuses, strict=True):
+        for s, status in zip(srcs, statuses, strict=False):
             count = status.Get_count(mpi_type)
             if count != mine.numel():
                 raise ValueError(
@@ -352,34 +377,85 @@ class MPICommunicator(Communicator):
         self._check_same_everywhere(mine, "allreduce_sum")
         total = torch.empty_like(mine)
         # Separate send and receive buffers: no copy, and the caller's tensor is left alone.
-        self._comm.Allreduce(self._buffer(mine), self._buffer(total), op=self._mpi.SUM)
+        request = self._comm.Iallreduce(self._buffer(mine), self._buffer(total), op=self._mpi.SUM)
+        self._wait([request], None, "in allreduce_sum")
         return total
 
     def _broadcast(self, tensor_by_owner, root):
         mine = tensor_by_owner[self.rank]
         self._check_same_everywhere(mine, "broadcast")
         result = mine.clone() if self.rank == root else torch.empty_like(mine)
-        self._comm.Bcast(self._buffer(result), root=root)
+        self._wait([self._comm.Ibcast(self._buffer(result), root=root)], None, "in broadcast")
         return result
 
     def _check_same_everywhere(self, tensor: torch.Tensor, what: str) -> None:
         """Raise on every rank alike when ranks disagree on numel or dtype.
 
         A collective with mismatched buffers is undefined behaviour in MPI (garbage or a
-        hang); one extra 4-integer Allreduce makes it a clean error instead.
+        hang); telling every other rank two integers first makes it a clean error instead,
+        and names a rank that does not come.
         """
-        code = _DTYPE_CODES[tensor.dtype]
-        probe = np.array([tensor.numel(), code, -tensor.numel(), -code], dtype=np.int64)
-        extremes = np.empty_like(probe)
-        self._comm.Allreduce(probe, extremes, op=self._mpi.MAX)
-        max_numel, max_code, min_numel, min_code = extremes * np.array([1, 1, -1, -1])
-        if max_numel != min_numel or max_code != min_code:
-            dtypes = "differ" if max_code != min_code else "agree"
+        probe = np.array([tensor.numel(), _DTYPE_CODES[tensor.dtype]], dtype=np.int64)
+        numels, codes = self._all_to_all(probe, TAGS["probe"], f"before {what}").T
+        if numels.min() != numels.max() or codes.min() != codes.max():
+            dtypes = "differ" if codes.min() != codes.max() else "agree"
             raise ValueError(
                 f"{what} needs the same numel and dtype on every rank, got numel "
-                f"{min_numel}..{max_numel} and dtypes {dtypes} (here {tensor.numel()} of "
-                f"{tensor.dtype})"
+                f"{numels.min()}..{numels.max()} and dtypes {dtypes} (here {tensor.numel()} "
+                f"of {tensor.dtype})"
             )
+
+    def _all_to_all(self, values: np.ndarray, tag: int, what: str) -> np.ndarray:
+        """Every rank's int64 ``values`` (one length everywhere), row r from rank r."""
+        table = np.empty((self.size, len(values)), dtype=np.int64)
+        table[self.rank] = values
+        requests = [self._comm.Irecv(table[r], r, tag) for r in self._others]
+        requests += [self._comm.Isend(values, r, tag) for r in self._others]
+        self._wait(requests, self._others * 2, what)
+        return table
+
+    def _receive_objects(self, sources: Sequence[int], tag: int, what: str) -> dict[int, Any]:
+        """One pickled object from each rank in ``sources``, polled like ``_wait``."""
+        received: dict[int, Any] = {}
+        started = time.monotonic()
+        while len(received) < len(sources):
+            for source in sources:
+                message = None if source in received else self._comm.improbe(source, tag)
+                if message is not None:
+                    received[source] = message.recv()
+            os.sched_yield()
+            self._check_deadline(started, [s for s in sources if s not in received], what)
+        return received
+
+    def _wait(self, requests: list[Any], peers: list[int] | None, what: str,
+              statuses: list[Any] | None = None) -> None:
+        """Complete ``requests``, one per rank in ``peers`` (None: a collective of all).
+
+        A busy loop of ``Testall`` rather than ``Waitall``: Python gets control between tests,
+        so a signal handler (SIGTERM) runs at once and a silent peer times out.
+        """
+        started = time.monotonic()
+        while not self._mpi.Request.Testall(requests, statuses):
+            os.sched_yield()  # as MPICH's blocking waits do: a peer sharing the core may run
+            if self.timeout_s is not None and time.monotonic() - started > self.timeout_s:
+                # Test each, keeping the statuses of those that complete meanwhile.
+                kept = statuses or [None] * len(requests)
+                silent = None if peers is None else [
+                    p for request, p, status in zip(requests, peers, kept, strict=True)
+                    if not request.Test(status)]
+                self._check_deadline(started, silent, what)
+
+    def _check_deadline(self, started: float, silent: list[int] | None, what: str) -> None:
+        """Raise ``PeerTimeoutError`` once ``timeout_s`` has passed since ``started``."""
+        if self.timeout_s is None or time.monotonic() - started <= self.timeout_s or silent == []:
+            return
+        if silent is None:
+            peers = f"one of all {self.size} ranks"
+        else:
+            peers = ", ".join(f"rank {r}" + (f" ({self.names[r]})" if self.names else "")
+                              for r in dict.fromkeys(silent))  # a rank once, in order
+        raise PeerTimeoutError(
+            f"no answer from {peers} in {self.timeout_s:g} s (comm_timeout_s) {what}")
 
     def _buffer(self, tensor: torch.Tensor) -> list[Any]:
         return [tensor.numpy(), _MPI_TYPES[tensor.dtype](self._mpi)]
@@ -443,6 +519,8 @@ def run_guarded(main: Callable[[], int | None]) -> int:
     Under MPI with more than one rank, an exception (or a non-zero exit) on any rank writes the
     traceback and ``rank R: <ExcType>: <message>`` to stderr and calls ``COMM_WORLD.Abort``:
     otherwise the other ranks would wait forever in their next send, receive or collective.
+    The CLI's SIGTERM handler exits with 128 + 15, written ``rank R: terminated by SIGTERM``;
+    Ctrl-C, ``rank R: interrupted``.
     Without MPI the exception propagates unchanged. Returns ``main``'s exit code (None -> 0).
     """
     try:
@@ -450,7 +528,10 @@ def run_guarded(main: Callable[[], int | None]) -> int:
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
         if code:
-            _abort_world(code, f"SystemExit: {stop.code}")
+            _abort_world(code, _exit_reason(code, stop))
+        raise
+    except KeyboardInterrupt:
+        _abort_world(130, "interrupted")
         raise
     except Exception as error:
         _abort_world(1, f"{type(error).__name__}: {error}", traceback.format_exc())
@@ -458,6 +539,14 @@ def run_guarded(main: Callable[[], int | None]) -> int:
     if code:
         _abort_world(code, f"exited with code {code}")
     return code
+
+
+def _exit_reason(code: int, stop: SystemExit) -> str:
+    """Why a rank exits: ``terminated by SIGTERM`` for the CLI's exit code 128 + signal."""
+    try:
+        return f"terminated by {signal.Signals(code - 128).name}"
+    except ValueError:
+        return f"SystemExit: {stop.code}"
 
 
 def _abort_world(code: int, reason: str, details: str = "") -> None:

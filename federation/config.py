@@ -277,7 +277,10 @@ class FederationConfig:
     counts and their results differ in the last bits. ``device``: auto (a GPU when CUDA
     sees one, else the CPU),
     cpu or cuda; ranks on one node share its GPUs round-robin. ``checkpoint_every``: rounds between
-    checkpoints (0: only after the last round). ``eval_every``: rounds between evaluations
+    checkpoints (0: only after the last round). ``comm_timeout_s``: seconds a process waits
+    for a peer that sends nothing before it ends the run with an error naming that peer; it
+    must exceed the longest a hospital may lag behind another (data loading, a round's
+    training, evaluation, a checkpoint). ``eval_every``: rounds between evaluations
     (the last round is always evaluated). ``topology``: the graph of AvgPush and ProxyFL."""
 
     algorithm: str = _setting("proxyfl", _one_of(catalog.ALGORITHMS))
@@ -289,6 +292,7 @@ class FederationConfig:
     device: str = _setting("auto", _one_of(("auto", "cpu", "cuda")))
     output_dir: str = "results/federation"
     checkpoint_every: int = _setting(10, _non_negative)
+    comm_timeout_s: float = _setting(600.0, _positive)
     eval_every: int = _setting(1, _positive)
     topology: str = _setting("exponential", _one_of(catalog.TOPOLOGIES))
     data: DataConfig = field(default_factory=DataConfig)

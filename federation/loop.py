@@ -95,6 +95,8 @@ def run_federation(
         comm = make_communicator(resolve_backend(config.backend), config.clients)
     if comm.size != config.clients:
         raise ValueError(f"clients = {config.clients} but the communicator has {comm.size}")
+    comm.configure(timeout_s=config.comm_timeout_s,
+                   names=[config.client_name(c) for c in range(comm.size)])
     # What can be checked without the data (models, output directory), before loading it.
     check_timm_names(config.model)
     run = RunDirectory(config.output_dir, is_root=comm.is_root)

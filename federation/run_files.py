@@ -60,7 +60,7 @@ PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit", "status")
 # EXECUTION_KEYS: how and where a run executes, not what it computes. The benchmark runner
 # counts a finished run as done although these differ from what it plans now.
 EXECUTION_KEYS = frozenset({"backend", "threads", "device", "checkpoint_every", "output_dir",
-                            "slides.workers"})
+                            "slides.workers", "comm_timeout_s"})
 # RESUMABLE_CHANGES: what may differ between a run and its resumption (``outputs``, on
 # ``--resume``): how it executes, and for how long. output_dir is where the run is found;
 # threads changes the order of float sums, so a resumed run would no longer give the

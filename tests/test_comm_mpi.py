@@ -110,3 +110,4 @@ def test_the_benchmark_cli_reports_both_paths_for_the_mlp() -> None:
     assert mlp["parameters"] == 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10
     # Flat buffers beat pickling by 10-20x here; 2x leaves room for a busy machine.
     assert mlp["speedup"]["best"] > 2.0
+    assert set(mlp["polling"]) == {"sendrecv", "allreduce", "check"}

@@ -63,6 +63,8 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
         ("rounds: ten\n", "config.yaml: rounds = 'ten': expected a whole number"),
         ("rounds: 0\n", "config.yaml: rounds = 0: must be positive"),
         ("rounds: 2.5\n", "config.yaml: rounds = 2.5: expected a whole number"),
+        ("comm_timeout_s: 0\n", "config.yaml: comm_timeout_s = 0.0: must be positive"),
+        ("comm_timeout_s: .inf\n", "config.yaml: comm_timeout_s = inf: must be finite"),
         ("clients: true\n", "config.yaml: clients = True: expected a whole number"),
         ("dp:\n  enabled: 1\n", "config.yaml: dp.enabled = 1: expected true or false"),
         ("dp:\n  delta: 2\n", "config.yaml: dp.delta = 2.0: must lie in (0, 1)"),

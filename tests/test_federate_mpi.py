@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from federation_synthetic import small_config, write_synthetic_digits
-from mpi_launch import REPO, run_mpiexec
+from mpi_launch import REPO, run_mpiexec, start_mpiexec, wait_mpiexec
 from test_messages import ROW_FIELDS
 
 from federation.config import config_from_dict
@@ -28,6 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
 FAILING = REPO / "tests" / "mpi_scripts" / "federate_failing_client.py"
 OWN_DISKS = REPO / "tests" / "mpi_scripts" / "federate_on_own_disks.py"
+HANGING = REPO / "tests" / "mpi_scripts" / "federate_hanging_client.py"
 TIMEOUT_S = 120
 
 
@@ -96,6 +99,51 @@ def test_an_exception_on_one_rank_ends_every_rank_with_its_message(
     assert ended - failed_at < 10, f"the job took {ended - failed_at:.1f} s to end"
 
 
+def _hanging_run(digits: Path, tmp_path: Path, algorithm: str, *settings: str) -> tuple:
+    """Start 2 ranks of ``slidefed federate`` whose client 1 hangs in round 2; returns the
+    mpiexec process and the folder where each client marks ``<pid> <time>`` as it gets there."""
+    path = _write_config(digits, tmp_path, algorithm=f"{algorithm}_hanging_on_client_1",
+                         clients=2)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    process = start_mpiexec(
+        2, str(HANGING), "-q", "federate", "--config", str(path), "--backend", "mpi",
+        "--set", f"output_dir={tmp_path / 'out'}", *settings, env={"HANG_DIR": str(marks)})
+    return process, marks
+
+
+def test_a_rank_that_stops_answering_ends_the_job_with_an_error_naming_it(
+    digits: Path, tmp_path: Path
+) -> None:
+    process, marks = _hanging_run(digits, tmp_path, "proxyfl", "--set", "comm_timeout_s=3")
+    result, ended = wait_mpiexec(process, TIMEOUT_S)
+    assert result.returncode != 0
+    assert ("rank 0: PeerTimeoutError: no answer from rank 1 (client_1) in 3 s "
+            "(comm_timeout_s) while exchanging parameters\n") in result.stderr, result.stderr
+    hung_at = float((marks / "client_1").read_text().split()[1])
+    assert 3 < ended - hung_at < 3 + 7, f"the job took {ended - hung_at:.1f} s to end"
+
+
+@pytest.mark.parametrize("target", ["waiting rank", "mpiexec"])
+def test_sigterm_ends_a_job_waiting_in_a_collective_within_seconds(
+    digits: Path, tmp_path: Path, target: str
+) -> None:
+    # FedAvg: client 0 waits in allreduce_sum for client 1, which hangs; no timeout helps.
+    process, marks = _hanging_run(digits, tmp_path, "fedavg")
+    deadline = time.time() + TIMEOUT_S
+    while len(list(marks.iterdir())) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)  # client 0 trains its round in well under that, then waits
+    waiting = int((marks / "client_0").read_text().split()[0])
+    os.kill(process.pid if target == "mpiexec" else waiting, signal.SIGTERM)
+    signalled = time.time()
+    result, ended = wait_mpiexec(process, TIMEOUT_S)
+    assert result.returncode != 0
+    assert "rank 0: terminated by SIGTERM\n" in result.stderr, result.stderr[-3000:]
+    assert ended - signalled < 5, f"the job took {ended - signalled:.1f} s to end"
+    assert not list((tmp_path / "out").rglob(".*.partial-*"))
+
+
 def test_hospitals_on_disks_of_their_own_send_only_the_listed_messages(
     digits: Path, tmp_path: Path
 ) -> None:
@@ -126,18 +174,24 @@ def test_hospitals_on_disks_of_their_own_send_only_the_listed_messages(
     proxy = 8 * 8 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # the 64-200-200-10 MLP
     for rank in (0, 1):
         calls = json.loads((tmp_path / f"calls_{rank}.json").read_text())
-        for algorithm, buffers in (("proxyfl", {("Sendrecv", proxy)}),
-                                   ("fedavg", {("Allreduce", 4), ("Allreduce", proxy + 1)})):
+        barrier = ("Isend", "barrier", 0)  # an empty message to every other rank
+        for algorithm, buffers in (
+            ("proxyfl", {("Isend", "exchange", proxy), barrier}),
+            ("fedavg", {("Isend", "probe", 2), ("Iallreduce", None, proxy + 1), barrier}),
+        ):
             made = calls[algorithm]
-            assert {c["method"] for c in made} == {"allgather", "gather", "Barrier",
-                                                   *(method for method, _ in buffers)}
-            assert {(c["method"], c["sent"]) for c in made
-                    if c["method"][0].isupper() and c["method"] != "Barrier"} == buffers
-            starts = [c["sent"] for c in made if c["method"] == "allgather"]
+            assert {c["method"] for c in made} == {"isend", "improbe", "Isend", "Irecv",
+                                                   *(method for method, _, _ in buffers)}
+            assert {(c["method"], c["kind"], c["sent"]) for c in made
+                    if c["method"] in ("Isend", "Iallreduce")} == buffers
+            # Pickled: start facts to every other rank, metric rows from client 1 to client 0.
+            assert {c["kind"] for c in made if c["method"] == "isend"} == (
+                {"allgather", "gather_rows"} if rank == 1 else {"allgather"})
+            starts = [c["sent"] for c in made if c["kind"] == "allgather"]
             assert len(starts) == (2 if algorithm == "proxyfl" else 1)  # one per run
             assert all(len(fact) == 4 for fact in starts)  # StartFacts
             for call in made:
-                if call["method"] == "gather":
+                if call["kind"] == "gather_rows":
                     for row in call["sent"]:
                         assert set(row) == ROW_FIELDS[row["file"]], row
                         assert row.get("split") != "train", "a training loss crossed"

@@ -8,8 +8,8 @@ from federation import run_files
 
 
 def test_key_sets_name_how_a_run_executes_and_what_runs_compare():
-    execution = ["backend", "checkpoint_every", "device", "output_dir", "slides.workers",
-                 "threads"]
+    execution = ["backend", "checkpoint_every", "comm_timeout_s", "device", "output_dir",
+                 "slides.workers", "threads"]
     assert sorted(run_files.EXECUTION_KEYS) == execution
     assert sorted(run_files.RESUMABLE_CHANGES) == sorted(
         {*execution, "rounds"} - {"output_dir", "threads"})  # threads changes the numbers

@@ -6,7 +6,8 @@ own, with every call into mpi4py recorded.
 Rank r keeps its files in ``OUT/<algorithm>_disk_<r>`` (its own ``output_dir``). It runs
 ProxyFL for 2 rounds and resumes it to 3, then FedAvg for 2 rounds, and writes every call its
 communicator made into ``COMM_WORLD`` — the method, and what it sends: a buffer's element
-count, or the object it pickles — to ``OUT/calls_<r>.json``. Then rank 1's disk loses its
+count, or the object it pickles, and for a send the kind of message its tag marks — to
+``OUT/calls_<r>.json``. Then rank 1's disk loses its
 ProxyFL checkpoint and both ranks try to resume to 4 rounds, printing ``error: ...``.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' helpers
 from federation_synthetic import small_config  # noqa: E402
 
-from federation.comm import MPICommunicator  # noqa: E402
+from federation.comm import TAGS, MPICommunicator  # noqa: E402
 from federation.config import ConfigError, config_from_dict  # noqa: E402
 from federation.loop import run_federation  # noqa: E402
 
@@ -39,17 +40,21 @@ class RecordingComm:
             return attribute
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            self._calls.append({"method": name, "sent": _sent(name, args)})
+            self._calls.append({"method": name, "sent": _sent(name, args),
+                                "kind": KINDS.get(args[2]) if name.lower() == "isend" else None})
             return attribute(*args, **kwargs)
 
         return call
 
 
+KINDS = {tag: kind for kind, tag in TAGS.items()}
+
+
 def _sent(method: str, args: tuple) -> Any:
     """What a call sends: the pickled object, a buffer's element count, or None."""
-    if method in ("gather", "allgather"):
+    if method == "isend":
         return args[0]
-    if method in ("Barrier", "Irecv"):
+    if method in ("improbe", "Irecv"):
         return None
     buffer = args[0]
     return int((buffer[0] if isinstance(buffer, list) else buffer).size)
