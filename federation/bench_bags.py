@@ -94,13 +94,13 @@ def _patches_per_second(data: SlideClientData, steps: list[list[int]],
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = data.sampled(steps, torch.Generator().manual_seed(args.seed))
     patches, wall, cpu = 0, time.perf_counter(), time.thread_time()
-    for step, (x, y, _) in enumerate(batches):
+    for step, batch in enumerate(batches):
         if step == args.warmup:
             patches, wall, cpu = 0, time.perf_counter(), time.thread_time()
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(batch.inputs), batch.labels).backward()
         optimizer.step()
-        patches += len(y)
+        patches += len(batch.labels)
     return patches / (time.perf_counter() - wall), patches / (time.thread_time() - cpu)
 
 
