@@ -30,7 +30,7 @@ import torch
 
 from federation.data.bags import BagIndex, BagReader, index_bag
 from federation.data.patches import to_model_input
-from federation.evaluation.scoring import SCORING_BATCH, patch_probabilities
+from federation.evaluation.scoring import SCORING_BATCH, patch_probabilities, tumour_probabilities
 from preprocessing.options import TilingOptions
 from preprocessing.tile import tile_slide
 from slidefed.predict import load_predictor, predict_slides
@@ -115,4 +115,4 @@ def _serial_probabilities(module: torch.nn.Module, reader: BagReader, bag: BagIn
     device = next(module.parameters()).device
     for start in range(0, bag.n_patches, batch_size):
         patches = reader.read(bag.path, np.arange(start, min(start + batch_size, bag.n_patches)))
-        torch.softmax(module(to_model_input(patches).to(device)).double(), dim=1)
+        tumour_probabilities(module(to_model_input(patches).to(device)))

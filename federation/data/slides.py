@@ -44,8 +44,8 @@ from federation.data.bags import BagFormatError, BagIndex, BagReader, index_bag
 from federation.data.base import Batch, ClientData
 from federation.data.patches import PATCH_MEAN, PATCH_STD, to_model_input
 from federation.data.splits import split_slides, write_splits
-from federation.evaluation.aggregation import fit_aggregator
-from federation.evaluation.metrics import choose_threshold, point_metrics
+from federation.evaluation.aggregation import calibrate
+from federation.evaluation.metrics import point_metrics
 from federation.evaluation.scoring import evenly_spaced, patch_probabilities, top_k_score
 from federation.seeds import derive_seed
 
@@ -251,14 +251,9 @@ class SlideClientData(ClientData):
         """The slide aggregation (``slides.aggregation``, fitted on the training slides where
         it needs fitting) and the decision threshold on its score, chosen on the validation
         slides."""
-        s = self.settings
-        aggregator = fit_aggregator(s.aggregation, module, self._reader, self.train,
-                                    top_k=s.top_k, limit=s.eval_patches_per_slide,
-                                    seed=self.seed)
-        scores = [aggregator.score(module, self._reader, bag) for bag in self.validation]
-        labels = [bag.label for bag in self.validation]
-        return {"threshold": choose_threshold(labels, scores, what=self.name),
-                "aggregation": aggregator.card()}
+        aggregator, threshold = calibrate(self.settings, module, self._reader, self.train,
+                                          self.validation, seed=self.seed, what=self.name)
+        return {"threshold": threshold, "aggregation": aggregator.card()}
 
     def write_records(self, directory: Path) -> None:
         """This hospital's ``splits.csv``."""

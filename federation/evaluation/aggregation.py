@@ -14,7 +14,7 @@ A fitted head is trained on a hospital's slides without DP, so it never travels:
 with that hospital's models, and a shared model (a proxy) scored at another hospital gets a
 head fitted there, on that hospital's own training slides (``slidefed evaluate``'s
 cross-site table). Every path that scores a slide — per-round validation excepted, which
-uses top-k to stay cheap — goes through :func:`fit_aggregator` / :func:`aggregator_from_card`.
+uses top-k to stay cheap — goes through :func:`calibrate` / :func:`aggregator_from_card`.
 A new aggregation is a ``fit_<name>`` function here and a line in ``catalog.AGGREGATIONS``.
 """
 
@@ -28,13 +28,16 @@ import torch
 from torch import nn
 
 from federation.catalog import AGGREGATIONS
+from federation.config import SlidesConfig
 from federation.data.bags import BagIndex, BagReader
+from federation.evaluation.metrics import choose_threshold
 from federation.evaluation.scoring import (
     SCORING_BATCH,
     evenly_spaced,
-    model_batches,
+    over_patches,
     patch_probabilities,
     top_k_score,
+    tumour_probabilities,
 )
 from federation.models import GatedAttentionMIL
 
@@ -102,8 +105,8 @@ class AttentionHead:
         features = torch.from_numpy(patch_features(module, reader, bag, batch_size=batch_size))
         _, classifier = feature_layers(module)
         with torch.no_grad():
-            logits = classifier(features.to(classifier.weight.device)).double()
-        probabilities = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
+            probabilities = tumour_probabilities(classifier(features.to(
+                classifier.weight.device)))
         return self._slide_score(features), probabilities
 
     @torch.no_grad()
@@ -144,21 +147,13 @@ class _TimmFeatures(nn.Module):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
 
-@torch.no_grad()
 def patch_features(module: nn.Module, reader: BagReader, bag: BagIndex,
                    indices: np.ndarray | None = None, *,
                    batch_size: int = SCORING_BATCH) -> np.ndarray:
     """float32 ``(n, D)`` features of patches ``indices`` (default: all) of ``bag``."""
-    indices = np.arange(bag.n_patches) if indices is None else np.asarray(indices)
     extractor, _ = feature_layers(module)
-    was_training = module.training
-    module.eval()
-    device = next(module.parameters()).device
-    features = []
-    for batch in model_batches(reader, bag, indices, batch_size):
-        features.append(extractor(batch.to(device)).float().cpu().numpy())
-    module.train(was_training)
-    return np.concatenate(features)
+    return over_patches(module, lambda x: extractor(x).float().cpu().numpy(), reader, bag,
+                        indices, batch_size=batch_size)
 
 
 def fit_attention_head(features: Sequence[np.ndarray], labels: Sequence[int], *,
@@ -190,13 +185,18 @@ def fit_attention_head(features: Sequence[np.ndarray], labels: Sequence[int], *,
     return head.eval()
 
 
-def fit_aggregator(method: str, module: nn.Module, reader: BagReader,
-                   train: Sequence[BagIndex], *, top_k: int, limit: int | None,
-                   seed: int) -> SlideAggregator:
-    """The aggregator ``method`` (``slides.aggregation``) for ``module``, fitted where it
-    needs fitting on the ``train`` slides (at most ``limit`` evenly spaced patches of each;
-    null: all)."""
-    return AGGREGATIONS[method](module, reader, train, top_k=top_k, limit=limit, seed=seed)
+def calibrate(settings: SlidesConfig, module: nn.Module, reader: BagReader,
+              train: Sequence[BagIndex], validation: Sequence[BagIndex], *, seed: int,
+              what: str) -> tuple[SlideAggregator, float]:
+    """The aggregator ``settings.aggregation`` for ``module``, fitted where it needs fitting
+    on the ``train`` slides (at most ``settings.eval_patches_per_slide`` evenly spaced
+    patches of each; null: all), and the decision threshold on its scores of the
+    ``validation`` slides (``choose_threshold``; ``what`` names them in its warnings)."""
+    aggregator = AGGREGATIONS[settings.aggregation](
+        module, reader, train, top_k=settings.top_k, limit=settings.eval_patches_per_slide,
+        seed=seed)
+    scores = [aggregator.score(module, reader, bag) for bag in validation]
+    return aggregator, choose_threshold([bag.label for bag in validation], scores, what=what)
 
 
 def fit_top_k(module: nn.Module, reader: BagReader, train: Sequence[BagIndex], *,

@@ -40,15 +40,10 @@ from federation.data.splits import read_splits
 from federation.evaluation.aggregation import (
     SlideAggregator,
     TopK,
-    fit_aggregator,
+    calibrate,
     model_aggregator,
 )
-from federation.evaluation.metrics import (
-    METRICS,
-    choose_threshold,
-    metrics_with_intervals,
-    point_metrics,
-)
+from federation.evaluation.metrics import METRICS, metrics_with_intervals, point_metrics
 from federation.model_files import load_model
 from federation.outputs import RunDirectory
 from federation.seeds import derive_seed
@@ -172,14 +167,10 @@ class _Scorer:
         threshold chosen on its validation slides."""
         if hospital == model.hospital or isinstance(model.aggregator, TopK):
             return model.aggregator, model.threshold
-        s = self.config.slides
-        aggregator = fit_aggregator(s.aggregation, model.module, self.reader, slides["train"],
-                                    top_k=s.top_k, limit=s.eval_patches_per_slide,
-                                    seed=derive_seed(self.config.seed, "aggregation", hospital))
-        scores = [self.score(model, bag, aggregator, hospital) for bag in slides["validation"]]
-        threshold = choose_threshold([b.label for b in slides["validation"]], scores,
-                                     what=f"{model.hospital}'s {model.name} at {hospital}")
-        return aggregator, threshold
+        return calibrate(self.config.slides, model.module, self.reader, slides["train"],
+                         slides["validation"],
+                         seed=derive_seed(self.config.seed, "aggregation", hospital),
+                         what=f"{model.hospital}'s {model.name} at {hospital}")
 
 
 def hospital_slides(config: FederationConfig, run: RunDirectory, hospital: str

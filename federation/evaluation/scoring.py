@@ -12,7 +12,7 @@ whichever path asks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -49,21 +49,33 @@ def model_batches(reader: BagReader, bag: BagIndex, indices: np.ndarray,
             yield batch
 
 
+def tumour_probabilities(logits: torch.Tensor) -> np.ndarray:
+    """float64 tumour (class 1) probabilities of patch ``logits`` ``(n, 2)``."""
+    return torch.softmax(logits.double(), dim=1)[:, 1].cpu().numpy()
+
+
 @torch.no_grad()
-def patch_probabilities(module: nn.Module, reader: BagReader, bag: BagIndex,
-                        indices: np.ndarray | None = None, *,
-                        batch_size: int = SCORING_BATCH) -> np.ndarray:
-    """Tumour probability of patches ``indices`` (default: all) of ``bag``, float64."""
+def over_patches(module: nn.Module, apply: Callable[[torch.Tensor], np.ndarray],
+                 reader: BagReader, bag: BagIndex, indices: np.ndarray | None = None, *,
+                 batch_size: int = SCORING_BATCH) -> np.ndarray:
+    """``apply`` to the model input of patches ``indices`` (default: all) of ``bag``, batch
+    by batch on ``module``'s device with ``module`` in eval mode, the results concatenated."""
     indices = np.arange(bag.n_patches) if indices is None else np.asarray(indices)
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
-    probabilities = []
-    for batch in model_batches(reader, bag, indices, batch_size):
-        logits = module(batch.to(device))
-        probabilities.append(torch.softmax(logits.double(), dim=1)[:, 1].cpu().numpy())
+    outputs = [apply(batch.to(device)) for batch in model_batches(reader, bag, indices,
+                                                                   batch_size)]
     module.train(was_training)
-    return np.concatenate(probabilities) if probabilities else np.zeros(0)
+    return np.concatenate(outputs) if outputs else np.zeros(0)
+
+
+def patch_probabilities(module: nn.Module, reader: BagReader, bag: BagIndex,
+                        indices: np.ndarray | None = None, *,
+                        batch_size: int = SCORING_BATCH) -> np.ndarray:
+    """Tumour probability of patches ``indices`` (default: all) of ``bag``, float64."""
+    return over_patches(module, lambda x: tumour_probabilities(module(x)), reader, bag,
+                        indices, batch_size=batch_size)
 
 
 def top_k_score(probabilities: np.ndarray, k: int) -> float:
