@@ -4,13 +4,15 @@ through a model file's card, and a slide run with ``slides.aggregation: attentio
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from slide_bags import slide_config
+from slide_bags import index_cohort, slide_config
 
 from federation.config import ConfigError, config_from_dict
+from federation.data.slides import CohortError, SlideClientData
 from federation.evaluation.aggregation import (
     AttentionHead,
     TopK,
@@ -124,3 +126,16 @@ def test_an_attention_run_saves_home_heads_and_fits_foreign_ones(bag_cohort, tmp
     with open(tmp_path / "slide_predictions.csv", newline="") as handle:
         predictions = list(csv.DictReader(handle))
     assert all(0.0 <= float(r["score"]) <= 1.0 for r in predictions)
+
+
+def test_a_hospital_of_one_label_is_refused_before_training_an_attention_run(bag_cohort,
+                                                                             ) -> None:
+    root, hospitals = bag_cohort
+    config = config_from_dict(slide_config(root, Path("unused"), hospitals,
+                                           **{"slides.aggregation": "attention_mil"}))
+    normal = [b for b in index_cohort(root, hospitals[0]) if b.label == 0]
+    with pytest.raises(CohortError, match="attention_mil needs training slides of both"):
+        SlideClientData(hospitals[0], {"train": normal, "validation": [], "test": []},
+                        config.slides)
+    SlideClientData(hospitals[0], {"train": normal, "validation": [], "test": []},
+                    config_from_dict(slide_config(root, Path("unused"), hospitals)).slides)

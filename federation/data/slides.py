@@ -121,6 +121,11 @@ class SlideClientData(ClientData):
         self._patch_starts = np.concatenate([[0], np.cumsum(sizes)])
         labels = np.array([bag.label for bag in self.train])
         counts = np.bincount(labels, minlength=2)
+        if settings.aggregation == "attention_mil" and np.count_nonzero(counts) < 2:
+            # Checked before training: the head is fitted after it, on these slides.
+            raise CohortError(f"{hospital}: slides.aggregation attention_mil needs training "
+                              "slides of both labels; this hospital's are all "
+                              f"{int(labels[0])}")
         self._balance = torch.tensor([1.0 / counts[label] for label in labels],
                                      dtype=torch.float64)
         # Loss weights with the same effect on uniformly drawn slides; mean 1 over the slides.
