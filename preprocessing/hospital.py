@@ -118,7 +118,9 @@ def read_slide_list(source: str | Path,
     image fail (their entry's ``error``).
 
     Relative CSV paths are taken relative to the CSV's directory; every slide path comes
-    back absolute, so a manifest means the same from any working directory.
+    back absolute, so a manifest means the same from any working directory. A CSV names a
+    DICOM-WSI slide by its folder (which must hold one series; its level-0 file is listed)
+    or by any one of its files, and its series is checked as in a directory.
     """
     source = Path(os.path.abspath(source))
     if source.is_dir():
@@ -143,7 +145,7 @@ def _slides_in_directory(directory: Path) -> list[SlideEntry]:
     for path in _walk(directory, set()):
         if path.suffix.lower() in SLIDE_EXTENSIONS:
             entries.append(SlideEntry(_slide_id(directory, path.with_suffix("")), path))
-        elif path.suffix.lower() == ".dcm" or is_dicom_file(path):
+        elif _is_dicom(path):
             dicom_files[path.parent].append(path)
     for folder, paths in dicom_files.items():
         entries += _dicom_slides(directory, folder, paths)
@@ -184,15 +186,28 @@ def _slide_id(directory: Path, path: Path) -> str:
 
 def _dicom_slides(directory: Path, folder: Path, paths: list[Path]) -> list[SlideEntry]:
     """The slides of the DICOM files ``paths`` in ``folder``: one per whole-slide series,
-    opened by its level-0 file, and one failed entry per file whose header is unreadable.
-    Files of other kinds (a DICOMDIR, annotations, reports) are left out with a warning."""
-    entries, series, others = [], defaultdict(list), []
+    listed by its level-0 file, and one failed entry per file whose header is unreadable."""
+    series, unreadable = _read_dicom_files(folder, paths)
+    entries = [SlideEntry(_slide_id(directory, Path(exc.path).with_suffix("")), Path(exc.path),
+                          error=str(exc)) for exc in unreadable]
+    ids = _dicom_slide_ids(_slide_id(directory, folder), series)
+    for uid, instances in series.items():
+        entries.append(SlideEntry(ids[uid], level0_instance(instances).path,
+                                  error=series_error(instances) or ""))
+    return entries
+
+
+def _read_dicom_files(folder: Path, paths: list[Path]
+                      ) -> tuple[dict[str, list[DicomInstance]], list[SlideError]]:
+    """The whole-slide instances among the DICOM files ``paths`` of ``folder``, by series,
+    and the errors of files whose header is unreadable. Files of other kinds (a DICOMDIR,
+    annotations, reports) are left out with a warning."""
+    series, unreadable, others = defaultdict(list), [], []
     for path in paths:
         try:
             instance = read_instance(path)
         except SlideError as exc:
-            entries.append(SlideEntry(_slide_id(directory, path.with_suffix("")), path,
-                                      error=str(exc)))
+            unreadable.append(exc)
             continue
         if instance.is_wsi:
             series[instance.series_uid].append(instance)
@@ -202,11 +217,39 @@ def _dicom_slides(directory: Path, folder: Path, paths: list[Path]) -> list[Slid
         log.warning("%s: skipping %d DICOM files that are not whole-slide images: %s", folder,
                     len(others), ", ".join(f"{i.path.name} ({i.sop_class.name or 'no SOP class'})"
                                            for i in others))
-    ids = _dicom_slide_ids(_slide_id(directory, folder), series)
-    for uid, instances in series.items():
-        entries.append(SlideEntry(ids[uid], level0_instance(instances).path,
-                                  error=series_error(instances) or ""))
-    return entries
+    return dict(series), unreadable
+
+
+def _is_dicom(path: Path) -> bool:
+    return path.suffix.lower() == ".dcm" or is_dicom_file(path)
+
+
+def _dicom_csv_entry(entry: SlideEntry,
+                     folders: dict[Path, dict[str, list[DicomInstance]]]) -> SlideEntry:
+    """A CSV entry whose path is a folder, or one DICOM file, of a DICOM-WSI slide: a folder
+    must hold one series and is replaced by its level-0 file; either fails when its series
+    is incomplete. ``folders`` caches the series of each folder read."""
+    folder = entry.path if entry.path.is_dir() else entry.path.parent
+    if folder not in folders:
+        try:
+            files = [p for p in sorted(folder.iterdir())
+                     if p.is_file() and not p.name.startswith(".") and _is_dicom(p)]
+        except OSError as exc:
+            return replace(entry, error=f"{folder}: cannot list the folder ({exc.strerror})")
+        folders[folder] = _read_dicom_files(folder, files)[0]
+    series = folders[folder]
+    if entry.path.is_dir():
+        if len(series) != 1:
+            return replace(entry, error=(
+                f"{entry.path}: a folder of {len(series)} DICOM whole-slide series, not one; "
+                "give the path of one of the slide's files"))
+        [instances] = series.values()
+        return replace(entry, path=level0_instance(instances).path,
+                       error=series_error(instances) or "")
+    for instances in series.values():
+        if any(i.path == entry.path for i in instances):
+            return replace(entry, error=series_error(instances) or "")
+    return entry  # not a whole-slide image: opening it says what it is
 
 
 def _dicom_slide_ids(folder_id: str, series: dict[str, list[DicomInstance]]) -> dict[str, str]:
@@ -252,7 +295,7 @@ def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
         if missing:
             raise SlideListError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; "
                                  "expected slide_id,path,label")
-        entries = []
+        entries, dicom_folders = [], {}
         for line, row in enumerate(reader, start=2):
             slide_id, path = (row.get("slide_id") or "").strip(), (row.get("path") or "").strip()
             if not slide_id or not path:
@@ -261,9 +304,12 @@ def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
                 raise SlideListError(f"{csv_path}: line {line}: slide_id {slide_id!r} is not a "
                                      "plain file name")
             annotation = (row.get("annotation") or "").strip()
-            entries.append(SlideEntry(slide_id, Path(os.path.abspath(csv_path.parent / path)),
-                                      (row.get("label") or "").strip(),
-                                      csv_path.parent / annotation if annotation else None))
+            entry = SlideEntry(slide_id, Path(os.path.abspath(csv_path.parent / path)),
+                               (row.get("label") or "").strip(),
+                               csv_path.parent / annotation if annotation else None)
+            if entry.path.is_dir() or (entry.path.is_file() and _is_dicom(entry.path)):
+                entry = _dicom_csv_entry(entry, dicom_folders)
+            entries.append(entry)
     if not entries:
         raise SlideListError(f"{csv_path}: no slides listed")
     return _unique(csv_path, entries)

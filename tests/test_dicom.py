@@ -12,7 +12,7 @@ import openslide
 import pytest
 from slide_files import he_pixels, write_dicom_wsi, write_secondary_capture
 
-from preprocessing.hospital import read_slide_list
+from preprocessing.hospital import preprocess_hospital, read_slide_list
 from wsi.slide import open_slide
 
 
@@ -159,3 +159,27 @@ def test_slide_folders_are_searched_recursively(tmp_path, real_slide):
     assert entries[0].error.startswith(f"{cohort / 'a' / 'b.svs'}: slide_id 'a__b' is also that "
                                        f"of {cohort / 'a__b.svs'}; ")
     assert [bool(e.error) for e in entries] == [True, True, False, False, False]
+
+
+def test_a_csv_names_a_dicom_slide_by_its_folder_or_one_of_its_files(tmp_path):
+    rgb = he_pixels()[:1024, :1024]
+    good = write_dicom_wsi(tmp_path / "good", rgb, 0.5, levels=3)
+    write_dicom_wsi(tmp_path / "two", rgb, 0.5, name="a", container_id="A")
+    write_dicom_wsi(tmp_path / "two", rgb, 0.5, name="b", container_id="B")
+    missing = write_dicom_wsi(tmp_path / "missing", rgb, 0.5, levels=3, container_id="M")
+    missing[0].unlink()
+    csv = tmp_path / "labels.csv"
+    csv.write_text("slide_id,path,label\nA,good,1\nB,good/level-2.dcm,0\nC,two,1\n"
+                   "D,missing/level-2.dcm,0\n")
+    entries = read_slide_list(csv)
+    assert [(e.slide_id, e.path, e.label) for e in entries] == [
+        ("A", good[0], "1"), ("B", good[2], "0"), ("C", tmp_path / "two", "1"),
+        ("D", missing[2], "0")]
+    assert [e.error for e in entries[:2]] == ["", ""]
+    assert entries[2].error == (f"{tmp_path / 'two'}: a folder of 2 DICOM whole-slide series, "
+                                "not one; give the path of one of the slide's files")
+    assert entries[3].error.startswith(f"{missing[1]}: incomplete DICOM series ")
+    rows = preprocess_hospital("h", csv, tmp_path / "out", progress=False)
+    assert [(r.status, r.error == e.error) for r, e in zip(rows, entries, strict=True)] == [
+        ("ok", True), ("ok", True), ("failed", True), ("failed", True)]
+    assert rows[0].n_patches == rows[1].n_patches > 0  # two files of one slide: the same slide
