@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import openslide
 import pytest
 from slide_files import he_pixels, write_dicom_wsi, write_secondary_capture
 
-from preprocessing.hospital import preprocess_hospital, read_slide_list
+from preprocessing.hospital import SlideListError, preprocess_hospital, read_slide_list
 from wsi.slide import open_slide
 
 
@@ -183,3 +184,19 @@ def test_a_csv_names_a_dicom_slide_by_its_folder_or_one_of_its_files(tmp_path):
     assert [(r.status, r.error == e.error) for r, e in zip(rows, entries, strict=True)] == [
         ("ok", True), ("ok", True), ("failed", True), ("failed", True)]
     assert rows[0].n_patches == rows[1].n_patches > 0  # two files of one slide: the same slide
+
+
+def test_an_unreadable_subfolder_stops_the_listing_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "s1.svs").write_bytes(b"")
+    iterdir = Path.iterdir
+
+    def refuse_locked(self):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refuse_locked)
+    with pytest.raises(SlideListError, match="locked: cannot list the folder"
+                                              r" \(Permission denied\)$"):
+        read_slide_list(tmp_path)
