@@ -141,6 +141,7 @@ def _instance(image: Image.Image, mpp: float, level: int, tile: int, container_i
 def write_secondary_capture(path: Path) -> Path:
     """A DICOM file of another kind than a whole-slide image (a Secondary Capture, as a
     screenshot or scanned report is stored), 8x8 px of grey."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path.name)])

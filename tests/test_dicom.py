@@ -200,3 +200,11 @@ def test_an_unreadable_subfolder_stops_the_listing_naming_it(tmp_path, monkeypat
     with pytest.raises(SlideListError, match="locked: cannot list the folder"
                                               r" \(Permission denied\)$"):
         read_slide_list(tmp_path)
+
+
+def test_a_folder_of_no_whole_slide_image_is_no_slide_list(tmp_path):
+    write_secondary_capture(tmp_path / "case" / "report.dcm")
+    (tmp_path / "notes.txt").write_text("not a slide")
+    with pytest.raises(SlideListError, match=rf"^{re.escape(str(tmp_path))}: no slide files "
+                                             r"\(\.svs, .*\) or DICOM-WSI series in it"):
+        read_slide_list(tmp_path)
