@@ -5,8 +5,7 @@ overview images), usually one file each. OpenSlide opens the slide from any one 
 and gathers the others of the same SeriesInstanceUID from that file's folder, silently
 leaving out files it cannot use. So that a missing or damaged file fails its slide instead
 of shrinking it, the instances are read here first: pydicom parses each header and stops
-before the pixel data, and the pixel data's item headers are walked only to see that the
-file is whole.
+before the pixel data, whose end is checked to see that the file is whole.
 """
 
 from __future__ import annotations
