@@ -50,28 +50,54 @@ def _write_config(digits: Path, tmp_path: Path, **overrides) -> Path:
     return path
 
 
+def _assert_same_files(run: Path, local: Path, clients: int) -> None:
+    """The run-level and every hospital's metrics and ε, byte for byte, and the summary's."""
+    names = ["metrics.csv", "privacy.csv", *(f"hospitals/client_{c}/{f}" for c in range(clients)
+                                             for f in ("metrics.csv", "privacy.csv"))]
+    for name in names:
+        assert (run / name).read_text() == (local / name).read_text(), name
+    summary = json.loads((run / "summary.json").read_text())
+    local_summary = json.loads((local / "summary.json").read_text())
+    assert summary["final"] == local_summary["final"]
+    assert summary["elements_sent"] == local_summary["elements_sent"]
+
+
+@pytest.mark.parametrize(("clients", "ranks"), [(4, 4), (4, 2), (3, 2)],
+                         ids=["one-per-rank", "4-on-2", "3-on-2"])
 @pytest.mark.parametrize("algorithm", ["proxyfl", "fedavg"])
 def test_mpi_run_writes_the_local_backends_files(
-    digits: Path, tmp_path: Path, algorithm: str
+    digits: Path, tmp_path: Path, algorithm: str, clients: int, ranks: int
 ) -> None:
-    overrides = {"algorithm": algorithm, "rounds": 3, "fedavg.client_fraction": 0.5}
+    overrides = {"algorithm": algorithm, "rounds": 3, "fedavg.client_fraction": 0.5,
+                 "clients": clients}
     path = _write_config(digits, tmp_path, **overrides)
-    result, _ = _mpiexec(4, "-m", "slidefed", "-q", "federate", "--config", str(path),
+    result, _ = _mpiexec(ranks, "-m", "slidefed", "-q", "federate", "--config", str(path),
                          "--backend", "mpi", "--set", f"output_dir={tmp_path / 'mpi'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith(f"{algorithm}: 3 rounds, 4 clients")
+    assert result.stdout.startswith(f"{algorithm}: 3 rounds, {clients} clients")
 
-    local = config_from_dict(small_config(digits, tmp_path / "local", **overrides))
-    run_federation(local)
-    for name in ("metrics.csv", "privacy.csv"):
-        assert (tmp_path / "mpi" / name).read_text() == (tmp_path / "local" / name).read_text()
-    mpi_summary = json.loads((tmp_path / "mpi" / "summary.json").read_text())
-    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
-    assert mpi_summary["final"] == local_summary["final"]
-    assert mpi_summary["elements_sent"] == local_summary["elements_sent"]
+    run_federation(config_from_dict(small_config(digits, tmp_path / "local", **overrides)))
+    _assert_same_files(tmp_path / "mpi", tmp_path / "local", clients)
     if algorithm == "proxyfl":
         proxy = 8 * 8 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # the 64-200-200-10 MLP
-        assert mpi_summary["elements_sent"] == 3 * 4 * proxy  # one proxy per client per round
+        summary = json.loads((tmp_path / "mpi" / "summary.json").read_text())
+        assert summary["elements_sent"] == 3 * clients * proxy  # one proxy per client a round
+
+
+def test_a_run_resumed_on_fewer_ranks_gives_the_uninterrupted_files(
+    digits: Path, tmp_path: Path
+) -> None:
+    # 2 rounds on one rank per client, then round 3 with the 4 clients packed on 2 ranks.
+    path = _write_config(digits, tmp_path, checkpoint_every=1)
+    command = ["-m", "slidefed", "-q", "federate", "--config", str(path), "--backend", "mpi",
+               "--set", f"output_dir={tmp_path / 'mpi'}"]
+    result, _ = _mpiexec(4, *command, "--set", "rounds=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, _ = _mpiexec(2, *command, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_federation(config_from_dict(small_config(digits, tmp_path / "local",
+                                                 checkpoint_every=1)))
+    _assert_same_files(tmp_path / "mpi", tmp_path / "local", 4)
 
 
 def test_a_local_backend_under_a_launch_of_two_is_refused(digits: Path, tmp_path: Path) -> None:
@@ -175,15 +201,18 @@ def test_hospitals_on_disks_of_their_own_send_only_the_listed_messages(
     for rank in (0, 1):
         calls = json.loads((tmp_path / f"calls_{rank}.json").read_text())
         barrier = ("Isend", "barrier", 0)  # an empty message to every other rank
+        # FedAvg's sum: rank 0's running sum to rank 1, then broadcast from rank 1.
+        running_sum = {("Isend", "reduce", proxy + 1)} if rank == 0 else set()
         for algorithm, buffers in (
             ("proxyfl", {("Isend", "exchange", proxy), barrier}),
-            ("fedavg", {("Isend", "probe", 2), ("Iallreduce", None, proxy + 1), barrier}),
+            ("fedavg", {("Isend", "probe", 2), *running_sum, ("Ibcast", None, proxy + 1),
+                        barrier}),
         ):
             made = calls[algorithm]
             assert {c["method"] for c in made} == {"isend", "improbe", "Isend", "Irecv",
                                                    *(method for method, _, _ in buffers)}
             assert {(c["method"], c["kind"], c["sent"]) for c in made
-                    if c["method"] in ("Isend", "Iallreduce")} == buffers
+                    if c["method"] in ("Isend", "Ibcast")} == buffers
             # Pickled: start facts to every other rank, metric rows from client 1 to client 0.
             assert {c["kind"] for c in made if c["method"] == "isend"} == (
                 {"allgather", "gather_rows"} if rank == 1 else {"allgather"})
@@ -221,5 +250,5 @@ def test_srun_without_pmi2_stops_every_task_instead_of_training_alone(
     for task in tasks:
         _, stderr = task.communicate(timeout=TIMEOUT_S)
         assert task.returncode != 0
-        assert message in stderr and "srun --mpi=pmi2 -n K" in stderr, stderr
+        assert message in stderr and "srun --mpi=pmi2 -n R" in stderr, stderr
     assert not (tmp_path / "unused").exists()  # nobody trained
