@@ -7,8 +7,8 @@ are written once here — local training, mutual learning, mixing with graph nei
 data-weighted averaging — so an algorithm module reads like its update rule.
 
 Algorithms run collectively over the clients this process owns (all of them on the local
-backend, one under MPI); every call into the communicator is made by every process in the
-same order, whatever a client's state, so nothing can hang.
+backend, a block of them per MPI rank); every call into the communicator is made by every
+process in the same order, whatever a client's state, so nothing can hang.
 
 **ε budget.** σ, q and the steps of a round are fixed, so the ε after the next round is known
 before it starts. A DP model whose next round would take its ε past ``dp.epsilon_budget``
