@@ -125,11 +125,12 @@ def test_an_exception_on_one_rank_ends_every_rank_with_its_message(
     assert ended - failed_at < 10, f"the job took {ended - failed_at:.1f} s to end"
 
 
-def _hanging_run(digits: Path, tmp_path: Path, algorithm: str, *settings: str) -> tuple:
+def _hanging_run(digits: Path, tmp_path: Path, algorithm: str, *settings: str,
+                 clients: int = 2) -> tuple:
     """Start 2 ranks of ``slidefed federate`` whose client 1 hangs in round 2; returns the
     mpiexec process and the folder where each client marks ``<pid> <time>`` as it gets there."""
     path = _write_config(digits, tmp_path, algorithm=f"{algorithm}_hanging_on_client_1",
-                         clients=2)
+                         clients=clients)
     marks = tmp_path / "marks"
     marks.mkdir()
     process = start_mpiexec(
@@ -148,6 +149,19 @@ def test_a_rank_that_stops_answering_ends_the_job_with_an_error_naming_it(
             "(comm_timeout_s) while exchanging parameters\n") in result.stderr, result.stderr
     hung_at = float((marks / "client_1").read_text().split()[1])
     assert 3 < ended - hung_at < 3 + 7, f"the job took {ended - hung_at:.1f} s to end"
+
+
+def test_a_silent_rank_of_several_hospitals_is_named_with_all_of_them(
+    digits: Path, tmp_path: Path
+) -> None:
+    # 3 clients on 2 ranks: rank 0 runs clients 0 and 1, and hangs with client 1; in round 2
+    # client 2 (rank 1) receives from client 0.
+    process, _ = _hanging_run(digits, tmp_path, "proxyfl", "--set", "comm_timeout_s=3",
+                              clients=3)
+    result, _ = wait_mpiexec(process, TIMEOUT_S)
+    assert result.returncode != 0
+    assert ("rank 1: PeerTimeoutError: no answer from rank 0 (client_0, client_1) in 3 s "
+            "(comm_timeout_s) while exchanging parameters\n") in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("target", ["waiting rank", "mpiexec"])
@@ -218,7 +232,8 @@ def test_hospitals_on_disks_of_their_own_send_only_the_listed_messages(
                 {"allgather", "gather_rows"} if rank == 1 else {"allgather"})
             starts = [c["sent"] for c in made if c["kind"] == "allgather"]
             assert len(starts) == (2 if algorithm == "proxyfl" else 1)  # one per run
-            assert all(len(fact) == 4 for fact in starts)  # StartFacts
+            # The StartFacts of each hospital of the rank (one here).
+            assert all(len(facts) == 1 and len(facts[0]) == 4 for facts in starts)
             for call in made:
                 if call["kind"] == "gather_rows":
                     for row in call["sent"]:

@@ -84,7 +84,10 @@ def main(digits: Path, out: Path) -> None:
     try:
         _federate(digits, out, "proxyfl", [], rounds=4, resume=True)
     except ConfigError as error:
-        print(f"error: {error}", flush=True)
+        # One write per line: print's separate newline lets hydra interleave the two ranks'
+        # lines when stdout is unbuffered (PYTHONUNBUFFERED).
+        sys.stdout.write(f"error: {error}\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
