@@ -184,32 +184,41 @@ def test_sigterm_ends_a_job_waiting_in_a_collective_within_seconds(
     assert not list((tmp_path / "out").rglob(".*.partial-*"))
 
 
+@pytest.mark.parametrize("clients", [2, 4], ids=["one-per-rank", "two-per-rank"])
 def test_hospitals_on_disks_of_their_own_send_only_the_listed_messages(
-    digits: Path, tmp_path: Path
+    digits: Path, tmp_path: Path, clients: int
 ) -> None:
-    """Two ranks, each with its own output_dir: each writes only its hospital's files, a
+    """Two ranks, each with its own output_dir: each writes only its hospitals' files, a
     resume agrees, every mpi4py call is one the README lists, and a hospital that lost its
     checkpoint stops the next resume with the same line on both ranks."""
-    result, _ = _mpiexec(2, str(OWN_DISKS), str(digits), str(tmp_path))
+    result, _ = _mpiexec(2, str(OWN_DISKS), str(digits), str(tmp_path), str(clients))
     assert result.returncode == 0, result.stderr[-3000:]
     errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: --resume: the hospitals hold checkpoints of no common round "
-                      "(client_0: 3; client_1: none); every hospital must resume from the same "
+    held = "; ".join([*(f"client_{c}: 3" for c in range(clients - 1)),
+                      f"client_{clients - 1}: none"])
+    assert errors == [f"error: --resume: the hospitals hold checkpoints of no common round "
+                      f"({held}); every hospital must resume from the same "
                       "round: restore the missing hospitals/<name>/checkpoints, or start "
                       "afresh with --force"] * 2
 
     disk_0, disk_1 = tmp_path / "proxyfl_disk_0", tmp_path / "proxyfl_disk_1"
-    assert sorted(p.name for p in (disk_0 / "hospitals").iterdir()) == ["client_0"]
+    half = clients // 2
+    owned = {disk_0: range(half), disk_1: range(half, clients)}
+    for disk, hospitals in owned.items():
+        assert sorted(p.name for p in (disk / "hospitals").iterdir()) == [
+            f"client_{c}" for c in hospitals]
     assert [p.name for p in disk_1.iterdir()] == ["hospitals"]  # no run-level file there
-    assert sorted(p.name for p in (disk_1 / "hospitals").iterdir()) == ["client_1"]
     # Resumed on separate disks, the files are those of one uninterrupted local run.
     local = tmp_path / "local"
     run_federation(config_from_dict(small_config(
-        digits, local, clients=2, rounds=3, checkpoint_every=1, **{"model.private": "lenet5"})))
-    for disk, name in ((disk_0, "metrics.csv"), (disk_0, "privacy.csv"),
-                       (disk_0, "hospitals/client_0/metrics.csv"),
-                       (disk_1, "hospitals/client_1/metrics.csv")):
-        assert (disk / name).read_text() == (local / name).read_text(), name
+        digits, local, clients=clients, rounds=3, checkpoint_every=1,
+        **{"model.private": "lenet5"})))
+    for name in ("metrics.csv", "privacy.csv"):
+        assert (disk_0 / name).read_text() == (local / name).read_text(), name
+    for disk, hospitals in owned.items():
+        for c in hospitals:
+            name = f"hospitals/client_{c}/metrics.csv"
+            assert (disk / name).read_text() == (local / name).read_text(), name
 
     proxy = 8 * 8 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # the 64-200-200-10 MLP
     for rank in (0, 1):
@@ -232,8 +241,9 @@ def test_hospitals_on_disks_of_their_own_send_only_the_listed_messages(
                 {"allgather", "gather_rows"} if rank == 1 else {"allgather"})
             starts = [c["sent"] for c in made if c["kind"] == "allgather"]
             assert len(starts) == (2 if algorithm == "proxyfl" else 1)  # one per run
-            # The StartFacts of each hospital of the rank (one here).
-            assert all(len(facts) == 1 and len(facts[0]) == 4 for facts in starts)
+            # The StartFacts of each hospital of the rank.
+            assert all(len(facts) == half and all(len(fact) == 4 for fact in facts)
+                       for facts in starts)
             for call in made:
                 if call["kind"] == "gather_rows":
                     for row in call["sent"]:
