@@ -279,9 +279,9 @@ class Algorithm(ABC):
 def _with_count(values: torch.Tensor, weight: float) -> torch.Tensor:
     """[weight · values, weight] in float64, ready for an allreduce.
 
-    MPI adds the ranks' buffers in an order of its own choosing (the local backend in client
-    order), and float addition is not associative. In float64 the two orders differ far below
-    float32 resolution, so the result, cast back to float32, is the same on either backend.
+    Every backend sums in client order (``Communicator.allreduce_sum``), so the result is the
+    same however the clients are packed; float64 keeps the rounding of a sum over many
+    clients far below float32 resolution before the average is cast back.
     """
     return torch.cat([values.to(torch.float64) * weight,
                       torch.tensor([weight], dtype=torch.float64)])
