@@ -215,7 +215,9 @@ def _mpiexec() -> Path:
 def default_ranks(clients: int) -> int:
     """MPI ranks for a run of ``clients`` clients: one per core this process may use, at most
     one per client (more ranks than cores only add start-up: each imports torch and opacus)."""
-    return min(clients, len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    return min(clients, cores)
 
 
 def _run_under_mpiexec(run: PlannedRun, resume: bool, ranks: int | None = None) -> None:
