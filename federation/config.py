@@ -266,6 +266,22 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """Records set aside for ``slidefed audit``, the membership-inference audit
+    (``federation.audit``).
+
+    ``holdout``: images per client drawn, with that client's training label distribution,
+    from the training split's images that no client trains on, and recorded with its
+    members in ``hospitals/<h>/audit_records.csv``; they are the audit's non-members. 0 (the
+    default): none, and an image run cannot be audited. Drawn with a seed of their own, so
+    a run trains on the same images with or without them. Slide runs set nothing here: their
+    test slides, never trained on, are the non-members.
+    """
+
+    holdout: int = _setting(0, _non_negative)
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """One federation run. ``backend``: auto (mpi when started by mpiexec, else local), local
     or mpi. ``threads``: torch threads per process. The thread count changes the order of
@@ -303,6 +319,7 @@ class FederationConfig:
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     slides: SlidesConfig = field(default_factory=SlidesConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def client_name(self, client: int) -> str:
         """The name of client ``client`` in the run directory (``hospitals/<name>/``): its
@@ -573,6 +590,10 @@ def _check_together(config: FederationConfig, source: str, provenance: dict[str,
 
 
 def _check_slides(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
+    if config.audit.holdout:
+        raise ConfigError(f"{provenance.get('audit.holdout', source)}: audit.holdout applies "
+                          "to image data; a slide run's audit uses its test slides, which are "
+                          "never trained on")
     hospitals = config.data.hospitals
     where = provenance.get("data.hospitals", provenance.get("clients", source))
     if not hospitals:

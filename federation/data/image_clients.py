@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,10 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from federation.audit.records import Records, write_audit_records
 from federation.config import FederationConfig
 from federation.data.base import Batch, ClientData
 from federation.data.images import as_tensor_dataset, load_images
-from federation.data.partition import client_test_indices, label_histogram, partition
+from federation.data.partition import (
+    client_test_indices,
+    holdout_indices,
+    label_histogram,
+    partition,
+)
+from federation.run_files import AUDIT_RECORDS
 from federation.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -40,9 +48,13 @@ class ImageClientData(ClientData):
 
     def __init__(self, name: str, train: TensorDataset, test: TensorDataset, *,
                  num_classes: int, dataset: str, mean: tuple[float, ...],
-                 std: tuple[float, ...]) -> None:
+                 std: tuple[float, ...],
+                 audit_records: Records | None = None) -> None:
         self.name = name
         self.train, self.test = train, test
+        # Indices into the training split of the audit's members and non-members, when the
+        # run holds non-members out (audit.holdout).
+        self.audit_records = audit_records
         self.num_classes = num_classes
         self._dataset, self._mean, self._std = dataset, mean, std
 
@@ -87,6 +99,12 @@ class ImageClientData(ClientData):
         module.train()
         return {"accuracy": correct / len(labels), "loss": loss / len(labels)}
 
+    def write_records(self, directory: Path) -> None:
+        """The audit's members and non-members (``audit_records.csv``), when held out."""
+        if self.audit_records is None:
+            return
+        write_audit_records(directory / AUDIT_RECORDS, self.name, self.audit_records)
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "images", "dataset": self._dataset, **self.model_options(),
                 "normalisation": {"mean": list(self._mean), "std": list(self._std)}}
@@ -117,10 +135,18 @@ def load_image_clients(config: FederationConfig, clients: Iterable[int]
     for client, counts in enumerate(histogram):
         log.debug("client %d: %d training images, classes %s", client, counts.sum(),
                   counts.tolist())
+    records: dict[int, Records | None] = dict.fromkeys(range(config.clients))
+    if config.audit.holdout:
+        # Its own seed: holding records out changes neither the partition nor the tests.
+        held = holdout_indices(train.labels, parts, config.audit.holdout, np.random.default_rng(
+            derive_seed(config.seed, "audit-holdout")))
+        records = {c: {"member": (parts[c], train.labels[parts[c]]),
+                       "nonmember": (held[c], train.labels[held[c]])}
+                   for c in range(config.clients)}
     return {
         c: ImageClientData(config.client_name(c), as_tensor_dataset(train, parts[c]),
                            as_tensor_dataset(test, tests[c]),
                            num_classes=train.num_classes, dataset=spec.name, mean=train.mean,
-                           std=train.std)
+                           std=train.std, audit_records=records[c])
         for c in clients
     }

@@ -254,3 +254,31 @@ def client_test_indices(
         except PartitionError as err:
             raise PartitionError(f"test set of client {k}: {err}") from None
     return tests
+
+
+def holdout_indices(
+    labels: np.ndarray,
+    parts: Sequence[np.ndarray],
+    samples_per_client: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Per client, ``samples_per_client`` indices into ``labels`` that no shard of ``parts``
+    holds, with that client's shard's label distribution: the membership audit's
+    non-members (``federation.audit``), drawn from the distribution its members come from.
+    They are disjoint from every shard and from each other, so a record that one client's
+    audit calls a non-member was trained on by no client.
+    """
+    labels = _check_labels(labels)
+    used = np.zeros(len(labels), dtype=bool)
+    for part in parts:
+        used[part] = True
+    pool = np.flatnonzero(~used)
+    num_classes = int(labels.max()) + 1
+    histogram = label_histogram(labels, parts, num_classes)
+    counts = np.stack([apportion(samples_per_client, row, rng) for row in histogram])
+    try:
+        drawn = _draw(labels[pool], counts, rng)
+    except PartitionError as err:
+        raise PartitionError(f"audit.holdout = {samples_per_client}: {err} (images no client "
+                             "trains on)") from None
+    return [pool[d] for d in drawn]
