@@ -274,11 +274,19 @@ class AuditConfig:
     from the training split's images that no client trains on, and recorded with its
     members in ``hospitals/<h>/audit_records.csv``; they are the audit's non-members. 0 (the
     default): none, and an image run cannot be audited. Drawn with a seed of their own, so
-    a run trains on the same images with or without them. Slide runs set nothing here: their
-    test slides, never trained on, are the non-members.
+    a run trains on the same images with or without them.
+
+    ``canaries``: mislabelled images per client (Jagielski et al., NeurIPS 2020), which make
+    the audit far stronger: 2 × ``canaries`` images that no client trains on otherwise,
+    each given a wrong label drawn at random; a random half of them join the client's
+    training set (members), the other half are never trained on (non-members). This
+    changes what the client trains on (and its ε, through n); 0 (the default): none.
+
+    Slide runs set neither: their test slides, never trained on, are the non-members.
     """
 
     holdout: int = _setting(0, _non_negative)
+    canaries: int = _setting(0, _non_negative)
 
 
 @dataclass(frozen=True)
@@ -590,10 +598,11 @@ def _check_together(config: FederationConfig, source: str, provenance: dict[str,
 
 
 def _check_slides(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
-    if config.audit.holdout:
-        raise ConfigError(f"{provenance.get('audit.holdout', source)}: audit.holdout applies "
-                          "to image data; a slide run's audit uses its test slides, which are "
-                          "never trained on")
+    for key in ("holdout", "canaries"):
+        if getattr(config.audit, key):
+            raise ConfigError(f"{provenance.get(f'audit.{key}', source)}: audit.{key} applies "
+                              "to image data; a slide run's audit uses its test slides, which "
+                              "are never trained on")
     hospitals = config.data.hospitals
     where = provenance.get("data.hospitals", provenance.get("clients", source))
     if not hospitals:

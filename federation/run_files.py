@@ -25,8 +25,9 @@ directory may lie on its own disk (``output_dir`` of its process)::
         models/<model>.pt        its final models (``federation.model_files``)
         slide_predictions.csv    ``slidefed evaluate``: its validation and test slides
         slide_metrics.json       ``slidefed evaluate``: its test-slide metrics
-        audit_records.csv        hospital, record, label, membership: the images its audit
-                                 calls members and non-members (``audit.holdout``)
+        audit_records.csv        hospital, set, record, label, membership: the images its
+                                 audit calls members and non-members (``audit.holdout``,
+                                 ``audit.canaries``; ``federation.audit.records``)
         audit.csv, audit.json    ``slidefed audit``: membership inference on its models
     slide_predictions.csv        ``slidefed evaluate``: every hospital's rows
     slide_metrics.json           ``slidefed evaluate``: per hospital and pooled
@@ -60,7 +61,7 @@ HOSPITALS = "hospitals"
 METRICS_COLUMNS = ("round", "client", "model", "split", "metric", "value")
 PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit", "status")
 AUDIT_RECORDS = "audit_records.csv"  # inside a hospital's directory
-AUDIT_RECORDS_COLUMNS = ("hospital", "record", "label", "membership")
+AUDIT_RECORDS_COLUMNS = ("hospital", "set", "record", "label", "membership")
 AUDIT_CSV = "audit.csv"
 AUDIT_JSON = "audit.json"
 AUDIT_ROC = "audit_roc.png"

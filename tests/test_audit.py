@@ -27,6 +27,7 @@ from federation.audit.records import read_audit_records
 from federation.audit.run import COLUMNS, audit_run
 from federation.config import ConfigError, config_from_dict
 from federation.data.image_clients import load_image_clients
+from federation.data.images import load_images
 from federation.data.partition import holdout_indices, partition
 from federation.loop import run_federation
 from slidefed.cli import main
@@ -112,13 +113,38 @@ def test_holding_records_out_trains_on_the_same_images(tmp_path) -> None:
     for a, b in zip(load_image_clients(plain, range(4)).values(),
                     load_image_clients(held, range(4)).values(), strict=True):
         assert all(x.equal(y) for x, y in zip(a.train.tensors, b.train.tensors, strict=True))
-        assert a.audit_records is None and b.audit_records is not None
+        assert a.audit_records is None and set(b.audit_records) == {"holdout"}
 
 
-def test_slide_runs_refuse_a_holdout(tmp_path) -> None:
-    config = slide_config(tmp_path, tmp_path / "out", ["h_a"], **{"audit.holdout": 10})
-    with pytest.raises(ConfigError, match="audit.holdout applies to image data"):
+@pytest.mark.parametrize("key", ["holdout", "canaries"])
+def test_slide_runs_refuse_records_set_aside(tmp_path, key) -> None:
+    config = slide_config(tmp_path, tmp_path / "out", ["h_a"], **{f"audit.{key}": 10})
+    with pytest.raises(ConfigError, match=f"audit.{key} applies to image data"):
         config_from_dict(config)
+
+
+def test_canaries_are_mislabelled_and_half_of_them_trained_on(tmp_path) -> None:
+    root = write_synthetic_digits(tmp_path / "digits", train_per_class=200)
+    plain = load_image_clients(config_from_dict(small_config(root, tmp_path / "a")), range(4))
+    config = config_from_dict(small_config(root, tmp_path / "b", **{"audit.holdout": 20,
+                                                                    "audit.canaries": 10}))
+    clients = load_image_clients(config, range(4))
+    images = load_images("mnist", root, train=True)
+    seen = [np.concatenate([c.audit_records["holdout"]["member"][0] for c in clients.values()])]
+    for k, client in clients.items():
+        canaries = client.audit_records["canary"]
+        members, wrong = canaries["member"]
+        assert len(members) == len(canaries["nonmember"][0]) == 10
+        for indices, labels in canaries.values():
+            assert not (images.labels[indices] == labels).any()
+            seen.append(indices)
+        seen.append(client.audit_records["holdout"]["nonmember"][0])
+        # The shard as before, then the member canaries with their wrong labels.
+        shard = plain[k].train.tensors
+        assert client.train.tensors[0][:len(shard[0])].equal(shard[0])
+        assert client.train.tensors[1].tolist() == shard[1].tolist() + wrong.tolist()
+    everything = np.concatenate(seen)
+    assert len(np.unique(everything)) == len(everything)
 
 
 # ---------------------------------------------------------------------------- audited runs
@@ -159,18 +185,27 @@ def test_a_memorising_model_leaks_and_the_members_are_its_training_images(digits
                for k in range(2)]
     config = config_from_dict(small_config(digits, out, **MEMORISE))
     for k, client in load_image_clients(config, range(2)).items():
-        members, labels = records[k]["member"]
+        members, labels = records[k]["holdout"]["member"]
         assert client.train.tensors[1].numpy().tolist() == labels.tolist()
-        assert np.array_equal(members, client.audit_records["member"][0])
-    every_member = np.concatenate([r["member"][0] for r in records])
-    every_nonmember = np.concatenate([r["nonmember"][0] for r in records])
+        assert np.array_equal(members, client.audit_records["holdout"]["member"][0])
+    every_member = np.concatenate([r["holdout"]["member"][0] for r in records])
+    every_nonmember = np.concatenate([r["holdout"]["nonmember"][0] for r in records])
     assert not np.intersect1d(every_member, every_nonmember).size
     document = json.loads((out / "audit.json").read_text())
     assert document["results"][0]["epsilon"] is None  # infinite: no DP
     assert document["time"]["audit_s"] > 0 and document["time"]["run_wall_s"] > 0
-    assert set(document["roc"]) == {"client_0/private", "client_1/private"}
+    assert set(document["roc"]) == {"client_0/private/holdout", "client_1/private/holdout"}
     assert (out / "audit_roc.png").stat().st_size > 0
     assert (out / "hospitals" / "client_0" / "audit.csv").is_file()
+
+
+def test_canaries_expose_a_memorising_model_more_than_its_other_records(digits, tmp_path
+                                                                        ) -> None:
+    rows, _ = _audited(digits, tmp_path / "run", **{"audit.canaries": 50})
+    by_set = {(r["hospital"], r["records"]): float(r["auc"]) for r in rows}
+    for hospital in ("client_0", "client_1"):
+        assert by_set[hospital, "canary"] > 0.9
+        assert by_set[hospital, "canary"] > by_set[hospital, "holdout"]
 
 
 def test_a_model_trained_with_large_noise_stays_below_its_accountant_epsilon(digits, tmp_path

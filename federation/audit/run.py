@@ -15,9 +15,12 @@ Members and non-members, per hospital, on that hospital's own data (nothing leav
 - images: ``hospitals/<h>/audit_records.csv``, written at training time when the run holds
   images out (``audit.holdout``): members are the client's training images, non-members
   images of the training split with the same label distribution that no client trained
-  on. The test split is not used: it is a different sample (MNIST's test digits come from
-  other writers), and a shift between members and non-members would pass for leakage.
-- slides: ``hospitals/<h>/splits.csv``: members are the training slides, non-members the
+  on (rows with ``records = holdout``). The test split is not used: it is a different
+  sample (MNIST's test digits come from other writers), and a shift between members and
+  non-members would pass for leakage. With ``audit.canaries``, mislabelled images half of
+  which the client trained on are audited too (``records = canary``).
+- slides (``records = test``): ``hospitals/<h>/splits.csv``: members are the training
+  slides, non-members the
   test slides, which the run never trains on nor calibrates with (the validation slides
   choose thresholds and so are left out). One record is one slide, the unit slide-level DP
   protects; its loss is the mean patch cross-entropy against the patch labels the model was
@@ -46,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from federation.audit.metrics import CONFIDENCE, LOW_FPRS, AttackResult, score_attack
 from federation.audit.records import read_audit_records
@@ -70,7 +74,8 @@ from slidefed.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 ATTACK = "loss"
-COLUMNS = ("hospital", "model", "shared", "dp", "attack", "unit", "members", "nonmembers",
+COLUMNS = ("hospital", "model", "shared", "dp", "attack", "records", "unit", "members",
+           "nonmembers",
            "auc", *(f"tpr_at_fpr_{f:g}" for f in LOW_FPRS), "epsilon_lb", "epsilon", "delta",
            "confidence", "threshold", "bound_true_positives", "bound_members",
            "bound_false_positives", "bound_nonmembers")
@@ -82,12 +87,13 @@ class AuditError(ValueError):
 
 
 @dataclass(frozen=True)
-class Records:
-    """One hospital's members and non-members, as ``losses`` takes them."""
+class AuditSet:
+    """One hospital's members and non-members of one kind, as ``losses`` takes them."""
 
+    name: str  # holdout or canary (images), test (slides)
     unit: str  # record or slide
-    members: Any
-    nonmembers: Any
+    members: TensorDataset | list[BagIndex]
+    nonmembers: TensorDataset | list[BagIndex]
 
 
 def audit_run(run_dir: str | Path, hospitals: Sequence[str] | None = None, *,
@@ -128,37 +134,41 @@ def audit_hospital(config: FederationConfig, run: RunDirectory, hospital: str
                    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
     """The audit rows of every saved model of ``hospital``, and each one's ROC curve (keyed
     ``<hospital>/<model>``), computed from that hospital's data and models alone."""
-    records = hospital_records(config, run, hospital)
+    sets = hospital_records(config, run, hospital)
     paths = sorted((run.hospital_dir(hospital) / "models").glob("*.pt"))
     if not paths:
         raise AuditError(f"{run.hospital_dir(hospital) / 'models'}: no saved models; did the "
                          "run finish?")
-    cards = []
-    for path in paths:
-        module, card = load_model(path)
-        losses_in = losses(module, records.members, config)
-        losses_out = losses(module, records.nonmembers, config)
-        cards.append((path, card, losses_in, losses_out))
-    run_delta = next((c["privacy"]["delta"] for _, c, _, _ in cards
-                      if c["privacy"]["dp"] and c["privacy"]["delta"] is not None),
-                     config.dp.delta or 1.0 / len(losses_in))
+    models = [(path, *load_model(path)) for path in paths]
+    run_delta = next((card["privacy"]["delta"] for _, _, card in models
+                      if card["privacy"]["dp"] and card["privacy"]["delta"] is not None),
+                     config.dp.delta or 1.0 / len(sets[0].members))
     rows, curves = [], {}
-    for path, card, losses_in, losses_out in cards:
+    for path, module, card in models:
         privacy = card["privacy"]
         delta = privacy["delta"] if privacy["dp"] and privacy["delta"] else run_delta
-        try:
-            result = score_attack(-losses_in, -losses_out, delta=delta,
-                                  seed=derive_seed(config.seed, "audit", hospital, card["model"]))
-        except ValueError as error:
-            raise AuditError(f"{path}: {error}") from None
-        rows.append(_row(hospital, card, records.unit, result, delta,
-                         counts=(len(losses_in), len(losses_out))))
-        fpr, tpr = result.roc
-        curves[f"{hospital}/{card['model']}"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+        for chosen in sets:
+            losses_in = losses(module, chosen.members, config)
+            losses_out = losses(module, chosen.nonmembers, config)
+            try:
+                result = score_attack(-losses_in, -losses_out, delta=delta,
+                                      seed=derive_seed(config.seed, "audit", hospital,
+                                                       card["model"], chosen.name))
+            except ValueError as error:
+                raise AuditError(f"{path}: {error}") from None
+            rows.append(_row(hospital, card, chosen, result, delta,
+                             counts=(len(losses_in), len(losses_out))))
+            fpr, tpr = result.roc
+            curves[_curve_key(rows[-1])] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     return rows, curves
 
 
-def hospital_records(config: FederationConfig, run: RunDirectory, hospital: str) -> Records:
+def _curve_key(row: dict[str, Any]) -> str:
+    return f"{row['hospital']}/{row['model']}/{row['records']}"
+
+
+def hospital_records(config: FederationConfig, run: RunDirectory, hospital: str
+                     ) -> list[AuditSet]:
     """``hospital``'s members and non-members (see the module docstring)."""
     directory = run.hospital_dir(hospital)
     if config.data.name == "bags":
@@ -166,7 +176,7 @@ def hospital_records(config: FederationConfig, run: RunDirectory, hospital: str)
         if len(slides["test"]) < 2:
             raise AuditError(f"{directory / 'splits.csv'}: {len(slides['test'])} test slides; "
                              "an audit needs at least two non-members")
-        return Records("slide", slides["train"], slides["test"])
+        return [AuditSet("test", "slide", slides["train"], slides["test"])]
     path = directory / AUDIT_RECORDS
     try:
         found = read_audit_records(path)
@@ -174,25 +184,31 @@ def hospital_records(config: FederationConfig, run: RunDirectory, hospital: str)
         raise AuditError(str(error)) from None
     arrays = load_images(config.data.name, config.data.root, train=True)
     sets = []
-    for membership in ("member", "nonmember"):
-        indices, labels = found[membership]
-        if indices.max() >= len(arrays.labels) or indices.min() < 0:
-            raise AuditError(f"{path}: record {int(indices.max())} is outside the "
-                             f"{len(arrays.labels)} training images in {config.data.root}")
-        if not np.array_equal(arrays.labels[indices], labels):
-            raise AuditError(f"{path}: labels differ from those of the images in "
-                             f"{config.data.root}; is data.root the data set trained on?")
-        sets.append(as_tensor_dataset(arrays, indices).tensors)
-    return Records("record", *sets)
+    for name, memberships in found.items():
+        datasets = []
+        for indices, labels in memberships.values():
+            if indices.max() >= len(arrays.labels) or indices.min() < 0:
+                raise AuditError(f"{path}: record {int(indices.max())} is outside the "
+                                 f"{len(arrays.labels)} training images in {config.data.root}")
+            # A holdout record keeps its label, a canary never does.
+            agrees = arrays.labels[indices] == labels
+            if not (agrees.all() if name == "holdout" else not agrees.any()):
+                raise AuditError(f"{path}: {name} labels do not fit the images in "
+                                 f"{config.data.root}; is data.root the data set trained on?")
+            images, _ = as_tensor_dataset(arrays, indices).tensors
+            datasets.append(TensorDataset(images, torch.from_numpy(labels)))
+        sets.append(AuditSet(name, "record", *datasets))
+    return sets
 
 
 @torch.no_grad()
-def losses(module: nn.Module, records: Any, config: FederationConfig) -> np.ndarray:
+def losses(module: nn.Module, records: TensorDataset | list[BagIndex],
+           config: FederationConfig) -> np.ndarray:
     """Each record's cross-entropy under ``module``: an image's, or a slide's mean over its
     patches (``Records``)."""
     module.eval()
-    if isinstance(records, tuple):  # images: (inputs, labels)
-        inputs, labels = records
+    if isinstance(records, TensorDataset):  # images
+        inputs, labels = records.tensors
         return np.concatenate([
             F.cross_entropy(module(inputs[i:i + _CHUNK]), labels[i:i + _CHUNK],
                             reduction="none").double().numpy()
@@ -210,12 +226,13 @@ def _slide_losses(module: nn.Module, bags: list[BagIndex], config: FederationCon
         yield float(-np.mean(np.where(y == 1, np.log(p), np.log1p(-p))))
 
 
-def _row(hospital: str, card: dict[str, Any], unit: str, result: AttackResult, delta: float,
-         *, counts: tuple[int, int]) -> dict[str, Any]:
+def _row(hospital: str, card: dict[str, Any], chosen: AuditSet, result: AttackResult,
+         delta: float, *, counts: tuple[int, int]) -> dict[str, Any]:
     privacy = card["privacy"]
     bound = result.bound
     return {"hospital": hospital, "model": card["model"], "shared": bool(card["shared"]),
-            "dp": bool(privacy["dp"]), "attack": ATTACK, "unit": unit,
+            "dp": bool(privacy["dp"]), "attack": ATTACK, "records": chosen.name,
+            "unit": chosen.unit,
             "members": counts[0], "nonmembers": counts[1], "auc": result.auc,
             **{f"tpr_at_fpr_{f:g}": t for f, t in result.tpr_at_fpr.items()},
             "epsilon_lb": bound.epsilon_lb,
@@ -230,7 +247,8 @@ def _document(config: FederationConfig, rows: list[dict[str, Any]],
               curves: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     return {"attack": ATTACK, "confidence": CONFIDENCE, "low_fprs": list(LOW_FPRS),
             "nonmembers": "test slides" if config.data.name == "bags"
-            else f"{AUDIT_RECORDS} (audit.holdout = {config.audit.holdout})",
+            else f"{AUDIT_RECORDS} (audit.holdout = {config.audit.holdout}, audit.canaries = "
+                 f"{config.audit.canaries})",
             "threshold_choice": "on a random half of members and non-members; epsilon_lb "
                                 "counted on the other half",
             "results": [{k: (None if isinstance(v, float) and math.isinf(v) else v)
@@ -260,25 +278,25 @@ def _write_json(path: Path, document: dict[str, Any]) -> None:
 def plot_roc(path: Path, rows: list[dict[str, Any]],
              curves: dict[str, dict[str, list[float]]]) -> None:
     """The attack's ROC curves on log-log axes (Carlini et al. 2022), one panel per model
-    name and one line per hospital, with each panel's mean AUC."""
+    name and set of records, one line per hospital, with each panel's mean AUC."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({row["model"] for row in rows})
-    figure, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
-    for axis, model in zip(axes[0], models, strict=True):
-        chosen = [row for row in rows if row["model"] == model]
+    panels = sorted({(row["model"], row["records"]) for row in rows})
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    for axis, (model, records) in zip(axes[0], panels, strict=True):
+        chosen = [row for row in rows if (row["model"], row["records"]) == (model, records)]
         floor = 1.0 / max(row["nonmembers"] for row in chosen)
         for row in chosen:
-            curve = curves[f"{row['hospital']}/{model}"]
+            curve = curves[_curve_key(row)]
             fpr = np.maximum(curve["fpr"], floor / 2)
             axis.plot(fpr, np.maximum(curve["tpr"], floor / 2), lw=1, alpha=0.7)
         axis.plot([floor / 2, 1], [floor / 2, 1], "k--", lw=0.8)
         axis.set(xscale="log", yscale="log", xlim=(floor / 2, 1), ylim=(floor / 2, 1),
                  xlabel="false positive rate", ylabel="true positive rate",
-                 title=f"{model}: AUC {np.mean([r['auc'] for r in chosen]):.3f}, "
+                 title=f"{model} ({records}): AUC {np.mean([r['auc'] for r in chosen]):.3f}, "
                        f"ε_lb max {max(r['epsilon_lb'] for r in chosen):.2f}")
     figure.tight_layout()
     with atomic_path(path) as tmp:

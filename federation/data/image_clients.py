@@ -22,9 +22,10 @@ from torch.utils.data import TensorDataset
 from federation.audit.records import Records, write_audit_records
 from federation.config import FederationConfig
 from federation.data.base import Batch, ClientData
-from federation.data.images import as_tensor_dataset, load_images
+from federation.data.images import ImageArrays, as_tensor_dataset, load_images
 from federation.data.partition import (
     client_test_indices,
+    draw_canaries,
     holdout_indices,
     label_histogram,
     partition,
@@ -135,18 +136,44 @@ def load_image_clients(config: FederationConfig, clients: Iterable[int]
     for client, counts in enumerate(histogram):
         log.debug("client %d: %d training images, classes %s", client, counts.sum(),
                   counts.tolist())
-    records: dict[int, Records | None] = dict.fromkeys(range(config.clients))
-    if config.audit.holdout:
-        # Its own seed: holding records out changes neither the partition nor the tests.
-        held = holdout_indices(train.labels, parts, config.audit.holdout, np.random.default_rng(
-            derive_seed(config.seed, "audit-holdout")))
-        records = {c: {"member": (parts[c], train.labels[parts[c]]),
-                       "nonmember": (held[c], train.labels[held[c]])}
-                   for c in range(config.clients)}
+    records = _audit_records(config, train.labels, parts)
     return {
-        c: ImageClientData(config.client_name(c), as_tensor_dataset(train, parts[c]),
+        c: ImageClientData(config.client_name(c), _training_set(train, parts[c], records[c]),
                            as_tensor_dataset(test, tests[c]),
                            num_classes=train.num_classes, dataset=spec.name, mean=train.mean,
-                           std=train.std, audit_records=records[c])
+                           std=train.std, audit_records=records[c] or None)
         for c in clients
     }
+
+
+def _audit_records(config: FederationConfig, labels: np.ndarray, parts: list[np.ndarray]
+                   ) -> list[Records]:
+    """Each client's records set aside for the audit (``audit.holdout``, ``audit.canaries``),
+    each draw with a seed of its own, so the partition and the test sets stay as they are."""
+    records: list[Records] = [{} for _ in parts]
+    held: list[np.ndarray] = []
+    if config.audit.holdout:
+        held = holdout_indices(labels, parts, config.audit.holdout, np.random.default_rng(
+            derive_seed(config.seed, "audit-holdout")))
+        for c, part in enumerate(parts):
+            records[c]["holdout"] = {"member": (part, labels[part]),
+                                     "nonmember": (held[c], labels[held[c]])}
+    if config.audit.canaries:
+        canaries = draw_canaries(labels, [*parts, *held], len(parts), config.audit.canaries,
+                                 np.random.default_rng(derive_seed(config.seed,
+                                                                   "audit-canaries")))
+        for c, drawn in enumerate(canaries):
+            records[c]["canary"] = drawn
+    return records
+
+
+def _training_set(train: ImageArrays, part: np.ndarray, records: Records) -> TensorDataset:
+    """The client's shard, and its member canaries with their wrong labels when it has some."""
+    shard = as_tensor_dataset(train, part)
+    if "canary" not in records:
+        return shard
+    indices, wrong = records["canary"]["member"]
+    canaries = as_tensor_dataset(train, indices)
+    labels = torch.from_numpy(wrong).to(shard.tensors[1].dtype)
+    return TensorDataset(torch.cat([shard.tensors[0], canaries.tensors[0]]),
+                         torch.cat([shard.tensors[1], labels]))
