@@ -58,8 +58,8 @@ def run_audit(args: argparse.Namespace) -> int:
 
     rows = audit_run(args.run_dir, args.hospital or None, output=args.output)
     for row in rows:
-        print(f"{row['hospital']} {row['model']}: AUC {row['auc']:.3f}, TPR at 1% FPR "
-              f"{row['tpr_at_fpr_0.01']:.3f}, epsilon_lb {row['epsilon_lb']:.2f} "
+        print(f"{row['hospital']} {row['model']} ({row['records']}): AUC {row['auc']:.3f}, "
+              f"TPR at 1% FPR {row['tpr_at_fpr_0.01']:.3f}, epsilon_lb {row['epsilon_lb']:.2f} "
               f"(accountant {row['epsilon']:.3g})")
     if not args.hospital:
         print(f"{len(rows)} models audited -> {args.output or args.run_dir}/audit.csv")

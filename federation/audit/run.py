@@ -20,11 +20,11 @@ Members and non-members, per hospital, on that hospital's own data (nothing leav
   non-members would pass for leakage. With ``audit.canaries``, mislabelled images half of
   which the client trained on are audited too (``records = canary``).
 - slides (``records = test``): ``hospitals/<h>/splits.csv``: members are the training
-  slides, non-members the
-  test slides, which the run never trains on nor calibrates with (the validation slides
-  choose thresholds and so are left out). One record is one slide, the unit slide-level DP
-  protects; its loss is the mean patch cross-entropy against the patch labels the model was
-  trained on, over all its patches (or ``slides.eval_patches_per_slide`` evenly spaced).
+  slides, non-members the test slides, which the run never trains on nor calibrates with
+  (the validation slides choose thresholds and so are left out). One record is one slide,
+  the unit slide-level DP protects; its loss is the mean patch cross-entropy against the
+  patch labels the model was trained on, over all its patches (or
+  ``slides.eval_patches_per_slide`` evenly spaced).
 
 δ is the model's (the run's ``dp.delta``, or 1/n); a model without DP is audited at the δ
 the run's DP models have. Each hospital's rows go to ``hospitals/<h>/audit.csv`` and
@@ -75,9 +75,8 @@ log = logging.getLogger(__name__)
 
 ATTACK = "loss"
 COLUMNS = ("hospital", "model", "shared", "dp", "attack", "records", "unit", "members",
-           "nonmembers",
-           "auc", *(f"tpr_at_fpr_{f:g}" for f in LOW_FPRS), "epsilon_lb", "epsilon", "delta",
-           "confidence", "threshold", "bound_true_positives", "bound_members",
+           "nonmembers", "auc", *(f"tpr_at_fpr_{f:g}" for f in LOW_FPRS), "epsilon_lb",
+           "epsilon", "delta", "confidence", "threshold", "bound_true_positives", "bound_members",
            "bound_false_positives", "bound_nonmembers")
 _CHUNK = 2048
 
@@ -133,7 +132,7 @@ def audit_run(run_dir: str | Path, hospitals: Sequence[str] | None = None, *,
 def audit_hospital(config: FederationConfig, run: RunDirectory, hospital: str
                    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
     """The audit rows of every saved model of ``hospital``, and each one's ROC curve (keyed
-    ``<hospital>/<model>``), computed from that hospital's data and models alone."""
+    ``<hospital>/<model>/<records>``), computed from that hospital's data and models alone."""
     sets = hospital_records(config, run, hospital)
     paths = sorted((run.hospital_dir(hospital) / "models").glob("*.pt"))
     if not paths:
