@@ -62,7 +62,9 @@ def run_audit(args: argparse.Namespace) -> int:
               f"TPR at 1% FPR {row['tpr_at_fpr_0.01']:.3f}, epsilon_lb {row['epsilon_lb']:.2f} "
               f"(accountant {row['epsilon']:.3g})")
     if not args.hospital:
-        print(f"{len(rows)} models audited -> {args.output or args.run_dir}/audit.csv")
+        models = len({(row["hospital"], row["model"]) for row in rows})
+        print(f"{models} models audited ({len(rows)} rows) -> "
+              f"{args.output or args.run_dir}/audit.csv")
     return 0
 
 
