@@ -294,9 +294,9 @@ def plot_roc(path: Path, rows: list[dict[str, Any]],
             axis.plot(fpr, np.maximum(curve["tpr"], floor / 2), lw=1, alpha=0.7)
         axis.plot([floor / 2, 1], [floor / 2, 1], "k--", lw=0.8)
         axis.set(xscale="log", yscale="log", xlim=(floor / 2, 1), ylim=(floor / 2, 1),
-                 xlabel="false positive rate", ylabel="true positive rate",
-                 title=f"{model} ({records}): AUC {np.mean([r['auc'] for r in chosen]):.3f}, "
-                       f"ε_lb max {max(r['epsilon_lb'] for r in chosen):.2f}")
+                 xlabel="false positive rate", ylabel="true positive rate")
+        axis.set_title(f"{model} ({records}): AUC {np.mean([r['auc'] for r in chosen]):.3f}, "
+                       f"ε_lb max {max(r['epsilon_lb'] for r in chosen):.2f}", fontsize=9)
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
