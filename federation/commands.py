@@ -56,7 +56,8 @@ def run_heatmap(args: argparse.Namespace) -> int:
 def run_audit(args: argparse.Namespace) -> int:
     from federation.audit.run import audit_run
 
-    rows = audit_run(args.run_dir, args.hospital or None, output=args.output)
+    rows = audit_run(args.run_dir, args.hospital or None, output=args.output,
+                     attack=args.attack, shadows=args.shadows)
     for row in rows:
         print(f"{row['hospital']} {row['model']} ({row['records']}): AUC {row['auc']:.3f}, "
               f"TPR at 1% FPR {row['tpr_at_fpr_0.01']:.3f}, epsilon_lb {row['epsilon_lb']:.2f} "
@@ -127,8 +128,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
 
     p = commands.add_parser(
         "audit",
-        help="membership-inference audit of a finished run's models (loss attack): AUC, TPR "
-             "at low FPR and an empirical lower bound on epsilon beside the accountant's")
+        help="membership-inference audit of a finished run's models: AUC, TPR at low FPR "
+             "and an empirical lower bound on epsilon beside the accountant's")
     p.add_argument("run_dir", type=Path, help="the run's output directory")
     p.add_argument("--hospital", action="append", default=[],
                    help="audit only this hospital, writing only its own files (repeatable; "
@@ -136,4 +137,11 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="directory of the run-level audit.csv, audit.json and audit_roc.png "
                         "(default: RUN_DIR)")
+    p.add_argument("--attack", choices=("loss", "lira"), default="loss",
+                   help="loss: the loss-threshold attack (Yeom et al. 2018); lira: the "
+                        "likelihood-ratio attack with shadow runs (Carlini et al. 2022), image "
+                        "runs with audit.holdout only (default %(default)s)")
+    p.add_argument("--shadows", type=int, default=8,
+                   help="LiRA's shadow runs, trained on the local backend into "
+                        "RUN_DIR/audit_shadows/ unless there (default %(default)s)")
     p.set_defaults(run=run_audit)

@@ -282,11 +282,18 @@ class AuditConfig:
     training set (members), the other half are never trained on (non-members). This
     changes what the client trains on (and its ε, through n); 0 (the default): none.
 
-    Slide runs set neither: their test slides, never trained on, are the non-members.
+    ``shadow_of``: makes this run a LiRA shadow run of the run in that directory (``slidefed
+    audit --attack lira`` sets it): each client trains, in place of its shard, on
+    ``data.samples_per_client`` images drawn at random (this run's seed) from the holdout
+    members and non-members that run recorded in ``hospitals/<h>/audit_records.csv``, and
+    records which it drew in its own.
+
+    Slide runs set none of these: their test slides, never trained on, are the non-members.
     """
 
     holdout: int = _setting(0, _non_negative)
     canaries: int = _setting(0, _non_negative)
+    shadow_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -598,7 +605,7 @@ def _check_together(config: FederationConfig, source: str, provenance: dict[str,
 
 
 def _check_slides(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
-    for key in ("holdout", "canaries"):
+    for key in ("holdout", "canaries", "shadow_of"):
         if getattr(config.audit, key):
             raise ConfigError(f"{provenance.get(f'audit.{key}', source)}: audit.{key} applies "
                               "to image data; a slide run's audit uses its test slides, which "

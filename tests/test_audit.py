@@ -1,6 +1,6 @@
-"""The privacy audit: the ε lower bound and its statistics, the held-out records, and
-``slidefed audit`` on trained runs (a memorising model leaks, a very noisy DP model does not;
-slide runs audit their slides)."""
+"""The privacy audit: the ε lower bound and its statistics, the held-out records and
+canaries, ``slidefed audit`` on trained runs (a memorising model leaks, a very noisy DP model
+does not; slide runs audit their slides), and LiRA with its shadow runs."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from federation_synthetic import small_config, write_synthetic_digits
-from scipy.stats import binom
+from scipy.stats import binom, norm
 from slide_bags import slide_config, write_cohort
+from torch.utils.data import TensorDataset
 
+from federation.audit.lira import lira_scores, logit_confidence
 from federation.audit.metrics import (
     clopper_pearson_lower,
     clopper_pearson_upper,
@@ -247,3 +250,65 @@ def test_a_slide_run_audits_its_training_against_its_test_slides(tmp_path) -> No
         assert row["shared"] == (row["model"] == "proxy") and row["dp"] == row["shared"]
         assert 0 <= row["auc"] <= 1 and row["epsilon_lb"] >= 0
     assert (out / "audit_roc.png").is_file()
+
+
+# ---------------------------------------------------------------------------- LiRA
+
+
+def test_lira_score_is_the_gaussian_likelihood_ratio_with_pooled_variances() -> None:
+    rng = np.random.default_rng(0)
+    trained = rng.random((6, 40)) < 0.5
+    shadows = np.where(trained, 3.0, 0.0) + rng.normal(size=(6, 40))
+    target = rng.normal(size=40) + np.r_[np.full(20, 3.0), np.zeros(20)]
+    scores = lira_scores(target, shadows, trained)
+    # Record 0 by hand: its own means, one variance per side over every record.
+    mean_in = np.array([shadows[trained[:, j], j].mean() for j in range(40)])
+    mean_out = np.array([shadows[~trained[:, j], j].mean() for j in range(40)])
+    var_in = np.var((shadows - mean_in)[trained])
+    var_out = np.var((shadows - mean_out)[~trained])
+    expected = (norm.logpdf(target[0], mean_in[0], np.sqrt(var_in))
+                - norm.logpdf(target[0], mean_out[0], np.sqrt(var_out)))
+    assert scores[0] == pytest.approx(expected)
+    assert scores[:20].mean() > 0 > scores[20:].mean()
+
+
+def test_logit_confidence_is_the_log_odds_of_the_true_class() -> None:
+    torch.manual_seed(0)
+    module = torch.nn.Linear(5, 3)
+    inputs, labels = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    p = torch.softmax(module(inputs).double(), 1)[torch.arange(10), labels].detach().numpy()
+    phi = logit_confidence(module, TensorDataset(inputs, labels))
+    assert phi == pytest.approx(np.log(p / (1 - p)))
+
+
+def test_lira_shadows_draw_from_the_holdout_and_find_the_memorised_members(digits, tmp_path
+                                                                           ) -> None:
+    out = tmp_path / "run"
+    run_federation(config_from_dict(small_config(digits, out, **MEMORISE)))
+    assert main(["audit", str(out), "--attack", "lira", "--shadows", "3"]) == 0
+    with open(out / "audit.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["hospital"] for r in rows] == ["client_0", "client_1"]
+    for row in rows:
+        assert row["attack"] == "lira" and row["records"] == "holdout"
+        assert float(row["auc"]) > 0.75
+    for s in range(3):
+        for k in range(2):
+            name = f"client_{k}"
+            target = read_audit_records(out / "hospitals" / name / "audit_records.csv")
+            shadow = read_audit_records(out / "audit_shadows" / f"shadow_{s}" / "hospitals"
+                                        / name / "audit_records.csv")["holdout"]
+            pool = np.concatenate([target["holdout"][m][0] for m in ("member", "nonmember")])
+            drawn = np.concatenate([shadow[m][0] for m in ("member", "nonmember")])
+            assert sorted(drawn) == sorted(pool) and len(shadow["member"][0]) == 100
+    document = json.loads((out / "audit.json").read_text())
+    assert document["attack"] == "lira" and document["time"]["shadow_runs_s"] > 0
+
+
+def test_lira_needs_held_out_records(digits, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    run_federation(config_from_dict(small_config(digits, out, **{**MEMORISE, "rounds": 1,
+                                                                 "audit.holdout": 0,
+                                                                 "audit.canaries": 5})))
+    assert main(["audit", str(out), "--attack", "lira"]) != 0
+    assert "LiRA needs an image run with audit.holdout > 0" in capsys.readouterr().err

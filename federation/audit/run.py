@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from federation.audit.lira import lira_scores, logit_confidence, shadow_runs
 from federation.audit.metrics import CONFIDENCE, LOW_FPRS, AttackResult, score_attack
 from federation.audit.records import read_audit_records
 from federation.config import FederationConfig, load_config
@@ -66,6 +67,7 @@ from federation.run_files import (
     AUDIT_RECORDS,
     AUDIT_ROC,
     CONFIG,
+    HOSPITALS,
     SUMMARY,
 )
 from federation.seeds import derive_seed
@@ -73,7 +75,6 @@ from slidefed.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-ATTACK = "loss"
 COLUMNS = ("hospital", "model", "shared", "dp", "attack", "records", "unit", "members",
            "nonmembers", "auc", *(f"tpr_at_fpr_{f:g}" for f in LOW_FPRS), "epsilon_lb",
            "epsilon", "delta", "confidence", "threshold", "bound_true_positives", "bound_members",
@@ -93,11 +94,15 @@ class AuditSet:
     unit: str  # record or slide
     members: TensorDataset | list[BagIndex]
     nonmembers: TensorDataset | list[BagIndex]
+    indices: np.ndarray | None = None  # images: members' then non-members' record indices
 
 
 def audit_run(run_dir: str | Path, hospitals: Sequence[str] | None = None, *,
-              output: str | Path | None = None) -> list[dict[str, Any]]:
-    """Audit ``hospitals`` (default: all) of the run in ``run_dir``; returns the rows."""
+              output: str | Path | None = None, attack: str = "loss", shadows: int = 8
+              ) -> list[dict[str, Any]]:
+    """Audit ``hospitals`` (default: all) of the run in ``run_dir`` with ``attack`` (``loss``,
+    or ``lira`` with ``shadows`` shadow runs, trained here unless they exist); returns the
+    rows."""
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG
     if not config_path.is_file():
@@ -108,11 +113,18 @@ def audit_run(run_dir: str | Path, hospitals: Sequence[str] | None = None, *,
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         raise AuditError(f"{config_path}: no hospital {', '.join(unknown)} in this run")
+    if attack == "lira" and (config.data.name == "bags" or not config.audit.holdout):
+        raise AuditError(f"{config_path}: LiRA needs an image run with audit.holdout > 0 (its "
+                         "shadow runs draw from the holdout members and non-members)")
+    if attack == "lira" and shadows < 2:
+        raise AuditError(f"{run_dir}: LiRA needs at least 2 shadow runs, not {shadows}")
     run = RunDirectory(run_dir, is_root=True)
     started = time.perf_counter()
+    shadow_dirs = shadow_runs(config, run_dir, shadows) if attack == "lira" else []
+    shadow_s = time.perf_counter() - started
     rows, curves = [], {}
     for hospital in chosen:
-        hospital_rows, hospital_curves = audit_hospital(config, run, hospital)
+        hospital_rows, hospital_curves = audit_hospital(config, run, hospital, shadow_dirs)
         directory = run.hospital_dir(hospital)
         _write_csv(directory / AUDIT_CSV, hospital_rows)
         _write_json(directory / AUDIT_JSON, _document(config, hospital_rows, hospital_curves))
@@ -122,18 +134,23 @@ def audit_run(run_dir: str | Path, hospitals: Sequence[str] | None = None, *,
     if hospitals is None:
         target = run_dir if output is None else Path(output)
         document = _document(config, rows, curves)
-        document["time"] = {"audit_s": seconds, "run_wall_s": _run_wall_s(run_dir)}
+        document["time"] = {"audit_s": seconds, "shadow_runs_s": shadow_s,
+                            "run_wall_s": _run_wall_s(run_dir)}
         _write_csv(target / AUDIT_CSV, rows)
         _write_json(target / AUDIT_JSON, document)
         plot_roc(target / AUDIT_ROC, rows, curves)
     return rows
 
 
-def audit_hospital(config: FederationConfig, run: RunDirectory, hospital: str
+def audit_hospital(config: FederationConfig, run: RunDirectory, hospital: str,
+                   shadow_dirs: Sequence[Path] = ()
                    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
     """The audit rows of every saved model of ``hospital``, and each one's ROC curve (keyed
-    ``<hospital>/<model>/<records>``), computed from that hospital's data and models alone."""
+    ``<hospital>/<model>/<records>``), computed from that hospital's data and models alone:
+    the loss attack, or with ``shadow_dirs`` LiRA on the holdout records."""
     sets = hospital_records(config, run, hospital)
+    if shadow_dirs:
+        sets = [s for s in sets if s.name == "holdout"]
     paths = sorted((run.hospital_dir(hospital) / "models").glob("*.pt"))
     if not paths:
         raise AuditError(f"{run.hospital_dir(hospital) / 'models'}: no saved models; did the "
@@ -147,19 +164,40 @@ def audit_hospital(config: FederationConfig, run: RunDirectory, hospital: str
         privacy = card["privacy"]
         delta = privacy["delta"] if privacy["dp"] and privacy["delta"] else run_delta
         for chosen in sets:
-            losses_in = losses(module, chosen.members, config)
-            losses_out = losses(module, chosen.nonmembers, config)
+            if shadow_dirs:
+                scores = _lira(module, card["model"], chosen, hospital, shadow_dirs)
+                scores_in, scores_out = scores[:len(chosen.members)], scores[len(chosen.members):]
+            else:
+                scores_in = -losses(module, chosen.members, config)
+                scores_out = -losses(module, chosen.nonmembers, config)
             try:
-                result = score_attack(-losses_in, -losses_out, delta=delta,
+                result = score_attack(scores_in, scores_out, delta=delta,
                                       seed=derive_seed(config.seed, "audit", hospital,
                                                        card["model"], chosen.name))
             except ValueError as error:
                 raise AuditError(f"{path}: {error}") from None
             rows.append(_row(hospital, card, chosen, result, delta,
-                             counts=(len(losses_in), len(losses_out))))
+                             attack="lira" if shadow_dirs else "loss",
+                             counts=(len(scores_in), len(scores_out))))
             fpr, tpr = result.roc
             curves[_curve_key(rows[-1])] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     return rows, curves
+
+
+def _lira(module: nn.Module, model: str, chosen: AuditSet, hospital: str,
+          shadow_dirs: Sequence[Path]) -> np.ndarray:
+    """LiRA scores (``federation.audit.lira``) of ``chosen``'s members then non-members
+    under ``module``, from the same hospital's ``model`` in each shadow run."""
+    both = TensorDataset(*(torch.cat(t) for t in zip(chosen.members.tensors,
+                                                     chosen.nonmembers.tensors, strict=True)))
+    phis, trained = [], []
+    for directory in shadow_dirs:
+        hospital_dir = directory / HOSPITALS / hospital
+        shadow, _ = load_model(hospital_dir / "models" / f"{model}.pt")
+        drawn = read_audit_records(hospital_dir / AUDIT_RECORDS)["holdout"]["member"][0]
+        phis.append(logit_confidence(shadow, both))
+        trained.append(np.isin(chosen.indices, drawn))
+    return lira_scores(logit_confidence(module, both), np.stack(phis), np.stack(trained))
 
 
 def _curve_key(row: dict[str, Any]) -> str:
@@ -184,8 +222,9 @@ def hospital_records(config: FederationConfig, run: RunDirectory, hospital: str
     arrays = load_images(config.data.name, config.data.root, train=True)
     sets = []
     for name, memberships in found.items():
-        datasets = []
+        datasets, indices_of = [], []
         for indices, labels in memberships.values():
+            indices_of.append(indices)
             if indices.max() >= len(arrays.labels) or indices.min() < 0:
                 raise AuditError(f"{path}: record {int(indices.max())} is outside the "
                                  f"{len(arrays.labels)} training images in {config.data.root}")
@@ -196,7 +235,7 @@ def hospital_records(config: FederationConfig, run: RunDirectory, hospital: str
                                  f"{config.data.root}; is data.root the data set trained on?")
             images, _ = as_tensor_dataset(arrays, indices).tensors
             datasets.append(TensorDataset(images, torch.from_numpy(labels)))
-        sets.append(AuditSet(name, "record", *datasets))
+        sets.append(AuditSet(name, "record", *datasets, indices=np.concatenate(indices_of)))
     return sets
 
 
@@ -226,11 +265,11 @@ def _slide_losses(module: nn.Module, bags: list[BagIndex], config: FederationCon
 
 
 def _row(hospital: str, card: dict[str, Any], chosen: AuditSet, result: AttackResult,
-         delta: float, *, counts: tuple[int, int]) -> dict[str, Any]:
+         delta: float, *, attack: str, counts: tuple[int, int]) -> dict[str, Any]:
     privacy = card["privacy"]
     bound = result.bound
     return {"hospital": hospital, "model": card["model"], "shared": bool(card["shared"]),
-            "dp": bool(privacy["dp"]), "attack": ATTACK, "records": chosen.name,
+            "dp": bool(privacy["dp"]), "attack": attack, "records": chosen.name,
             "unit": chosen.unit,
             "members": counts[0], "nonmembers": counts[1], "auc": result.auc,
             **{f"tpr_at_fpr_{f:g}": t for f, t in result.tpr_at_fpr.items()},
@@ -244,7 +283,8 @@ def _row(hospital: str, card: dict[str, Any], chosen: AuditSet, result: AttackRe
 
 def _document(config: FederationConfig, rows: list[dict[str, Any]],
               curves: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
-    return {"attack": ATTACK, "confidence": CONFIDENCE, "low_fprs": list(LOW_FPRS),
+    return {"attack": rows[0]["attack"] if rows else None, "confidence": CONFIDENCE,
+            "low_fprs": list(LOW_FPRS),
             "nonmembers": "test slides" if config.data.name == "bags"
             else f"{AUDIT_RECORDS} (audit.holdout = {config.audit.holdout}, audit.canaries = "
                  f"{config.audit.canaries})",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from federation.audit.records import Records, write_audit_records
+from federation.audit.records import Records, read_audit_records, write_audit_records
 from federation.config import FederationConfig
 from federation.data.base import Batch, ClientData
 from federation.data.images import ImageArrays, as_tensor_dataset, load_images
@@ -30,7 +30,7 @@ from federation.data.partition import (
     label_histogram,
     partition,
 )
-from federation.run_files import AUDIT_RECORDS
+from federation.run_files import AUDIT_RECORDS, HOSPITALS
 from federation.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,10 @@ def load_image_clients(config: FederationConfig, clients: Iterable[int]
     for client, counts in enumerate(histogram):
         log.debug("client %d: %d training images, classes %s", client, counts.sum(),
                   counts.tolist())
-    records = _audit_records(config, train.labels, parts)
+    if config.audit.shadow_of:
+        parts, records = _shadow_parts(config, train.labels, parts, clients)
+    else:
+        records = _audit_records(config, train.labels, parts)
     return {
         c: ImageClientData(config.client_name(c), _training_set(train, parts[c], records[c]),
                            as_tensor_dataset(test, tests[c]),
@@ -165,6 +168,28 @@ def _audit_records(config: FederationConfig, labels: np.ndarray, parts: list[np.
         for c, drawn in enumerate(canaries):
             records[c]["canary"] = drawn
     return records
+
+
+def _shadow_parts(config: FederationConfig, labels: np.ndarray, parts: list[np.ndarray],
+                  clients: Iterable[int]) -> tuple[list[np.ndarray], list[Records]]:
+    """A LiRA shadow run's shards (``audit.shadow_of``): for each client of this process,
+    ``data.samples_per_client`` of the target run's holdout members and non-members, drawn
+    at random, and the records saying which were drawn."""
+    parts, records = list(parts), [{} for _ in parts]
+    for c in clients:
+        path = (Path(config.audit.shadow_of) / HOSPITALS / config.client_name(c)
+                / AUDIT_RECORDS)
+        target = read_audit_records(path)
+        if "holdout" not in target:
+            raise ValueError(f"{path}: no holdout records for a shadow run to draw from")
+        pool = np.concatenate([target["holdout"][m][0] for m in ("member", "nonmember")])
+        rng = np.random.default_rng(derive_seed(config.seed, "audit-shadow", c))
+        drawn = np.isin(pool, rng.choice(pool, size=len(parts[c]), replace=False))
+        parts[c] = np.sort(pool[drawn])
+        rest = np.sort(pool[~drawn])
+        records[c] = {"holdout": {"member": (parts[c], labels[parts[c]]),
+                                  "nonmember": (rest, labels[rest])}}
+    return parts, records
 
 
 def _training_set(train: ImageArrays, part: np.ndarray, records: Records) -> TensorDataset:
