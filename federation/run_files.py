@@ -34,6 +34,8 @@ directory may lie on its own disk (``output_dir`` of its process)::
     cross_site.csv               ``slidefed evaluate``: shared models on every hospital
     audit.csv, audit.json,       ``slidefed audit``: every hospital's rows (``federation.audit``),
     audit_roc.png                and the attack's ROC curves
+    audit_shadows/shadow_<s>/    ``slidefed audit --attack lira``: its shadow runs, each a run
+                                 directory of its own
 
 ``federation.outputs`` writes them, ``federation.loop`` reads the CSV files back when it
 resumes a finished run, ``federation.report`` reads finished runs, ``federation.benchmark``

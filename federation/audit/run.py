@@ -6,7 +6,9 @@ AvgPush's or CWT's model, FML's meme), a released model (``regular_dp``), and, f
 the private model, which never leaves. The attack is the loss-threshold attack (Yeom,
 Giacomelli, Fredrikson & Jha, "Privacy risk in machine learning: analyzing the connection to
 overfitting", IEEE CSF 2018): a record is called a member when the model's loss on it is
-low; its score is minus the loss. ``federation.audit.metrics`` turns the scores into AUC,
+low; its score is minus the loss. With ``attack="lira"`` the scores are LiRA's, from shadow
+runs (``federation.audit.lira``), on the holdout records only.
+``federation.audit.metrics`` turns the scores into AUC,
 TPR at low FPR and ε_lb, reported beside the accountant's ε of the model file (∞ for a model
 trained without DP).
 
