@@ -119,9 +119,10 @@ def test_holding_records_out_trains_on_the_same_images(tmp_path) -> None:
         assert a.audit_records is None and set(b.audit_records) == {"holdout"}
 
 
-@pytest.mark.parametrize("key", ["holdout", "canaries"])
-def test_slide_runs_refuse_records_set_aside(tmp_path, key) -> None:
-    config = slide_config(tmp_path, tmp_path / "out", ["h_a"], **{f"audit.{key}": 10})
+@pytest.mark.parametrize(("key", "value"), [("holdout", 10), ("canaries", 10),
+                                            ("shadow_of", "runs/target")])
+def test_slide_runs_refuse_records_set_aside(tmp_path, key, value) -> None:
+    config = slide_config(tmp_path, tmp_path / "out", ["h_a"], **{f"audit.{key}": value})
     with pytest.raises(ConfigError, match=f"audit.{key} applies to image data"):
         config_from_dict(config)
 
