@@ -285,8 +285,8 @@ class AuditConfig:
     ``shadow_of``: makes this run a LiRA shadow run of the run in that directory (``slidefed
     audit --attack lira`` sets it): each client trains, in place of its shard, on
     ``data.samples_per_client`` images drawn at random (this run's seed) from the holdout
-    members and non-members that run recorded in ``hospitals/<h>/audit_records.csv``, and
-    records which it drew in its own.
+    members and non-members that run recorded in ``hospitals/<h>/audit_records.csv``, plus
+    as many of that run's canaries as it trained on, and records which it drew in its own.
 
     Slide runs set none of these: their test slides, never trained on, are the non-members.
     """

@@ -282,26 +282,31 @@ def test_logit_confidence_is_the_log_odds_of_the_true_class() -> None:
     assert phi == pytest.approx(np.log(p / (1 - p)))
 
 
-def test_lira_shadows_draw_from_the_holdout_and_find_the_memorised_members(digits, tmp_path
-                                                                           ) -> None:
+def test_lira_shadows_draw_from_the_holdout_and_canaries_and_find_the_memorised_members(
+        digits, tmp_path) -> None:
     out = tmp_path / "run"
-    run_federation(config_from_dict(small_config(digits, out, **MEMORISE)))
+    run_federation(config_from_dict(small_config(digits, out, **{**MEMORISE,
+                                                                 "audit.canaries": 20})))
     assert main(["audit", str(out), "--attack", "lira", "--shadows", "3"]) == 0
     with open(out / "audit.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["hospital"] for r in rows] == ["client_0", "client_1"]
+    assert sorted((r["hospital"], r["records"]) for r in rows) == [
+        (f"client_{k}", s) for k in range(2) for s in ("canary", "holdout")]
     for row in rows:
-        assert row["attack"] == "lira" and row["records"] == "holdout"
+        assert row["attack"] == "lira"
         assert float(row["auc"]) > 0.75
     for s in range(3):
         for k in range(2):
             name = f"client_{k}"
             target = read_audit_records(out / "hospitals" / name / "audit_records.csv")
             shadow = read_audit_records(out / "audit_shadows" / f"shadow_{s}" / "hospitals"
-                                        / name / "audit_records.csv")["holdout"]
-            pool = np.concatenate([target["holdout"][m][0] for m in ("member", "nonmember")])
-            drawn = np.concatenate([shadow[m][0] for m in ("member", "nonmember")])
-            assert sorted(drawn) == sorted(pool) and len(shadow["member"][0]) == 100
+                                        / name / "audit_records.csv")
+            for kind, trained in (("holdout", 100), ("canary", 20)):
+                pool = {(int(r), int(y)) for m in ("member", "nonmember")
+                        for r, y in zip(*target[kind][m], strict=True)}
+                drawn = {(int(r), int(y)) for m in ("member", "nonmember")
+                         for r, y in zip(*shadow[kind][m], strict=True)}
+                assert drawn == pool and len(shadow[kind]["member"][0]) == trained
     document = json.loads((out / "audit.json").read_text())
     assert document["attack"] == "lira" and document["time"]["shadow_runs_s"] > 0
 

@@ -3,13 +3,14 @@
 
 Each shadow run repeats the target run's training (same configuration, another seed) with
 every client training on a random ``samples_per_client`` of the target's holdout members
-and non-members (``audit.shadow_of``), so each record is in some shadows and out of
-others. A record's statistic is its logit-scaled confidence φ = log(p_y / (1 − p_y)) under
-the model (Carlini et al., Sec. IV). Its score under the target model is the log-likelihood
-ratio log N(φ; μ_in, σ_in²) − log N(φ; μ_out, σ_out²), with μ_in and μ_out the record's
-mean φ over the shadows that did and did not train on it, and one variance per side pooled
-over all records — the paper's choice for few shadows. A record that no shadow trained on
-(or every shadow did) takes the mean over all records for the side it lacks.
+and non-members, and a random half of its canaries if it has some (``audit.shadow_of``),
+so each record is in some shadows and out of others. A record's statistic is its
+logit-scaled confidence φ = log(p_y / (1 − p_y)) under the model (Carlini et al.,
+Sec. IV). Its score under the target model is the log-likelihood ratio
+log N(φ; μ_in, σ_in²) − log N(φ; μ_out, σ_out²), with μ_in and μ_out the record's mean φ
+over the shadows that did and did not train on it, and one variance per side pooled over
+all records — the paper's choice for few shadows. A record that no shadow trained on (or
+every shadow did) takes the mean over all records for the side it lacks.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the private model, which never leaves. The attack is the loss-threshold attack (
 Giacomelli, Fredrikson & Jha, "Privacy risk in machine learning: analyzing the connection to
 overfitting", IEEE CSF 2018): a record is called a member when the model's loss on it is
 low; its score is minus the loss. With ``attack="lira"`` the scores are LiRA's, from shadow
-runs (``federation.audit.lira``), on the holdout records only.
+runs (``federation.audit.lira``).
 ``federation.audit.metrics`` turns the scores into AUC,
 TPR at low FPR and ε_lb, reported beside the accountant's ε of the model file (∞ for a model
 trained without DP).
@@ -149,10 +149,8 @@ def audit_hospital(config: FederationConfig, run: RunDirectory, hospital: str,
                    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
     """The audit rows of every saved model of ``hospital``, and each one's ROC curve (keyed
     ``<hospital>/<model>/<records>``), computed from that hospital's data and models alone:
-    the loss attack, or with ``shadow_dirs`` LiRA on the holdout records."""
+    the loss attack, or with ``shadow_dirs`` LiRA."""
     sets = hospital_records(config, run, hospital)
-    if shadow_dirs:
-        sets = [s for s in sets if s.name == "holdout"]
     paths = sorted((run.hospital_dir(hospital) / "models").glob("*.pt"))
     if not paths:
         raise AuditError(f"{run.hospital_dir(hospital) / 'models'}: no saved models; did the "
@@ -196,7 +194,7 @@ def _lira(module: nn.Module, model: str, chosen: AuditSet, hospital: str,
     for directory in shadow_dirs:
         hospital_dir = directory / HOSPITALS / hospital
         shadow, _ = load_model(hospital_dir / "models" / f"{model}.pt")
-        drawn = read_audit_records(hospital_dir / AUDIT_RECORDS)["holdout"]["member"][0]
+        drawn = read_audit_records(hospital_dir / AUDIT_RECORDS)[chosen.name]["member"][0]
         phis.append(logit_confidence(shadow, both))
         trained.append(np.isin(chosen.indices, drawn))
     return lira_scores(logit_confidence(module, both), np.stack(phis), np.stack(trained))

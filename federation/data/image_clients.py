@@ -173,8 +173,9 @@ def _audit_records(config: FederationConfig, labels: np.ndarray, parts: list[np.
 def _shadow_parts(config: FederationConfig, labels: np.ndarray, parts: list[np.ndarray],
                   clients: Iterable[int]) -> tuple[list[np.ndarray], list[Records]]:
     """A LiRA shadow run's shards (``audit.shadow_of``): for each client of this process,
-    ``data.samples_per_client`` of the target run's holdout members and non-members, drawn
-    at random, and the records saying which were drawn."""
+    ``data.samples_per_client`` of the target run's holdout members and non-members, and as
+    many of its canaries (with their wrong labels) as it trained on, each drawn at random;
+    and the records saying which were drawn."""
     parts, records = list(parts), [{} for _ in parts]
     for c in clients:
         path = (Path(config.audit.shadow_of) / HOSPITALS / config.client_name(c)
@@ -182,13 +183,19 @@ def _shadow_parts(config: FederationConfig, labels: np.ndarray, parts: list[np.n
         target = read_audit_records(path)
         if "holdout" not in target:
             raise ValueError(f"{path}: no holdout records for a shadow run to draw from")
-        pool = np.concatenate([target["holdout"][m][0] for m in ("member", "nonmember")])
         rng = np.random.default_rng(derive_seed(config.seed, "audit-shadow", c))
-        drawn = np.isin(pool, rng.choice(pool, size=len(parts[c]), replace=False))
-        parts[c] = np.sort(pool[drawn])
-        rest = np.sort(pool[~drawn])
-        records[c] = {"holdout": {"member": (parts[c], labels[parts[c]]),
-                                  "nonmember": (rest, labels[rest])}}
+        sizes = {"holdout": len(parts[c])}
+        if "canary" in target:
+            sizes["canary"] = len(target["canary"]["member"][0])
+        for kind, size in sizes.items():
+            pool, pool_labels = (np.concatenate([target[kind][m][i] for m in target[kind]])
+                                 for i in (0, 1))
+            drawn = np.zeros(len(pool), dtype=bool)
+            drawn[rng.choice(len(pool), size=size, replace=False)] = True
+            records[c][kind] = {"member": (pool[drawn], pool_labels[drawn]),
+                                "nonmember": (pool[~drawn], pool_labels[~drawn])}
+        parts[c] = np.sort(records[c]["holdout"]["member"][0])
+        records[c]["holdout"]["member"] = (parts[c], labels[parts[c]])
     return parts, records
 
 
