@@ -53,8 +53,8 @@ class ImageClientData(ClientData):
                  audit_records: Records | None = None) -> None:
         self.name = name
         self.train, self.test = train, test
-        # Indices into the training split of the audit's members and non-members, when the
-        # run holds non-members out (audit.holdout).
+        # The audit's members and non-members by set (indices into the training split, and
+        # labels), when the run sets records aside for it (``config.AuditConfig``).
         self.audit_records = audit_records
         self.num_classes = num_classes
         self._dataset, self._mean, self._std = dataset, mean, std
@@ -101,7 +101,7 @@ class ImageClientData(ClientData):
         return {"accuracy": correct / len(labels), "loss": loss / len(labels)}
 
     def write_records(self, directory: Path) -> None:
-        """The audit's members and non-members (``audit_records.csv``), when held out."""
+        """The audit's members and non-members (``audit_records.csv``), if any."""
         if self.audit_records is None:
             return
         write_audit_records(directory / AUDIT_RECORDS, self.name, self.audit_records)
