@@ -67,6 +67,7 @@ AUDIT_RECORDS_COLUMNS = ("hospital", "set", "record", "label", "membership")
 AUDIT_CSV = "audit.csv"
 AUDIT_JSON = "audit.json"
 AUDIT_ROC = "audit_roc.png"
+SHADOWS = "audit_shadows"  # LiRA's shadow runs, inside the audited run's directory
 
 # Dotted config keys, by what a difference in them means.
 #

@@ -33,6 +33,7 @@ from federation.data.image_clients import load_image_clients
 from federation.data.images import load_images
 from federation.data.partition import holdout_indices, partition
 from federation.loop import run_federation
+from federation.report import read_runs
 from slidefed.cli import main
 
 # ---------------------------------------------------------------------------- the statistics
@@ -309,6 +310,8 @@ def test_lira_shadows_draw_from_the_holdout_and_canaries_and_find_the_memorised_
                 assert drawn == pool and len(shadow[kind]["member"][0]) == trained
     document = json.loads((out / "audit.json").read_text())
     assert document["attack"] == "lira" and document["time"]["shadow_runs_s"] > 0
+    # The shadows are runs, but not runs that a report of the directory compares.
+    assert [run.directory for run in read_runs(tmp_path)] == [out]
 
 
 def test_lira_needs_held_out_records(digits, tmp_path, capsys) -> None:

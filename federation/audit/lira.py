@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from federation.config import FederationConfig, config_from_dict, config_to_dict
-from federation.run_files import CONFIG, SUMMARY
+from federation.run_files import CONFIG, SHADOWS, SUMMARY
 from federation.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,6 @@ def lira_scores(target: np.ndarray, shadows: np.ndarray, trained: np.ndarray) ->
     return scores
 
 
-SHADOWS_DIR = "audit_shadows"  # inside the audited run's directory
-
-
 def shadow_runs(config: FederationConfig, run_dir: Path, count: int) -> list[Path]:
     """The directories of ``count`` shadow runs of the run in ``run_dir`` (configuration
     ``config``), each trained on the local backend unless it has finished already
@@ -80,7 +77,7 @@ def shadow_runs(config: FederationConfig, run_dir: Path, count: int) -> list[Pat
 
     directories = []
     for s in range(count):
-        directory = run_dir / SHADOWS_DIR / f"shadow_{s}"
+        directory = run_dir / SHADOWS / f"shadow_{s}"
         if not (directory / SUMMARY).is_file():
             raw = config_to_dict(config)
             raw.update(seed=derive_seed(config.seed, "lira-shadow", s) % 2**31,
