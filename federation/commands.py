@@ -1,6 +1,6 @@
-"""Federation subcommands: ``slidefed federate``, ``slidefed evaluate`` and ``slidefed
-heatmap`` here; ``slidefed bench algorithms`` and ``slidefed report`` come from
-``federation.benchmark``.
+"""Federation subcommands: ``slidefed federate``, ``slidefed evaluate``, ``slidefed
+heatmap`` and ``slidefed audit`` here; ``slidefed bench algorithms`` and ``slidefed report``
+come from ``federation.benchmark``.
 
 torch and mpi4py are imported inside the command, so registering it costs ``slidefed tile``
 nothing at start-up.
@@ -50,6 +50,22 @@ def run_heatmap(args: argparse.Namespace) -> int:
                                 limit=args.limit)
     print(f"{args.run_dir}: {len(written)} heatmaps -> "
           f"{args.run_dir / 'hospitals' / '<hospital>' / 'heatmaps'}")
+    return 0
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from federation.audit.run import audit_run
+
+    rows = audit_run(args.run_dir, args.hospital or None, output=args.output,
+                     attack=args.attack, shadows=args.shadows)
+    for row in rows:
+        print(f"{row['hospital']} {row['model']} ({row['records']}): AUC {row['auc']:.3f}, "
+              f"TPR at 1% FPR {row['tpr_at_fpr_0.01']:.3f}, epsilon_lb {row['epsilon_lb']:.2f} "
+              f"(accountant {row['epsilon']:.3g})")
+    if not args.hospital:
+        models = len({(row["hospital"], row["model"]) for row in rows})
+        print(f"{models} models audited ({len(rows)} rows) -> "
+              f"{args.output or args.run_dir}/audit.csv")
     return 0
 
 
@@ -111,3 +127,23 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--limit", type=int, metavar="N",
                    help="at most the first N slides of the split per hospital")
     p.set_defaults(run=run_heatmap)
+
+    p = commands.add_parser(
+        "audit",
+        help="membership-inference audit of a finished run's models: AUC, TPR at low FPR "
+             "and an empirical lower bound on epsilon beside the accountant's")
+    p.add_argument("run_dir", type=Path, help="the run's output directory")
+    p.add_argument("--hospital", action="append", default=[],
+                   help="audit only this hospital, writing only its own files (repeatable; "
+                        "default: all, plus the run-level files)")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="directory of the run-level audit.csv, audit.json and audit_roc.png "
+                        "(default: RUN_DIR)")
+    p.add_argument("--attack", choices=("loss", "lira"), default="loss",
+                   help="loss: the loss-threshold attack (Yeom et al. 2018); lira: the "
+                        "likelihood-ratio attack with shadow runs (Carlini et al. 2022), image "
+                        "runs with audit.holdout only (default %(default)s)")
+    p.add_argument("--shadows", type=int, default=8,
+                   help="LiRA's shadow runs, trained on the local backend into "
+                        "RUN_DIR/audit_shadows/ unless there (default %(default)s)")
+    p.set_defaults(run=run_audit)

@@ -266,6 +266,37 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """Records set aside for ``slidefed audit``, the membership-inference audit
+    (``federation.audit``).
+
+    ``holdout``: images per client drawn, with that client's training label distribution,
+    from the training split's images that no client trains on, and recorded with its
+    members in ``hospitals/<h>/audit_records.csv``; they are the audit's non-members. 0 (the
+    default): none, and an image run cannot be audited. Drawn with a seed of their own, so
+    a run trains on the same images with or without them.
+
+    ``canaries``: mislabelled images per client (Jagielski et al., NeurIPS 2020), which make
+    the audit far stronger: 2 × ``canaries`` images that no client trains on otherwise,
+    each given a wrong label drawn at random; a random half of them join the client's
+    training set (members), the other half are never trained on (non-members). This
+    changes what the client trains on (and its ε, through n); 0 (the default): none.
+
+    ``shadow_of``: makes this run a LiRA shadow run of the run in that directory (``slidefed
+    audit --attack lira`` sets it): each client trains, in place of its shard, on
+    ``data.samples_per_client`` images drawn at random (this run's seed) from the holdout
+    members and non-members that run recorded in ``hospitals/<h>/audit_records.csv``, plus
+    as many of that run's canaries as it trained on, and records which it drew in its own.
+
+    Slide runs set none of these: their test slides, never trained on, are the non-members.
+    """
+
+    holdout: int = _setting(0, _non_negative)
+    canaries: int = _setting(0, _non_negative)
+    shadow_of: str | None = None
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """One federation run. ``backend``: auto (mpi when started by mpiexec, else local), local
     or mpi. ``threads``: torch threads per process. The thread count changes the order of
@@ -303,6 +334,7 @@ class FederationConfig:
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     slides: SlidesConfig = field(default_factory=SlidesConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def client_name(self, client: int) -> str:
         """The name of client ``client`` in the run directory (``hospitals/<name>/``): its
@@ -573,6 +605,11 @@ def _check_together(config: FederationConfig, source: str, provenance: dict[str,
 
 
 def _check_slides(config: FederationConfig, source: str, provenance: dict[str, str]) -> None:
+    for key in ("holdout", "canaries", "shadow_of"):
+        if getattr(config.audit, key):
+            raise ConfigError(f"{provenance.get(f'audit.{key}', source)}: audit.{key} applies "
+                              "to image data; a slide run's audit uses its test slides, which "
+                              "are never trained on")
     hospitals = config.data.hospitals
     where = provenance.get("data.hospitals", provenance.get("clients", source))
     if not hospitals:

@@ -140,6 +140,8 @@ def read_runs(runs_dir: Path) -> list[RunResult]:
         raise ReportError(f"{runs_dir}: no such directory")
     runs = []
     for config_path in sorted(runs_dir.rglob(run_files.CONFIG)):
+        if run_files.SHADOWS in config_path.relative_to(runs_dir).parts:
+            continue  # an audit's LiRA shadows, not runs of the comparison
         if (config_path.parent / run_files.SUMMARY).is_file():
             runs.append(read_run(config_path.parent))
         else:

@@ -25,9 +25,17 @@ directory may lie on its own disk (``output_dir`` of its process)::
         models/<model>.pt        its final models (``federation.model_files``)
         slide_predictions.csv    ``slidefed evaluate``: its validation and test slides
         slide_metrics.json       ``slidefed evaluate``: its test-slide metrics
+        audit_records.csv        hospital, set, record, label, membership: the images its
+                                 audit calls members and non-members (``audit.holdout``,
+                                 ``audit.canaries``; ``federation.audit.records``)
+        audit.csv, audit.json    ``slidefed audit``: membership inference on its models
     slide_predictions.csv        ``slidefed evaluate``: every hospital's rows
     slide_metrics.json           ``slidefed evaluate``: per hospital and pooled
     cross_site.csv               ``slidefed evaluate``: shared models on every hospital
+    audit.csv, audit.json,       ``slidefed audit``: every hospital's rows (``federation.audit``),
+    audit_roc.png                and the attack's ROC curves
+    audit_shadows/shadow_<s>/    ``slidefed audit --attack lira``: its shadow runs, each a run
+                                 directory of its own
 
 ``federation.outputs`` writes them, ``federation.loop`` reads the CSV files back when it
 resumes a finished run, ``federation.report`` reads finished runs, ``federation.benchmark``
@@ -54,6 +62,12 @@ HOSPITALS = "hospitals"
 
 METRICS_COLUMNS = ("round", "client", "model", "split", "metric", "value")
 PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit", "status")
+AUDIT_RECORDS = "audit_records.csv"  # inside a hospital's directory
+AUDIT_RECORDS_COLUMNS = ("hospital", "set", "record", "label", "membership")
+AUDIT_CSV = "audit.csv"
+AUDIT_JSON = "audit.json"
+AUDIT_ROC = "audit_roc.png"
+SHADOWS = "audit_shadows"  # LiRA's shadow runs, inside the audited run's directory
 
 # Dotted config keys, by what a difference in them means.
 #

@@ -24,17 +24,19 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 
 def write_synthetic_digits(
-    root: Path, train_per_class: int = 120, test_per_class: int = 100, seed: int = 0
+    root: Path, train_per_class: int = 120, test_per_class: int = 100, seed: int = 0,
+    noise: float = 60.0,
 ) -> Path:
-    """Write train and t10k idx files under ``root``; returns ``root``."""
+    """Write train and t10k idx files under ``root``; returns ``root``. ``noise``: the pixel
+    noise's standard deviation (a large one leaves a model little but memorising)."""
     rng = np.random.default_rng(seed)
     prototypes = rng.uniform(0, 255, size=(NUM_CLASSES, SIDE, SIDE))
     root.mkdir(parents=True, exist_ok=True)
     for prefix, per_class in (("train", train_per_class), ("t10k", test_per_class)):
         labels = np.repeat(np.arange(NUM_CLASSES), per_class)
         rng.shuffle(labels)
-        noise = rng.normal(0, 60, size=(len(labels), SIDE, SIDE))
-        images = np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8)
+        jitter = rng.normal(0, noise, size=(len(labels), SIDE, SIDE))
+        images = np.clip(prototypes[labels] + jitter, 0, 255).astype(np.uint8)
         _write_idx(root / f"{prefix}-images-idx3-ubyte", images)
         _write_idx(root / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
     return root

@@ -254,3 +254,61 @@ def client_test_indices(
         except PartitionError as err:
             raise PartitionError(f"test set of client {k}: {err}") from None
     return tests
+
+
+def holdout_indices(
+    labels: np.ndarray,
+    parts: Sequence[np.ndarray],
+    samples_per_client: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Per client, ``samples_per_client`` indices into ``labels`` that no shard of ``parts``
+    holds, with that client's shard's label distribution: the membership audit's
+    non-members (``federation.audit``), drawn from the distribution its members come from.
+    They are disjoint from every shard and from each other, so a record that one client's
+    audit calls a non-member was trained on by no client.
+    """
+    labels = _check_labels(labels)
+    used = np.zeros(len(labels), dtype=bool)
+    for part in parts:
+        used[part] = True
+    pool = np.flatnonzero(~used)
+    num_classes = int(labels.max()) + 1
+    histogram = label_histogram(labels, parts, num_classes)
+    counts = np.stack([apportion(samples_per_client, row, rng) for row in histogram])
+    try:
+        drawn = _draw(labels[pool], counts, rng)
+    except PartitionError as err:
+        raise PartitionError(f"audit.holdout = {samples_per_client}: {err} (images no client "
+                             "trains on)") from None
+    return [pool[d] for d in drawn]
+
+
+def draw_canaries(
+    labels: np.ndarray,
+    taken: Sequence[np.ndarray],
+    num_clients: int,
+    per_client: int,
+    rng: np.random.Generator,
+) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per client, ``2 * per_client`` indices into ``labels`` outside every array of
+    ``taken`` and disjoint across clients, each with a wrong label drawn uniformly from the
+    other classes, split at random into ``member`` and ``nonmember`` halves: canaries
+    (Jagielski et al., NeurIPS 2020) for the membership audit (``federation.audit``)."""
+    labels = _check_labels(labels)
+    num_classes = int(labels.max()) + 1
+    used = np.zeros(len(labels), dtype=bool)
+    for part in taken:
+        used[part] = True
+    pool = np.flatnonzero(~used)
+    if len(pool) < 2 * per_client * num_clients:
+        raise PartitionError(f"audit.canaries = {per_client}: {num_clients} clients need "
+                             f"{2 * per_client * num_clients} images that no client trains "
+                             f"on, and {len(pool)} are left")
+    chosen = rng.permutation(pool)[: 2 * per_client * num_clients].reshape(num_clients, -1)
+    canaries = []
+    for row in chosen:
+        wrong = (labels[row] + rng.integers(1, num_classes, size=len(row))) % num_classes
+        canaries.append({"member": (row[:per_client], wrong[:per_client]),
+                         "nonmember": (row[per_client:], wrong[per_client:])})
+    return canaries
