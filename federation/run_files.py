@@ -28,10 +28,13 @@ directory may lie on its own disk (``output_dir`` of its process)::
     slide_predictions.csv        ``slidefed evaluate``: every hospital's rows
     slide_metrics.json           ``slidefed evaluate``: per hospital and pooled
     cross_site.csv               ``slidefed evaluate``: shared models on every hospital
+    heatmaps.csv                 ``slidefed heatmap``: the heatmaps it drew last, each a
+                                 ``hospitals/<name>/heatmaps/<model>/<slide_id>.png``
 
 ``federation.outputs`` writes them, ``federation.loop`` reads the CSV files back when it
 resumes a finished run, ``federation.report`` reads finished runs, ``federation.benchmark``
-decides which runs are finished.
+decides which runs are finished, ``federation.evaluation`` writes the slide-level files and
+``federation.results_report`` reads them.
 """
 
 from __future__ import annotations
@@ -51,9 +54,17 @@ CHECKPOINTS = "checkpoints"  # inside a hospital's directory
 CHECKPOINT_CONFIG = "run_config.yaml"  # inside CHECKPOINTS; not config.yaml, which marks a run
 FEDERATE_LOG = "federate.log"
 HOSPITALS = "hospitals"
+SLIDE_PREDICTIONS = "slide_predictions.csv"
+SLIDE_METRICS = "slide_metrics.json"
+CROSS_SITE = "cross_site.csv"
+HEATMAPS = "heatmaps.csv"
 
 METRICS_COLUMNS = ("round", "client", "model", "split", "metric", "value")
 PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit", "status")
+PREDICTION_COLUMNS = ("hospital", "slide_id", "split", "label", "score", "prediction", "model")
+CROSS_SITE_KEYS = ("model_hospital", "model", "data_hospital", "slides")  # then each metric
+HEATMAP_COLUMNS = ("hospital", "model", "slide_id", "split", "label", "score", "prediction",
+                   "path")  # path relative to the run directory
 
 # Dotted config keys, by what a difference in them means.
 #
