@@ -1,6 +1,6 @@
-"""Federation subcommands: ``slidefed federate``, ``slidefed evaluate`` and ``slidefed
-heatmap`` here; ``slidefed bench algorithms`` and ``slidefed report`` come from
-``federation.benchmark``.
+"""Federation subcommands: ``slidefed federate``, ``slidefed evaluate``, ``slidefed heatmap``
+and ``slidefed results-report`` here; ``slidefed bench algorithms`` and ``slidefed report``
+(the benchmark's tables of runs) come from ``federation.benchmark``.
 
 torch and mpi4py are imported inside the command, so registering it costs ``slidefed tile``
 nothing at start-up.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 from federation import benchmark
@@ -50,6 +51,18 @@ def run_heatmap(args: argparse.Namespace) -> int:
                                 limit=args.limit)
     print(f"{args.run_dir}: {len(written)} heatmaps -> "
           f"{args.run_dir / 'hospitals' / '<hospital>' / 'heatmaps'}")
+    return 0
+
+
+def run_results_report(args: argparse.Namespace) -> int:
+    from federation.results_report.render import write_results_report
+
+    config = args.workflow_config
+    text = None if config is None else sys.stdin.read() if config == "-" \
+        else Path(config).read_text()
+    written = write_results_report(args.output_dir, args.out, workflow_config=text,
+                                   thumbnails=args.thumbnails)
+    print(f"{args.output_dir}: report -> {written}")
     return 0
 
 
@@ -109,3 +122,18 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--limit", type=int, metavar="N",
                    help="at most the first N slides of the split per hospital")
     p.set_defaults(run=run_heatmap)
+
+    p = commands.add_parser(
+        "results-report",
+        help="one self-contained HTML page of a workflow's results: cohort, QC, training, "
+             "privacy, ROC, metrics, cross-site, heatmaps (not `report`, which tables "
+             "benchmark runs)")
+    p.add_argument("output_dir", type=Path,
+                   help="the workflow's output_dir (preprocessed/, federation/)")
+    p.add_argument("-o", "--out", type=Path,
+                   help="the HTML file to write (default OUTPUT_DIR/report.html)")
+    p.add_argument("--workflow-config", metavar="YAML",
+                   help="the workflow configuration to show ('-': read it from stdin)")
+    p.add_argument("--thumbnails", type=int, default=6, metavar="N",
+                   help="QC pictures per hospital (default %(default)s)")
+    p.set_defaults(run=run_results_report)
