@@ -61,7 +61,7 @@ def run_results_report(args: argparse.Namespace) -> int:
     text = None if config is None else sys.stdin.read() if config == "-" \
         else Path(config).read_text()
     written = write_results_report(args.output_dir, args.out, workflow_config=text,
-                                   thumbnails=args.thumbnails)
+                                   thumbnails=args.thumbnails, runs=args.runs or None)
     print(f"{args.output_dir}: report -> {written}")
     return 0
 
@@ -136,4 +136,6 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                    help="the workflow configuration to show ('-': read it from stdin)")
     p.add_argument("--thumbnails", type=int, default=6, metavar="N",
                    help="QC pictures per hospital (default %(default)s)")
+    p.add_argument("--run", dest="runs", action="append", default=[], metavar="NAME",
+                   help="show the run federation/NAME (repeatable; default: every run there)")
     p.set_defaults(run=run_results_report)

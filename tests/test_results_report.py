@@ -155,6 +155,8 @@ def test_the_command_reads_the_workflow_config_from_stdin(tmp_path, monkeypatch,
     assert main(["results-report", str(out), "--workflow-config", "-", "-o", str(target)]) == 0
     assert str(target) in capsys.readouterr().out
     assert "hospital_a: a.csv" in target.read_text()
+    assert main(["results-report", str(out), "--run", "fedavg"]) == 1
+    assert f"{out / 'federation' / 'fedavg'}: no such run" in capsys.readouterr().err
     assert main(["results-report", str(tmp_path)]) == 1  # not a workflow's output_dir
     assert f"{tmp_path}: no preprocessed/<hospital>/manifest.csv" in capsys.readouterr().err
 

@@ -125,17 +125,26 @@ class WorkflowResults:
     runs: tuple[Run, ...]
 
 
-def collect(output_dir: str | Path, thumbnails: int = 6) -> WorkflowResults:
+def collect(output_dir: str | Path, thumbnails: int = 6,
+            runs: Sequence[str] | None = None) -> WorkflowResults:
     """Read the workflow outputs under ``output_dir``, keeping ``thumbnails`` QC pictures per
-    hospital."""
+    hospital: the runs ``federation/<name>`` of ``runs`` (default: every run there; the
+    workflow names its algorithms, so a run left by an earlier config is not shown)."""
     output_dir = Path(output_dir)
     manifests = sorted((output_dir / PREPROCESSED).glob("*/manifest.csv"))
     if not manifests:
         raise ReportInputError(f"{output_dir}: no {PREPROCESSED}/<hospital>/manifest.csv; is "
                                "this a workflow's output_dir?")
-    runs = sorted(p.parent for p in (output_dir / FEDERATION).glob(f"*/{run_files.CONFIG}"))
+    if runs is None:
+        directories = sorted(p.parent for p in
+                             (output_dir / FEDERATION).glob(f"*/{run_files.CONFIG}"))
+    else:
+        directories = [output_dir / FEDERATION / name for name in runs]
+        for d in directories:
+            if not (d / run_files.CONFIG).is_file():
+                raise ReportInputError(f"{d}: no such run (no {run_files.CONFIG})")
     return WorkflowResults(output_dir, tuple(read_hospital(m, thumbnails) for m in manifests),
-                           tuple(read_run(r) for r in runs))
+                           tuple(read_run(d) for d in directories))
 
 
 def read_hospital(manifest: Path, thumbnails: int) -> Hospital:

@@ -15,7 +15,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from federation.evaluation.metrics import METRICS
 from federation.results_report import figures
-from federation.results_report.collect import Run, WorkflowResults, collect
+from federation.results_report.collect import CrossSite, Run, WorkflowResults, collect
 from federation.results_report.embed import data_uri, picture_uri
 from federation.results_report.versions import software_versions
 from slidefed.atomic import atomic_path
@@ -28,13 +28,15 @@ METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "balanced_accuracy": "bala
 
 
 def write_results_report(output_dir: str | Path, out: str | Path | None = None, *,
-                         workflow_config: str | None = None, thumbnails: int = 6) -> Path:
+                         workflow_config: str | None = None, thumbnails: int = 6,
+                         runs: Sequence[str] | None = None) -> Path:
     """Write the report of the workflow outputs under ``output_dir`` to ``out`` (default
-    ``output_dir/report.html``), showing ``thumbnails`` QC pictures per hospital and the
-    workflow configuration ``workflow_config`` (YAML text) when given. Returns the path."""
+    ``output_dir/report.html``): the runs ``federation/<name>`` of ``runs`` (default: all),
+    ``thumbnails`` QC pictures per hospital and the workflow configuration
+    ``workflow_config`` (YAML text) when given. Returns the path."""
     if thumbnails < 0:
         raise ValueError(f"results-report: --thumbnails must be at least 0, got {thumbnails}")
-    results = collect(output_dir, thumbnails)
+    results = collect(output_dir, thumbnails, runs)
     out = Path(out) if out is not None else Path(output_dir) / REPORT
     environment = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                               autoescape=True, undefined=StrictUndefined, trim_blocks=True,
@@ -115,7 +117,7 @@ def _cross_site(run: Run) -> list[dict[str, Any]]:
     return tables
 
 
-def _cell(row: Any, home: bool) -> dict[str, Any]:
+def _cell(row: CrossSite | None, home: bool) -> dict[str, Any]:
     if row is None:
         return {"auc": "—", "accuracy": "—", "slides": 0, "home": home}
     return {"auc": _number(row.metrics["auc"]), "accuracy": _number(row.metrics["accuracy"]),

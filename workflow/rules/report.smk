@@ -24,10 +24,11 @@ rule results_report:
         # the report; a change to it reruns the report (Snakemake's params trigger).
         config=yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False),
         thumbnails=REPORT["thumbnails_per_hospital"],
+        runs=" ".join(f"--run {a}" for a in ALGORITHMS),
     log:
         f"{OUT}/logs/results_report.log",
     benchmark:
         f"{OUT}/benchmarks/results_report.tsv"
     shell:
         "printf '%s' {params.config:q} | slidefed results-report {params.out} "
-        "--workflow-config - --thumbnails {params.thumbnails} > {log} 2>&1"
+        "--workflow-config - --thumbnails {params.thumbnails} {params.runs} > {log} 2>&1"
