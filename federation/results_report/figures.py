@@ -47,7 +47,7 @@ def training_curves(run: Run) -> bytes:
                             color=_colour(h), linestyle=_style(m), label=f"{hospital} {model}")
         ax.set(title=f"{split} {metric.replace('_', ' ')}", xlabel="round", ylabel=metric)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize="small")
+    _legend_beside(figure, axes)
     return _png(figure)
 
 
@@ -68,7 +68,7 @@ def privacy_curves(run: Run) -> bytes | None:
     ax.set(title=f"ε per {units} (δ = {deltas})", xlabel="round", ylabel=f"ε ({units})")
     ax.set_ylim(bottom=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize="small")
+    _legend_beside(figure, [ax])
     return _png(figure)
 
 
@@ -118,6 +118,17 @@ def _panels(count: int) -> tuple[Figure, list[Axes]]:
     for ax in axes[count:]:
         ax.set_visible(False)
     return figure, axes[:count]
+
+
+def _legend_beside(figure: Figure, axes: Sequence[Axes]) -> None:
+    """One legend for every panel, right of them: a legend inside would hide the curves of
+    many hospitals."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    figure.legend(list(entries.values()), list(entries), loc="outside right upper",
+                  fontsize="small")
 
 
 def _empty(ax: Axes, text: str) -> None:
