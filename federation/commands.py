@@ -132,8 +132,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                    help="the workflow's output_dir (preprocessed/, federation/)")
     p.add_argument("-o", "--out", type=Path,
                    help="the HTML file to write (default OUTPUT_DIR/report.html)")
-    p.add_argument("--workflow-config", metavar="YAML",
-                   help="the workflow configuration to show ('-': read it from stdin)")
+    p.add_argument("--workflow-config", metavar="FILE",
+                   help="the workflow configuration (YAML) to show ('-': read it from stdin)")
     p.add_argument("--thumbnails", type=int, default=6, metavar="N",
                    help="QC pictures per hospital (default %(default)s)")
     p.add_argument("--run", dest="runs", action="append", default=[], metavar="NAME",
