@@ -2,7 +2,7 @@
 #   snakemake -c2                                              # demo, 2 cores
 #   snakemake -c8 --configfile configs/my_cohort.yaml          # your cohort
 #   snakemake --profile configs/slurm --configfile ...         # on a SLURM cluster
-#   snakemake -c1 --report results/snakemake_report.zip        # after a run: Snakemake's own
+#   snakemake --report results/snakemake_report.zip            # after a run: Snakemake's own
 # Every rule calls the `slidefed` command line; the logic lives in the package. The data
 # flow: cohort (demo only) -> preprocess (a job per hospital) -> federate (an MPI job per
 # algorithm, a rank per hospital) -> evaluate -> heatmap -> report (one HTML page of it all).

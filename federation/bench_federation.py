@@ -9,9 +9,18 @@ In ProxyFL's Fashion-MNIST setting (``configs/benchmarks/fashion_mnist.yaml``: 8
    process) against ``plain_fedavg`` — the same training written as a bare PyTorch loop over
    the same tensors — timed in the same process; and the start-up of a process that imports
    what ``slidefed federate`` imports.
+3. ``packing``: ProxyFL with DP evaluated as the paper's public code evaluates (every client
+   on the whole 10,000-image test set every round: ``data.test_distribution=global``,
+   ``data.test_samples_per_client=10000``), once with one rank per client and once with the
+   clients packed on ``--ranks`` ranks (default: the cores this process may use). Each wall
+   time, launch to exit, is also given in units of the wall time of a fresh
+   ``python -c "import torch, opacus"`` measured in the same run (the median of three), so
+   that machines of different speeds can be compared; and where the time went (start-up,
+   set-up, training, evaluation, communication, accounting), and whether both wrote the same
+   metrics.
 
-Run ``python -m federation.bench_federation [--rounds 30]``; it prints one JSON object.
-Both runs of a pair use the same torch thread count (``--threads``, default 1).
+Run ``python -m federation.bench_federation [--rounds 30] [--only packing]``; it prints one
+JSON object. Both runs of a pair use the same torch thread count (``--threads``, default 1).
 """
 
 from __future__ import annotations
@@ -19,17 +28,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from federation import run_files
+from federation.benchmark import default_ranks
 from federation.config import FederationConfig, load_config
 from federation.data import load_client_data
 from federation.data.image_clients import ImageClientData
@@ -83,13 +97,22 @@ def plain_fedavg(
     return accuracies
 
 
-def _launch(command: list[str]) -> float:
+class Timing(NamedTuple):
+    """Wall seconds of a command, and the CPU seconds (user + system) of all its processes."""
+
+    wall: float
+    cpu: float
+
+
+def _launch(command: list[str]) -> Timing:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {result.stderr[-2000:]}")
-    return seconds
+    return Timing(seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
 
 
 def _federate_command(config: Path, out: Path, rounds: int, threads: int,
@@ -111,7 +134,7 @@ def bench_proxyfl_mpi(config: Path, rounds: int, ranks: int, threads: int,
         command = [mpiexec, "-n", str(ranks),
                    *_federate_command(config, out, rounds, threads, f"dp.enabled={dp}",
                                       "algorithm=proxyfl", "backend=mpi")]
-        result[f"{label}_wall_s"] = round(_launch(command), 2)
+        result[f"{label}_wall_s"] = round(_launch(command).wall, 2)
         summary = json.loads((out / run_files.SUMMARY).read_text())
         result[f"{label}_training_s"] = round(summary["time"]["training_s"], 2)
         result[f"{label}_in_run_wall_s"] = round(summary["time"]["wall_s"], 2)
@@ -136,7 +159,7 @@ def bench_fedavg_vs_plain(config: Path, rounds: int, threads: int,
         start = time.perf_counter()
         plain_fedavg(base, data)
         plain.append(time.perf_counter() - start)
-    startup = _launch([sys.executable, "-c", "import slidefed.cli, federation.loop"])
+    startup = _launch([sys.executable, "-c", "import slidefed.cli, federation.loop"]).wall
     return {
         "engine_s": round(min(engine), 2),
         "plain_loop_s": round(min(plain), 2),
@@ -146,22 +169,84 @@ def bench_fedavg_vs_plain(config: Path, rounds: int, threads: int,
     }
 
 
+def import_time(repeats: int = 3) -> Timing:
+    """Median wall and CPU time of a fresh process that runs ``import torch, opacus``: the
+    unit of ``bench_packing``."""
+    timings = [_launch([sys.executable, "-c", "import torch, opacus"]) for _ in range(repeats)]
+    return Timing(statistics.median(t.wall for t in timings),
+                  statistics.median(t.cpu for t in timings))
+
+
+# The paper's public code scores every client on the whole test set every round.
+GLOBAL_EVALUATION = ("data.test_distribution=global", "data.test_samples_per_client=10000",
+                     "eval_every=1")
+
+
+def bench_packing(config: Path, rounds: int, ranks: int, threads: int,
+                  work: Path) -> dict[str, object]:
+    """ProxyFL with DP and the global evaluation, one rank per client and packed on ``ranks``
+    ranks; wall times in seconds and in units of ``import_time`` (its wall time), and the
+    CPU time of all ranks in units of the import's CPU time. The machine's load average
+    before and after says whether other work shared the cores."""
+    clients = load_config(config).clients
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    unit = import_time()
+    result: dict[str, object] = {"import_torch_opacus_s": round(unit.wall, 2),
+                                 "import_torch_opacus_cpu_s": round(unit.cpu, 2),
+                                 "load_average_before": os.getloadavg()[0]}
+    for label, n in (("one_rank_per_client", clients), ("packed", ranks)):
+        out = work / label
+        timing = _launch([mpiexec, "-n", str(n), *_federate_command(
+            config, out, rounds, threads, "algorithm=proxyfl", "backend=mpi",
+            "dp.enabled=true", *GLOBAL_EVALUATION)])
+        times = json.loads((out / run_files.SUMMARY).read_text())["time"]
+        categories = {k[:-2]: v for k, v in times.items() if k != "wall_s"}
+        result[label] = {
+            "ranks": n, "wall_s": round(timing.wall, 2),
+            "units": round(timing.wall / unit.wall, 2),
+            "cpu_s": round(timing.cpu, 2), "cpu_units": round(timing.cpu / unit.cpu, 2),
+            # Before the round loop's clock starts: interpreter, imports, MPI.
+            "start_up_s": round(timing.wall - times["wall_s"], 2),
+            # Inside it but in no category: data loading, models, files.
+            "set_up_s": round(times["wall_s"] - sum(categories.values()), 2),
+            **{f"{k}_s": round(v, 2) for k, v in sorted(categories.items())},
+        }
+    result["same_metrics"] = all(
+        (work / "one_rank_per_client" / name).read_text() == (work / "packed" / name).read_text()
+        for name in ("metrics.csv", "privacy.csv"))
+    result["load_average_after"] = os.getloadavg()[0]
+    return result
+
+
+BENCHMARKS = ("fedavg_vs_plain", "proxyfl_mpi", "packing")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="ranks the clients are packed on in 'packing' (default: the "
+                             "cores this process may use, at most one per client)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip-mpi", action="store_true")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS,
+                        help="run only this benchmark (repeatable; default: all)")
     args = parser.parse_args()
+    clients = load_config(args.config).clients
+    ranks = args.ranks or default_ranks(clients)
+    chosen = args.only or BENCHMARKS
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        report = {"rounds": args.rounds, "threads": args.threads,
-                  "fedavg_vs_plain": bench_fedavg_vs_plain(args.config, args.rounds,
-                                                           args.threads, work)}
-        if not args.skip_mpi:
-            report["proxyfl_mpi"] = bench_proxyfl_mpi(args.config, args.rounds, args.ranks,
+        report: dict[str, object] = {"rounds": args.rounds, "threads": args.threads}
+        if "fedavg_vs_plain" in chosen:
+            report["fedavg_vs_plain"] = bench_fedavg_vs_plain(args.config, args.rounds,
+                                                              args.threads, work)
+        if "proxyfl_mpi" in chosen:
+            report["proxyfl_mpi"] = bench_proxyfl_mpi(args.config, args.rounds, clients,
                                                       args.threads, work)
+        if "packing" in chosen:
+            report["packing"] = bench_packing(args.config, args.rounds, ranks, args.threads,
+                                              work)
     print(json.dumps(report))
 
 

@@ -13,14 +13,17 @@ stop the others; the runner names the failed runs at the end and writes no repor
 How a run executes is chosen by backend in ``EXECUTORS``: ``local`` calls the round loop in
 this process: a fresh interpreter per run would import torch and opacus again each time
 (seconds, as long as a short run itself), and the runs are sequential, each one's models
-freed when it returns; ``mpi`` starts ``mpiexec -n K python -m slidefed federate`` with one
-rank per client, its output in the run's ``federate.log``.
+freed when it returns; ``mpi`` starts ``mpiexec -n R python -m slidefed federate``, the K
+clients packed on R ranks (default: one per core this process may use, at most K), its output
+in the run's ``federate.log``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -112,10 +115,12 @@ def run_benchmark(
     out_dir: Path,
     backend: str = "local",
     overrides: Iterable[str] = (),
+    ranks: int | None = None,
 ) -> list[Path]:
     """Run every (algorithm, seed) not finished yet, then write the report into ``out_dir``.
 
     ``overrides`` are ``KEY=VALUE`` settings applied to every run (e.g. ``rounds=30``).
+    ``ranks``: the MPI ranks of each run with backend ``mpi`` (default ``default_ranks``).
     Returns the run directories; raises ``BenchmarkError`` naming the runs that failed.
     """
     try:
@@ -123,7 +128,14 @@ def run_benchmark(
     except KeyError:
         raise BenchmarkError(f"unknown backend {backend!r}; choose one of "
                              f"{sorted(EXECUTORS)}") from None
+    if ranks is not None:
+        if backend != "mpi":
+            raise BenchmarkError(f"--ranks {ranks} needs --backend mpi")
+        execute = functools.partial(execute, ranks=ranks)
     plan = plan_runs(config_path, algorithms, seeds, out_dir, backend, overrides)
+    if ranks is not None and not all(1 <= ranks <= run.config.clients for run in plan):
+        raise BenchmarkError(f"--ranks {ranks}: each run needs 1 to "
+                             f"{min(run.config.clients for run in plan)} ranks (its clients)")
     failures = []
     with logging_redirect_tqdm():
         bar = tqdm(plan, desc="benchmark", unit="run")
@@ -200,8 +212,17 @@ def _mpiexec() -> Path:
     return Path(found)
 
 
-def _run_under_mpiexec(run: PlannedRun, resume: bool) -> None:
-    command = [str(_mpiexec()), "-n", str(run.config.clients), sys.executable, "-m",
+def default_ranks(clients: int) -> int:
+    """MPI ranks for a run of ``clients`` clients: one per core this process may use, at most
+    one per client (more ranks than cores only add start-up: each imports torch and opacus)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    return min(clients, cores)
+
+
+def _run_under_mpiexec(run: PlannedRun, resume: bool, ranks: int | None = None) -> None:
+    ranks = ranks or default_ranks(run.config.clients)
+    command = [str(_mpiexec()), "-n", str(ranks), sys.executable, "-m",
                "slidefed", "federate", "--config", str(run.config_path)]
     command += [part for override in run.overrides for part in ("--set", override)]
     command += ["--resume"] if resume else []
@@ -244,7 +265,7 @@ def run_bench_algorithms(args: argparse.Namespace) -> int:
     if args.algorithms is None:
         args.algorithms = sorted(catalog.ALGORITHMS)
     run_benchmark(args.config, args.algorithms, args.seeds, args.output, backend=args.backend,
-                  overrides=args.set)
+                  overrides=args.set, ranks=args.ranks)
     print(f"{len(args.algorithms)} algorithms x {len(args.seeds)} seeds -> "
           f"{args.output / 'results.md'}")
     print((args.output / "results.md").read_text().split("\n\n")[0])
@@ -274,7 +295,10 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                         "(repeatable)")
     p.add_argument("--backend", choices=sorted(EXECUTORS), default="local",
                    help="local: each run in this process (default); mpi: each run under "
-                        "mpiexec with one rank per client")
+                        "mpiexec, its clients packed on --ranks ranks")
+    p.add_argument("--ranks", type=int, default=None, metavar="R",
+                   help="with --backend mpi: MPI ranks per run, 1..clients (default: the "
+                        "cores available, at most one per client)")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="directory of the runs (<algorithm>/seed_<s>/) and the report")
     p.set_defaults(run=run_bench_algorithms)

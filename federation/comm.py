@@ -1,12 +1,15 @@
 """Communicators: how clients' tensors move, written once for one process or for MPI.
 
-Algorithms run "collectively over the clients this process owns": under MPI a process owns
-exactly one client (rank = client id), under the local backend one process owns all K
-clients. Every method therefore takes and returns dicts keyed by the *owned* client ids, and
-the same algorithm code runs unchanged, and deterministically, on both backends.
+Algorithms run "collectively over the clients this process owns": under MPI, R ranks split
+the K clients into contiguous blocks (``rank_blocks``: rank r owns a balanced slice, one client
+each when R = K), under the local backend one process owns all K clients. Every method
+therefore takes and returns dicts keyed by the *owned* client ids, and the same algorithm code
+runs unchanged, and deterministically, however the clients are packed: every result is
+bit-for-bit that of the local backend (sums are taken in client order on every backend).
 
-Tensors cross ranks only as contiguous CPU buffers through mpi4py's upper-case buffer methods
-(``Isend``/``Irecv``, ``Iallreduce``, ``Ibcast``); nothing model-sized is pickled. Every
+Between clients of one process tensors are copied; across ranks they travel only as
+contiguous CPU buffers through mpi4py's upper-case buffer methods (``Isend``/``Irecv``,
+``Ibcast``); nothing model-sized is pickled. Every
 tensor a client sends is recorded in ``Communicator.sent_log`` so tests can assert what left a
 client (e.g. only proxy-sized buffers under ProxyFL). Small records (metric rows, the state a
 run starts from) are pickled by ``gather_rows`` and ``allgather``; the README's privacy
@@ -36,10 +39,12 @@ log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 
-# The tag of each kind of point-to-point message; MPI's non-overtaking rule keeps the messages
-# of one kind between one pair of ranks in order, and a pair appears at most once per
-# operation. "probe" is the numel and dtype that precede a collective.
-TAGS = {"exchange": 17, "gather_rows": 18, "allgather": 19, "probe": 20, "barrier": 21}
+# The tag of each kind of point-to-point message. MPI's non-overtaking rule keeps the messages
+# of one kind between one pair of ranks in order, so where an exchange sends several between
+# one pair (several clients per rank) both sides post them in (sender, receiver) client order.
+# "probe" is the numel and dtype that precede a collective; "reduce" a running sum.
+TAGS = {"exchange": 17, "gather_rows": 18, "allgather": 19, "probe": 20, "barrier": 21,
+        "reduce": 22}
 
 # Seconds between writing a failing rank's message and calling MPI Abort (see _abort_world).
 _ABORT_GRACE_S = 0.2
@@ -50,8 +55,19 @@ _ABORT_GRACE_S = 0.2
 # one process has too).
 _LAUNCH_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 
-# How to start one MPI rank per client, for error messages.
-LAUNCH_HINT = "mpiexec -n K, or under SLURM srun --mpi=pmi2 -n K"
+# How to start the MPI ranks (R <= K, the K clients split among them), for error messages.
+LAUNCH_HINT = "mpiexec -n R with R <= K, or under SLURM srun --mpi=pmi2 -n R"
+
+
+def rank_blocks(num_clients: int, ranks: int) -> list[range]:
+    """The clients of each of ``ranks`` ranks: contiguous, in client order, balanced (the first
+    ``num_clients mod ranks`` ranks own one more), e.g. 3 clients on 2 ranks: [0, 1], [2]."""
+    if not 1 <= ranks <= num_clients:
+        raise ValueError(f"{num_clients} clients cannot be split over {ranks} ranks: "
+                         "each rank needs at least one client")
+    base, extra = divmod(num_clients, ranks)
+    starts = [r * base + min(r, extra) for r in range(ranks + 1)]
+    return [range(starts[r], starts[r + 1]) for r in range(ranks)]
 
 
 def launched_processes() -> int:
@@ -78,11 +94,13 @@ class Communicator(ABC):
 
     Attributes:
         size: number of clients K in the federation.
+        processes: number of processes that share the clients (MPI ranks; 1 locally).
         owned: the client ids this process runs, ascending.
         sent_log: one ``Transfer`` per tensor an owned client sent (metrics rows excluded).
     """
 
     size: int
+    processes: int = 1
     owned: list[int]
 
     def __init__(self, size: int, owned: Sequence[int]) -> None:
@@ -149,11 +167,14 @@ class Communicator(ABC):
     def allreduce_sum(self, local: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """Sum of all K clients' tensors (same shape and dtype everywhere), as a fresh tensor.
 
-        The order of summation differs between backends, so results agree to float rounding.
+        Summed in client order, ((0 + x_0) + x_1) + ..., on every backend and however the
+        clients are packed into processes, so the result is the same to the last bit.
         """
         self._check_owned_keys("local", local)
+        first = local[self.owned[0]]
         for c in self.owned:
             _check_buffer(local[c], f"local[{c}]")
+            _check_match(local[c], first, f"allreduce_sum of client {c}")
         total = self._allreduce_sum(local)
         self.sent_log.extend(Transfer("allreduce", c, None, local[c].numel()) for c in self.owned)
         return total
@@ -166,8 +187,10 @@ class Communicator(ABC):
         if not 0 <= root < self.size:
             raise ValueError(f"broadcast root {root} is not a client id in 0..{self.size - 1}")
         self._check_owned_keys("tensor_by_owner", tensor_by_owner)
+        first = tensor_by_owner[self.owned[0]]
         for c in self.owned:
             _check_buffer(tensor_by_owner[c], f"tensor_by_owner[{c}]")
+            _check_match(tensor_by_owner[c], first, f"broadcast to client {c}")
         result = self._broadcast(tensor_by_owner, root)
         if root in self.owned:
             self.sent_log.append(Transfer("broadcast", root, None, result.numel()))
@@ -208,6 +231,40 @@ class Communicator(ABC):
     @abstractmethod
     def _broadcast(self, tensor_by_owner: Mapping[int, torch.Tensor], root: int) -> torch.Tensor:
         ...
+
+    def _copy_within(
+        self,
+        outgoing: Mapping[int, torch.Tensor],
+        send_to: Mapping[int, Sequence[int]],
+        recv_from: Mapping[int, Sequence[int]],
+    ) -> dict[int, list[torch.Tensor]]:
+        """The receive buffers of every owned client, filled from the owned senders.
+
+        Checks the routes between owned clients agree (a mistake MPI would turn into a hang);
+        what comes from another process's clients is left for the backend to receive.
+        """
+        received: dict[int, list[torch.Tensor]] = {}
+        for c in self.owned:
+            for d in send_to[c]:
+                if d in outgoing and c not in recv_from[d]:
+                    raise ValueError(f"client {c} sends to {d}, but {d} does not receive from {c}")
+            buffers = self._receive_buffers(c, len(recv_from[c]), outgoing[c])
+            for s, buffer in zip(recv_from[c], buffers, strict=True):
+                if s not in outgoing:
+                    continue
+                if c not in send_to[s]:
+                    raise ValueError(f"client {c} receives from {s}, but {s} does not send to {c}")
+                _check_match(outgoing[s], outgoing[c], f"client {c} receiving from {s}")
+                # A copy, as MPI delivers it: the sender's buffer is typically its live
+                # parameters (FlatParameters.pack), which change as soon as it trains.
+                buffer.copy_(outgoing[s].reshape(buffer.shape))
+            received[c] = buffers
+        return received
+
+    def _add_owned(self, total: torch.Tensor, local: Mapping[int, torch.Tensor]) -> None:
+        """Add the owned clients' tensors to ``total`` in place, in client order."""
+        for c in self.owned:
+            total += local[c].reshape(total.shape)
 
     def _receive_buffers(self, client: int, count: int, like: torch.Tensor) -> list[torch.Tensor]:
         """``count`` reusable buffers shaped like ``like`` for what ``client`` receives."""
@@ -259,38 +316,20 @@ class LocalCommunicator(Communicator):
         return None
 
     def _exchange(self, outgoing, send_to, recv_from):
-        received: dict[int, list[torch.Tensor]] = {}
-        for c in self.owned:
-            for d in send_to[c]:
-                if c not in recv_from[d]:
-                    raise ValueError(f"client {c} sends to {d}, but {d} does not receive from {c}")
-            buffers = self._receive_buffers(c, len(recv_from[c]), outgoing[c])
-            for s, buffer in zip(recv_from[c], buffers, strict=True):
-                if c not in send_to[s]:
-                    raise ValueError(f"client {c} receives from {s}, but {s} does not send to {c}")
-                _check_match(outgoing[s], outgoing[c], f"client {c} receiving from {s}")
-                # A copy, as MPI delivers it: the sender's buffer is typically its live
-                # parameters (FlatParameters.pack), which change as soon as it trains.
-                buffer.copy_(outgoing[s].reshape(buffer.shape))
-            received[c] = buffers
-        return received
+        return self._copy_within(outgoing, send_to, recv_from)
 
     def _allreduce_sum(self, local):
-        first = local[self.owned[0]]
-        total = torch.zeros_like(first)
-        for c in self.owned:
-            _check_match(local[c], first, f"allreduce_sum of client {c}")
-            total += local[c].reshape(first.shape)
+        total = torch.zeros_like(local[self.owned[0]])
+        self._add_owned(total, local)
         return total
 
     def _broadcast(self, tensor_by_owner, root):
-        for c in self.owned:
-            _check_match(tensor_by_owner[c], tensor_by_owner[root], f"broadcast to client {c}")
         return tensor_by_owner[root].clone()
 
 
 class MPICommunicator(Communicator):
-    """One client per MPI rank of ``COMM_WORLD`` (rank = client id); tensors move as buffers.
+    """The K clients split over the R <= K ranks of ``COMM_WORLD`` in ``rank_blocks``; tensors
+    between ranks move as buffers, between clients of one rank as copies.
 
     Every wait polls non-blocking requests (see the module docstring). Polling without sleep
     spins as MPICH's own blocking waits do, yielding the core between polls as they do
@@ -310,18 +349,23 @@ class MPICommunicator(Communicator):
                 "1 and would train alone: the launcher does not speak the MPI mpi4py uses "
                 f"(with the mpich wheel: {LAUNCH_HINT})"
             )
-        if self._comm.size != num_clients:
+        if self._comm.size > num_clients:
             raise ValueError(
-                f"backend 'mpi' needs one rank per client: num_clients={num_clients} but "
-                f"the MPI world has {self._comm.size} ranks (start {LAUNCH_HINT})"
+                f"backend 'mpi' needs at most one rank per client: num_clients={num_clients} "
+                f"but the MPI world has {self._comm.size} ranks (start {LAUNCH_HINT})"
             )
-        super().__init__(num_clients, [self._comm.rank])
         self.rank = self._comm.rank
-        self._others = [r for r in range(num_clients) if r != self.rank]
+        self.processes = self._comm.size
+        self._blocks = rank_blocks(num_clients, self.processes)
+        super().__init__(num_clients, self._blocks[self.rank])
+        # The rank that runs each client.
+        self._owner = [r for r, block in enumerate(self._blocks) for _ in block]
+        self._others = [r for r in range(self.processes) if r != self.rank]
 
     def gather_rows(self, rows_by_owner: Mapping[int, Sequence[Row]]) -> list[Row] | None:
         self._check_owned_keys("rows_by_owner", rows_by_owner)
-        mine, tag = list(rows_by_owner[self.rank]), TAGS["gather_rows"]
+        tag = TAGS["gather_rows"]
+        mine = [row for c in self.owned for row in rows_by_owner[c]]
         if self.rank != 0:
             self._wait([self._comm.isend(mine, 0, tag)], [0], "while sending metric rows")
             return None
@@ -331,61 +375,81 @@ class MPICommunicator(Communicator):
     def allgather(self, by_owner: Mapping[int, Any]) -> list[Any]:
         self._check_owned_keys("by_owner", by_owner)
         tag = TAGS["allgather"]
-        sends = [self._comm.isend(by_owner[self.rank], r, tag) for r in self._others]
+        mine = [by_owner[c] for c in self.owned]
+        sends = [self._comm.isend(mine, r, tag) for r in self._others]
         others = self._receive_objects(self._others, tag, "in allgather")
         self._wait(sends, self._others, "in allgather")
-        return [by_owner[r] if r == self.rank else others[r] for r in range(self.size)]
+        return [item for r in range(self.processes)
+                for item in (mine if r == self.rank else others[r])]
 
     def barrier(self) -> None:
         # An empty message to and from every other rank, so a missing rank can be named.
         self._all_to_all(np.empty(0, dtype=np.int64), TAGS["barrier"], "at a barrier")
 
     def _exchange(self, outgoing, send_to, recv_from):
-        mine = outgoing[self.rank]
-        dsts, srcs = list(send_to[self.rank]), list(recv_from[self.rank])
-        received = self._receive_buffers(self.rank, len(srcs), mine)
-        statuses = [self._mpi.Status() for _ in srcs + dsts]
-        requests = [self._comm.Irecv(self._buffer(buf), s, TAGS["exchange"])
-                    for buf, s in zip(received, srcs, strict=True)]
-        requests += [self._comm.Isend(self._buffer(mine), d, TAGS["exchange"]) for d in dsts]
+        # What crosses ranks, sorted by (sender, receiver) on both sides: the order in which
+        # messages between one pair of ranks are posted, and so matched.
+        incoming = sorted((s, c, slot) for c in self.owned
+                          for slot, s in enumerate(recv_from[c]) if s not in outgoing)
+        leaving = sorted((c, d) for c in self.owned for d in send_to[c] if d not in outgoing)
+        received = self._copy_within(outgoing, send_to, recv_from)
+        statuses = [self._mpi.Status() for _ in incoming + leaving]
+        tag = TAGS["exchange"]
+        requests = [self._comm.Irecv(self._buffer(received[c][slot]), self._owner[s], tag)
+                    for s, c, slot in incoming]
+        requests += [self._comm.Isend(self._buffer(outgoing[c]), self._owner[d], tag)
+                     for c, d in leaving]
+        peers = [self._owner[s] for s, _, _ in incoming] + [self._owner[d] for _, d in leaving]
         try:
-            self._wait(requests, srcs + dsts, "while exchanging parameters", statuses)
+            self._wait(requests, peers, "while exchanging parameters", statuses)
         except self._mpi.Exception as error:
             # Testall reports ERR_IN_STATUS and leaves the real cause (e.g. a message longer
             # than the receive buffer) in the failed receive's status.
-            causes = [(s, st.Get_error()) for s, st in zip(srcs, statuses, strict=False)
+            causes = [(s, c, st.Get_error()) for (s, c, _), st in zip(incoming, statuses,
+                                                                      strict=False)
                       if st.Get_error() != self._mpi.SUCCESS]
-            senders = [s for s, _ in causes] or srcs
-            code = causes[0][1] if causes else error.error_code
+            if not causes and not incoming:
+                raise
+            s, c, code = causes[0] if causes else (*incoming[0][:2], error.error_code)
             raise ValueError(
-                f"receiving parameters from rank(s) {senders} failed "
-                f"(expected {mine.numel()} elements of {mine.dtype}): "
+                f"client {c} receiving parameters from client {s} (rank {self._owner[s]}) "
+                f"failed (expected {outgoing[c].numel()} elements of {outgoing[c].dtype}): "
                 f"{self._mpi.Get_error_string(self._mpi.Get_error_class(code))}"
             ) from error
-        mpi_type = _MPI_TYPES[mine.dtype](self._mpi)
-        for s, status in zip(srcs, statuses, strict=False):
-            count = status.Get_count(mpi_type)
-            if count != mine.numel():
+        for (s, c, _), status in zip(incoming, statuses, strict=False):
+            count = status.Get_count(_MPI_TYPES[outgoing[c].dtype](self._mpi))
+            if count != outgoing[c].numel():
                 raise ValueError(
-                    f"rank {s} sent {count} elements of {mine.dtype}, "
-                    f"expected {mine.numel()}"
+                    f"client {s} (rank {self._owner[s]}) sent client {c} {count} elements of "
+                    f"{outgoing[c].dtype}, expected {outgoing[c].numel()}"
                 )
-        return {self.rank: received}
+        return received
 
     def _allreduce_sum(self, local):
-        mine = local[self.rank]
-        self._check_same_everywhere(mine, "allreduce_sum")
-        total = torch.empty_like(mine)
-        # Separate send and receive buffers: no copy, and the caller's tensor is left alone.
-        request = self._comm.Iallreduce(self._buffer(mine), self._buffer(total), op=self._mpi.SUM)
-        self._wait([request], None, "in allreduce_sum")
+        # A running sum passed along the ranks in order, each adding its clients in order,
+        # then broadcast from the last: the local backend's order of additions, whatever the
+        # packing (MPI's own Allreduce adds in an order of its choosing).
+        first = local[self.owned[0]]
+        self._check_same_everywhere(first, "allreduce_sum")
+        total = torch.zeros_like(first)
+        tag, last = TAGS["reduce"], self.processes - 1
+        if self.rank > 0:
+            self._wait([self._comm.Irecv(self._buffer(total), self.rank - 1, tag)],
+                       [self.rank - 1], "in allreduce_sum")
+        self._add_owned(total, local)
+        if self.rank < last:
+            self._wait([self._comm.Isend(self._buffer(total), self.rank + 1, tag)],
+                       [self.rank + 1], "in allreduce_sum")
+        self._wait([self._comm.Ibcast(self._buffer(total), root=last)], None,
+                   "in allreduce_sum")
         return total
 
     def _broadcast(self, tensor_by_owner, root):
-        mine = tensor_by_owner[self.rank]
+        mine = tensor_by_owner[self.owned[0]]
         self._check_same_everywhere(mine, "broadcast")
-        result = mine.clone() if self.rank == root else torch.empty_like(mine)
-        self._wait([self._comm.Ibcast(self._buffer(result), root=root)], None, "in broadcast")
+        result = tensor_by_owner[root].clone() if root in self.owned else torch.empty_like(mine)
+        self._wait([self._comm.Ibcast(self._buffer(result), root=self._owner[root])], None,
+                   "in broadcast")
         return result
 
     def _check_same_everywhere(self, tensor: torch.Tensor, what: str) -> None:
@@ -407,7 +471,7 @@ class MPICommunicator(Communicator):
 
     def _all_to_all(self, values: np.ndarray, tag: int, what: str) -> np.ndarray:
         """Every rank's int64 ``values`` (one length everywhere), row r from rank r."""
-        table = np.empty((self.size, len(values)), dtype=np.int64)
+        table = np.empty((self.processes, len(values)), dtype=np.int64)
         table[self.rank] = values
         requests = [self._comm.Irecv(table[r], r, tag) for r in self._others]
         requests += [self._comm.Isend(values, r, tag) for r in self._others]
@@ -446,14 +510,17 @@ class MPICommunicator(Communicator):
                 self._check_deadline(started, silent, what)
 
     def _check_deadline(self, started: float, silent: list[int] | None, what: str) -> None:
-        """Raise ``PeerTimeoutError`` once ``timeout_s`` has passed since ``started``."""
+        """Raise ``PeerTimeoutError`` once ``timeout_s`` has passed since ``started``; names
+        the silent ranks and the hospitals they run."""
         if self.timeout_s is None or time.monotonic() - started <= self.timeout_s or silent == []:
             return
         if silent is None:
-            peers = f"one of all {self.size} ranks"
+            peers = f"one of all {self.processes} ranks"
         else:
-            peers = ", ".join(f"rank {r}" + (f" ({self.names[r]})" if self.names else "")
-                              for r in dict.fromkeys(silent))  # a rank once, in order
+            peers = ", ".join(
+                f"rank {r}" + (f" ({', '.join(self.names[c] for c in self._blocks[r])})"
+                               if self.names else "")
+                for r in dict.fromkeys(silent))  # a rank once, in order
         raise PeerTimeoutError(
             f"no answer from {peers} in {self.timeout_s:g} s (comm_timeout_s) {what}")
 

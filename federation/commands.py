@@ -83,14 +83,16 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     benchmark.register(commands, bench)  # slidefed bench algorithms, slidefed report
     p = commands.add_parser(
         "federate",
-        help="train a federation (one MPI rank per client under mpiexec, or all in one process)",
+        help="train a federation (its clients split over the ranks of mpiexec, or all in one "
+             "process)",
     )
     p.add_argument("--config", type=Path, required=True, help="run configuration (YAML)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override a dotted config key, e.g. --set dp.enabled=false "
                         "(repeatable; values follow YAML scalar rules)")
     p.add_argument("--backend", choices=("mpi", "local"), default=None,
-                   help="mpi: one rank per client; local: all clients in this process "
+                   help="mpi: the clients split over the MPI ranks (at most one rank per "
+                        "client); local: all clients in this process "
                         "(default: the config's backend; auto picks mpi under mpiexec)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",

@@ -55,8 +55,8 @@ def resolve_backend(backend: str) -> str:
     if resolved == "local" and launched > 1:
         if backend == "auto":
             raise ConfigError(f"the launcher started {launched} processes but none is an MPI "
-                              "rank, so each would train every client alone; start one rank "
-                              f"per client ({LAUNCH_HINT}), or one process")
+                              "rank, so each would train every client alone; start MPI ranks "
+                              f"({LAUNCH_HINT}), or one process")
         raise ConfigError(f"backend local under an MPI launch of {launched} processes would run "
                           f"{launched} whole federations into one output_dir; use --backend "
                           "mpi, or start one process")
@@ -65,16 +65,17 @@ def resolve_backend(backend: str) -> str:
 
 def configure_threads(config: FederationConfig, comm: Communicator) -> int:
     """Set torch's intra-op threads: ``config.threads`` (default 1 on every backend), or with
-    null this node's cores shared among the processes on it (one thread per rank when K ranks
-    share fewer than 2K cores, all of them for the local backend's one process)."""
+    null this node's cores shared among the processes on it (one thread per rank when R ranks
+    share fewer than 2R cores, all of them for the local backend's one process). A process
+    trains its clients one after another, so the threads are per process, not per client."""
     threads = config.threads
     if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
             os.cpu_count() or 1)
         processes = 1
-        if len(comm.owned) < comm.size:
+        if comm.processes > 1:
             local = next((os.environ[v] for v in _LOCAL_SIZE_VARIABLES if v in os.environ), None)
-            processes = int(local) if local else comm.size
+            processes = int(local) if local else comm.processes
         threads = max(1, cores // processes)
     torch.set_num_threads(threads)
     return threads
@@ -113,12 +114,17 @@ def run_federation(
     threads = configure_threads(config, comm)
     data = load_client_data(config, comm.owned)
     algorithm: Algorithm = ALGORITHMS[config.algorithm](config, comm, data)
-    earlier = {"wall_s": 0.0, "seconds": {}, "elements_sent": 0}
+    # The totals of the rounds before a resume: this process's times, and each client's
+    # elements sent (the clients may have been packed into processes differently then).
+    earlier: dict[str, Any] = {"wall_s": 0.0, "seconds": {}, "sent_by_client": {}}
     if completed:
         for c in comm.owned:
             state = run.load_client(completed, names[c])
             algorithm.load_state_dict(c, state["algorithm"])
-        earlier = {**earlier, **run.load_client(completed, names[comm.owned[0]])["process"]}
+            if c == comm.owned[0]:
+                earlier.update(wall_s=state["process"]["wall_s"],
+                               seconds=state["process"]["seconds"])
+            earlier["sent_by_client"][c] = state["process"]["elements_sent"]
         for category, seconds in earlier["seconds"].items():
             algorithm.stopwatch.seconds[category] += seconds
     for c in comm.owned:
@@ -218,7 +224,13 @@ def _process_totals(algorithm: Algorithm, comm: Communicator, earlier: Mapping[s
     ``earlier`` holds the totals of the rounds before a resume (the stopwatch has them)."""
     return {"wall_s": earlier["wall_s"] + time.perf_counter() - started,
             "seconds": dict(algorithm.stopwatch.seconds),
-            "elements_sent": earlier["elements_sent"] + sum(t.numel for t in comm.sent_log)}
+            "elements_sent": sum(_sent_by(comm, earlier, c) for c in comm.owned)}
+
+
+def _sent_by(comm: Communicator, earlier: Mapping[str, Any], client: int) -> int:
+    """Elements ``client`` has sent over the whole run, the rounds before a resume included."""
+    return earlier["sent_by_client"].get(client, 0) + sum(
+        t.numel for t in comm.sent_log if t.src == client)
 
 
 def _checkpoint(run: RunDirectory, algorithm: Algorithm, comm: Communicator, number: int,
@@ -226,9 +238,11 @@ def _checkpoint(run: RunDirectory, algorithm: Algorithm, comm: Communicator, num
     with algorithm.stopwatch("checkpointing"):
         process = _process_totals(algorithm, comm, earlier, started)
         for c in comm.owned:
-            run.save_client(number, names[c], {"round": number,
-                                               "algorithm": algorithm.state_dict(c),
-                                               "process": process})
+            # The process's times, but only this client's elements: a resume may pack the
+            # clients into processes differently.
+            run.save_client(number, names[c], {
+                "round": number, "algorithm": algorithm.state_dict(c),
+                "process": {**process, "elements_sent": _sent_by(comm, earlier, c)}})
         comm.barrier()  # every hospital holds this round now: older checkpoints may go
         for c in comm.owned:
             run.keep_only_checkpoint(names[c], number)

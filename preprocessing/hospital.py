@@ -15,7 +15,9 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -32,6 +34,7 @@ from wsi.bag import (
     check_bag,
     read_labels,
 )
+from wsi.dicom import DicomInstance, is_dicom_file, level0_instance, read_instance, series_error
 from wsi.slide import SlideError
 
 from .isolation import run_isolated
@@ -39,10 +42,12 @@ from .tile import TileResult, TilingOptions, tile_slide
 
 log = logging.getLogger(__name__)
 
-# Extensions of the slide formats OpenSlide reads (a DICOM slide is opened through any one of
-# its .dcm files; directories holding several are listed once).
+# Extensions of the slide formats OpenSlide reads from one file (a MIRAX .mrxs has its data in
+# a companion folder of the same name). DICOM-WSI slides are series of files, found by content.
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif",
-                    ".svslide", ".dcm")
+                    ".svslide")
+# Joins the folder names and file stem of a slide found below the cohort folder into its id.
+ID_SEPARATOR = "__"
 MANIFEST_COLUMNS = ("slide_id", "path", "label", "status", "n_patches", "mpp", "mpp_source",
                     "error")
 
@@ -96,12 +101,26 @@ class ManifestRow:
 
 def read_slide_list(source: str | Path,
                     annotations: str | Path | None = None) -> list[SlideEntry]:
-    """Slides from a directory (by extension, sorted) or a CSV with ``slide_id,path,label``
-    and optionally ``annotation``; slides without an annotation there take
+    """Slides from a directory or a CSV with ``slide_id,path,label`` and optionally
+    ``annotation``; slides without an annotation there take
     ``annotations/<slide_id>.geojson`` when that exists.
 
+    A directory is searched recursively, in path order, leaving out hidden files and folders
+    and MIRAX data folders. A slide file (by extension) is named by its path below the
+    directory without the extension, parts joined by ``__``: ``s1.svs`` is ``s1``,
+    ``case_7/HE.svs`` is ``case_7__HE``. DICOM files (``.dcm``, or any file with the DICOM
+    preamble) are grouped by SeriesInstanceUID within each folder, one whole-slide series
+    being one slide, listed by its level-0 file. It is named by its folder (``case_7``); in
+    a folder that holds several series, or in the directory itself, each is named
+    ``<folder>__<ContainerIdentifier>``, with the SeriesInstanceUID in place of a missing or
+    repeated ContainerIdentifier. DICOM files of other kinds are left out with a warning;
+    an unreadable DICOM file, a truncated one and a series without its full-resolution
+    image fail (their entry's ``error``).
+
     Relative CSV paths are taken relative to the CSV's directory; every slide path comes
-    back absolute, so a manifest means the same from any working directory.
+    back absolute, so a manifest means the same from any working directory. A CSV names a
+    DICOM-WSI slide by its folder (which must hold one series; its level-0 file is listed)
+    or by any one of its files, and its series is checked as in a directory.
     """
     source = Path(os.path.abspath(source))
     if source.is_dir():
@@ -121,19 +140,139 @@ def read_slide_list(source: str | Path,
 
 
 def _slides_in_directory(directory: Path) -> list[SlideEntry]:
-    entries, dicom_dirs = [], set()
-    for path in sorted(directory.iterdir()):
-        suffix = path.suffix.lower()
-        if not path.is_file() or suffix not in SLIDE_EXTENSIONS:
-            continue
-        if suffix == ".dcm":
-            if path.parent in dicom_dirs:
-                continue
-            dicom_dirs.add(path.parent)
-        entries.append(SlideEntry(path.stem, path))
+    """The slides anywhere under ``directory``, in path order (see :func:`read_slide_list`)."""
+    entries, dicom_files = [], defaultdict(list)
+    for path in _walk(directory, set()):
+        if path.suffix.lower() in SLIDE_EXTENSIONS:
+            entries.append(SlideEntry(_slide_id(directory, path.with_suffix("")), path))
+        elif _is_dicom(path):
+            dicom_files[path.parent].append(path)
+    for folder, paths in dicom_files.items():
+        entries += _dicom_slides(directory, folder, paths)
     if not entries:
-        raise SlideListError(f"{directory}: no slide files ({', '.join(SLIDE_EXTENSIONS)})")
-    return _fail_shared_stems(entries)
+        raise SlideListError(f"{directory}: no slide files ({', '.join(SLIDE_EXTENSIONS)}) or "
+                             "DICOM-WSI series in it or its subfolders")
+    return _fail_shared_stems(sorted(entries, key=lambda e: e.path))
+
+
+def _walk(folder: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
+    """The files under ``folder``, depth first in name order, leaving out hidden files and
+    folders (``.DS_Store``, macOS's ``._s1.svs``), MIRAX companion folders, and folders
+    already seen (a symbolic link back up the tree)."""
+    try:
+        stat = folder.stat()
+        children = sorted(folder.iterdir())
+    except OSError as exc:
+        raise SlideListError(f"{folder}: cannot list the folder ({exc.strerror})") from exc
+    if (stat.st_dev, stat.st_ino) in seen:
+        return
+    seen.add((stat.st_dev, stat.st_ino))
+    mirax_data = {c.stem for c in children if c.suffix.lower() == ".mrxs"}
+    for child in children:
+        if child.name.startswith("."):
+            continue
+        if child.is_dir():
+            if child.name not in mirax_data:
+                yield from _walk(child, seen)
+        elif child.is_file():
+            yield child
+
+
+def _slide_id(directory: Path, path: Path) -> str:
+    """``path`` (a file without its extension, or a folder) relative to ``directory``, its
+    parts joined by :data:`ID_SEPARATOR`; empty for ``directory`` itself."""
+    return ID_SEPARATOR.join(path.relative_to(directory).parts)
+
+
+def _dicom_slides(directory: Path, folder: Path, paths: list[Path]) -> list[SlideEntry]:
+    """The slides of the DICOM files ``paths`` in ``folder``: one per whole-slide series,
+    listed by its level-0 file, and one failed entry per file whose header is unreadable."""
+    series, unreadable = _read_dicom_files(folder, paths)
+    entries = [SlideEntry(_slide_id(directory, Path(exc.path).with_suffix("")), Path(exc.path),
+                          error=str(exc)) for exc in unreadable]
+    ids = _dicom_slide_ids(_slide_id(directory, folder), series)
+    for uid, instances in series.items():
+        entries.append(SlideEntry(ids[uid], level0_instance(instances).path,
+                                  error=series_error(instances) or ""))
+    return entries
+
+
+def _read_dicom_files(folder: Path, paths: list[Path]
+                      ) -> tuple[dict[str, list[DicomInstance]], list[SlideError]]:
+    """The whole-slide instances among the DICOM files ``paths`` of ``folder``, by series,
+    and the errors of files whose header is unreadable. Files of other kinds (a DICOMDIR,
+    annotations, reports) are left out with a warning."""
+    series, unreadable, others = defaultdict(list), [], []
+    for path in paths:
+        try:
+            instance = read_instance(path)
+        except SlideError as exc:
+            unreadable.append(exc)
+            continue
+        if instance.is_wsi:
+            series[instance.series_uid].append(instance)
+        else:
+            others.append(instance)
+    if others:
+        log.warning("%s: skipping %d DICOM files that are not whole-slide images: %s", folder,
+                    len(others), ", ".join(f"{i.path.name} ({i.sop_class.name or 'no SOP class'})"
+                                           for i in others))
+    return dict(series), unreadable
+
+
+def _is_dicom(path: Path) -> bool:
+    return path.suffix.lower() == ".dcm" or is_dicom_file(path)
+
+
+def _dicom_csv_entry(entry: SlideEntry,
+                     folders: dict[Path, dict[str, list[DicomInstance]]]) -> SlideEntry:
+    """A CSV entry whose path is a folder, or one DICOM file, of a DICOM-WSI slide: a folder
+    must hold one series and is replaced by its level-0 file; either fails when its series
+    is incomplete. ``folders`` caches the series of each folder read."""
+    folder = entry.path if entry.path.is_dir() else entry.path.parent
+    if folder not in folders:
+        try:
+            files = [p for p in sorted(folder.iterdir())
+                     if p.is_file() and not p.name.startswith(".") and _is_dicom(p)]
+        except OSError as exc:
+            return replace(entry, error=f"{folder}: cannot list the folder ({exc.strerror})")
+        folders[folder] = _read_dicom_files(folder, files)[0]
+    series = folders[folder]
+    if entry.path.is_dir():
+        if len(series) != 1:
+            return replace(entry, error=(
+                f"{entry.path}: a folder of {len(series)} DICOM whole-slide series, not one; "
+                "give the path of one of the slide's files"))
+        [instances] = series.values()
+        return replace(entry, path=level0_instance(instances).path,
+                       error=series_error(instances) or "")
+    for instances in series.values():
+        if any(i.path == entry.path for i in instances):
+            return replace(entry, error=series_error(instances) or "")
+    return entry  # not a whole-slide image: opening it says what it is
+
+
+def _dicom_slide_ids(folder_id: str, series: dict[str, list[DicomInstance]]) -> dict[str, str]:
+    """Slide ids of the DICOM ``series`` of one folder (``folder_id``, empty for the cohort
+    folder): the folder's id when it holds one series; otherwise, appended to it, each
+    series's ContainerIdentifier (the glass slide's label), or its SeriesInstanceUID where
+    the identifier is missing or shared by two series of the folder."""
+    if len(series) == 1 and folder_id:
+        return dict.fromkeys(series, folder_id)
+    labels = {uid: _file_name(level0_instance(instances).container_id)
+              for uid, instances in series.items()}
+    counts = Counter(labels.values())
+    ids = {}
+    for uid, label in labels.items():
+        name = label if label and counts[label] == 1 else uid
+        ids[uid] = ID_SEPARATOR.join(part for part in (folder_id, name) if part)
+    return ids
+
+
+def _file_name(text: str) -> str:
+    """``text`` made a safe file name part: runs of anything but letters, digits, ``.``, ``-``
+    and ``_`` become ``_``, and no leading dot."""
+    return re.sub(r"[^\w.-]+", "_", text).strip("._")
 
 
 def _fail_shared_stems(entries: list[SlideEntry]) -> list[SlideEntry]:
@@ -156,7 +295,7 @@ def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
         if missing:
             raise SlideListError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; "
                                  "expected slide_id,path,label")
-        entries = []
+        entries, dicom_folders = [], {}
         for line, row in enumerate(reader, start=2):
             slide_id, path = (row.get("slide_id") or "").strip(), (row.get("path") or "").strip()
             if not slide_id or not path:
@@ -165,9 +304,12 @@ def _slides_in_csv(csv_path: Path) -> list[SlideEntry]:
                 raise SlideListError(f"{csv_path}: line {line}: slide_id {slide_id!r} is not a "
                                      "plain file name")
             annotation = (row.get("annotation") or "").strip()
-            entries.append(SlideEntry(slide_id, Path(os.path.abspath(csv_path.parent / path)),
-                                      (row.get("label") or "").strip(),
-                                      csv_path.parent / annotation if annotation else None))
+            entry = SlideEntry(slide_id, Path(os.path.abspath(csv_path.parent / path)),
+                               (row.get("label") or "").strip(),
+                               csv_path.parent / annotation if annotation else None)
+            if entry.path.is_dir() or (entry.path.is_file() and _is_dicom(entry.path)):
+                entry = _dicom_csv_entry(entry, dicom_folders)
+            entries.append(entry)
     if not entries:
         raise SlideListError(f"{csv_path}: no slides listed")
     return _unique(csv_path, entries)

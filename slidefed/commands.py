@@ -21,7 +21,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     predictions, errors = predict_slides(
         args.model, args.inputs, args.output, device=args.device,
-        batch_size=args.batch_size or SCORING_BATCH,
+        batch_size=args.batch_size or SCORING_BATCH, workers=args.workers,
         fill_mpp=args.fill_mpp, annotations=args.annotation, heatmaps=not args.no_heatmap,
         geojson=args.geojson)
     for error in errors:
@@ -39,7 +39,7 @@ def run_bench_predict(args: argparse.Namespace) -> int:
 
     print(json.dumps(bench_predict(args.model, args.slides, device=args.device,
                                    batch_size=args.batch_size or SCORING_BATCH,
-                                   repeats=args.repeats)))
+                                   workers=args.workers, repeats=args.repeats)))
     return 0
 
 
@@ -58,6 +58,9 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                    help="where the model runs (default %(default)s: a GPU when there is one)")
     p.add_argument("--batch-size", type=positive_int,
                    help="patches per forward pass (default: as slidefed evaluate)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="processes that read and encode a slide's patches when tiling it "
+                        "(default %(default)s)")
     p.add_argument("--fill-mpp", type=positive_float, metavar="X",
                    help="level-0 µm per pixel of slides whose files state none")
     p.add_argument("--annotation", type=Path, metavar="PATH",
@@ -76,6 +79,9 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                    help="where the model runs (default %(default)s)")
     p.add_argument("--batch-size", type=positive_int,
                    help="patches per forward pass (default: as slidefed evaluate)")
-    p.add_argument("--repeats", type=positive_int, default=3,
-                   help="interleaved repeats, median reported (default %(default)s)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="tiling processes of the predict variants (default %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="interleaved repeats; the best and the median are reported "
+                        "(default %(default)s)")
     p.set_defaults(run=run_bench_predict)

@@ -94,7 +94,7 @@ def checked_bag(path: Path, predictor: Predictor) -> BagIndex:
 
 
 def predict_slides(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
-                   device: str = "auto", batch_size: int = SCORING_BATCH,
+                   device: str = "auto", batch_size: int = SCORING_BATCH, workers: int = 1,
                    fill_mpp: float | None = None, annotations: str | Path | None = None,
                    heatmaps: bool = True, geojson: bool = False, progress: bool = True,
                    ) -> tuple[list[SlidePrediction], list[str]]:
@@ -104,6 +104,7 @@ def predict_slides(model: str | Path, inputs: Sequence[str | Path], out_dir: str
     and, with ``geojson``, ``regions/<slide>.geojson``. ``annotations`` is one GeoJSON file
     (one input only) or a directory of ``<slide_id>.geojson`` whose tumour polygons the
     heatmaps outline. ``fill_mpp`` is the level-0 µm/px of slides whose files state none.
+    ``workers`` processes read and encode a slide's patches when it is tiled.
     Returns the predictions and one line per input that failed.
     """
     out_dir = Path(out_dir)
@@ -123,7 +124,7 @@ def predict_slides(model: str | Path, inputs: Sequence[str | Path], out_dir: str
                     options = TilingOptions(target_mpp=predictor.target_mpp,
                                             patch_size=predictor.patch_size, fill_mpp=fill_mpp)
                     tiled = tile_slide(source, Path(scratch) / "slide.h5", options,
-                                       progress=progress)
+                                       workers=workers, progress=progress)
                     bag = index_bag(tiled.bag_path, None)
                 predictions.append(_predict_bag(predictor, reader, bag, source, out_dir,
                                                 batch_size=batch_size, fill_mpp=fill_mpp,

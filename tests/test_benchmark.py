@@ -13,7 +13,7 @@ import yaml
 from federation_synthetic import small_config, write_synthetic_digits
 
 from federation import benchmark
-from federation.benchmark import BenchmarkError, run_benchmark
+from federation.benchmark import BenchmarkError, default_ranks, run_benchmark
 from federation.config import ConfigError
 from slidefed.cli import main
 
@@ -126,9 +126,15 @@ def test_a_bad_plan_fails_before_anything_runs(
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unknown_backend_is_refused(config_path: Path, tmp_path: Path) -> None:
+def test_an_unknown_backend_and_impossible_ranks_are_refused(
+    config_path: Path, tmp_path: Path
+) -> None:
     with pytest.raises(BenchmarkError, match="unknown backend 'slurm'"):
         run_benchmark(config_path, ["proxyfl"], [0], tmp_path / "out", backend="slurm")
+    with pytest.raises(BenchmarkError, match="--ranks 2 needs --backend mpi"):
+        run_benchmark(config_path, ["proxyfl"], [0], tmp_path / "out", ranks=2)
+    with pytest.raises(BenchmarkError, match="--ranks 9: each run needs 1 to 4 ranks"):
+        run_benchmark(config_path, ["proxyfl"], [0], tmp_path / "out", backend="mpi", ranks=9)
 
 
 @pytest.mark.slow
@@ -138,7 +144,8 @@ def test_mpi_runs_match_local_runs(config_path: Path, tmp_path: Path) -> None:
         run_benchmark(config_path, ["proxyfl"], [0], tmp_path / backend, backend=backend,
                       overrides=["rounds=2"])
     mpi, local = tmp_path / "mpi" / "proxyfl" / "seed_0", tmp_path / "local" / "proxyfl" / "seed_0"
-    assert "federate --config" in (mpi / "federate.log").read_text()
+    # The 4 clients packed on one rank per core.
+    assert f"mpiexec -n {default_ranks(4)} " in (mpi / "federate.log").read_text()
     for name in ("metrics.csv", "privacy.csv"):
         assert (mpi / name).read_text() == (local / name).read_text()
 

@@ -5,7 +5,13 @@ import sys
 import pytest
 import torch
 
-from federation.comm import LocalCommunicator, Transfer, make_communicator, run_guarded
+from federation.comm import (
+    LocalCommunicator,
+    Transfer,
+    make_communicator,
+    rank_blocks,
+    run_guarded,
+)
 from federation.topology import make_topology
 
 
@@ -115,6 +121,15 @@ def test_allreduce_sum_adds_every_clients_tensor_without_touching_inputs() -> No
     assert [t.op for t in comm.sent_log] == ["allreduce"] * 4
 
 
+def test_allreduce_sum_adds_in_client_order() -> None:
+    # 1e16 + 1 + 1 is 1e16 added left to right in float64, 1e16 + 2 added right to left: the
+    # order is part of the result, and every backend and packing must use this one.
+    local = {0: torch.tensor([1e16], dtype=torch.float64),
+             1: torch.tensor([1.0], dtype=torch.float64),
+             2: torch.tensor([1.0], dtype=torch.float64)}
+    assert LocalCommunicator(3).allreduce_sum(local).item() == 1e16
+
+
 def test_allreduce_sum_refuses_mismatched_tensors() -> None:
     comm = LocalCommunicator(2)
     with pytest.raises(ValueError, match="allreduce_sum of client 1: got 3 elements"):
@@ -146,6 +161,25 @@ def test_allgather_gives_every_clients_object_in_client_order() -> None:
     with pytest.raises(ValueError, match=r"by_owner has clients \[0, 1\]"):
         comm.allgather({0: "a", 1: "b"})
     assert comm.sent_log == []  # not parameters: elements_sent counts models only
+
+
+@pytest.mark.parametrize(("clients", "ranks", "blocks"), [
+    (4, 4, [[0], [1], [2], [3]]),
+    (4, 2, [[0, 1], [2, 3]]),
+    (3, 2, [[0, 1], [2]]),
+    (8, 3, [[0, 1, 2], [3, 4, 5], [6, 7]]),
+    (5, 1, [[0, 1, 2, 3, 4]]),
+])
+def test_rank_blocks_split_clients_into_balanced_contiguous_slices(
+    clients: int, ranks: int, blocks: list[list[int]]
+) -> None:
+    assert [list(block) for block in rank_blocks(clients, ranks)] == blocks
+
+
+@pytest.mark.parametrize("ranks", [0, 4])
+def test_rank_blocks_refuse_more_ranks_than_clients(ranks: int) -> None:
+    with pytest.raises(ValueError, match=f"3 clients cannot be split over {ranks} ranks"):
+        rank_blocks(3, ranks)
 
 
 def test_make_communicator_refuses_unknown_backends_and_empty_federations() -> None:

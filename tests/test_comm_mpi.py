@@ -7,6 +7,7 @@ subprocess timeout, so a hang fails the test instead of stalling the suite.
 
 import importlib.util
 import json
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -34,32 +35,42 @@ def _mpiexec(ranks: int, *args: str) -> tuple[subprocess.CompletedProcess, float
     return run_mpiexec(ranks, str(SCRIPT), *args, timeout=TIMEOUT_S)
 
 
-def test_mpi_backend_gives_the_local_backends_results(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("clients", "ranks"), [(4, 4), (4, 2), (3, 2)],
+                         ids=["one-per-rank", "4-on-2", "3-on-2"])
+def test_mpi_backend_gives_the_local_backends_results(
+    tmp_path: Path, clients: int, ranks: int
+) -> None:
     script = _load_script()
     out = tmp_path / "rows.json"
-    result, _ = _mpiexec(4, "protocol", str(out))
+    result, _ = _mpiexec(ranks, "protocol", str(out), str(clients))
     assert result.returncode == 0, result.stderr[-2000:]
     mpi_rows = json.loads(out.read_text())
-    local_rows = json.loads(json.dumps(script.protocol(LocalCommunicator(4))))
+    local_rows = json.loads(json.dumps(script.protocol(LocalCommunicator(clients))))
     assert mpi_rows == local_rows
 
     # And the shared results are right, not merely equal: check them against their definitions.
     by_op = {}
     for row in mpi_rows:
         by_op.setdefault(row["op"], []).append(row)
+    k, period = clients, math.ceil(math.log2(clients))
     for row in by_op["exchange"]:
-        hop = 2 ** (row["round"] % 2)  # ceil(log2 4) = 2
-        sender = (row["client"] - hop) % 4
+        sender = (row["client"] - 2 ** (row["round"] % period)) % k
         assert row["value"] == [script.client_buffer(sender, row["round"]).tolist()]
-    expected_sum = sum(script.client_buffer(c, 0) for c in range(4)).tolist()
+    for row in by_op["exchange_full"]:  # several messages between one pair of ranks
+        assert row["value"] == [script.client_buffer(s, script.ROUNDS).tolist()
+                                for s in range(k) if s != row["client"]]
+    expected_sum = sum(script.client_buffer(c, 0) for c in range(k)).tolist()
     assert all(row["value"] == expected_sum for row in by_op["allreduce"])
-    assert all(row["value"] == script.client_buffer(3, 9).tolist() for row in by_op["broadcast"])
+    assert all(row["value"] == script.client_buffer(k - 1, 9).tolist()
+               for row in by_op["broadcast"])
     for row in by_op["sent"]:
         c = row["client"]
         exchanged = [[op, src, dst, n] for op, src, dst, n in row["value"] if op == "exchange"]
-        assert exchanged == [["exchange", c, (c + 2 ** (t % 2)) % 4, 6] for t in range(3)]
+        assert exchanged[:3] == [["exchange", c, (c + 2 ** (t % period)) % k, 6]
+                                 for t in range(3)]
+        assert exchanged[3:] == [["exchange", c, d, 6] for d in range(k) if d != c]
         assert ["allreduce", c, None, 6] in row["value"]
-        assert (["broadcast", c, None, 6] in row["value"]) == (c == 3)
+        assert (["broadcast", c, None, 6] in row["value"]) == (c == k - 1)
 
 
 def test_an_exception_on_one_rank_ends_every_rank_quickly() -> None:
@@ -74,9 +85,10 @@ def test_an_exception_on_one_rank_ends_every_rank_quickly() -> None:
 @pytest.mark.parametrize(
     ("numel", "message"),
     [
-        (8, r"rank 0: ValueError: receiving parameters from rank\(s\) \[1\] failed "
-            r"\(expected 6 elements of torch.float32\): Message truncated"),
-        (4, r"rank 0: ValueError: rank 1 sent 4 elements of torch.float32, expected 6"),
+        (8, r"rank 0: ValueError: client 0 receiving parameters from client 1 \(rank 1\) "
+            r"failed \(expected 6 elements of torch.float32\): Message truncated"),
+        (4, r"rank 0: ValueError: client 1 \(rank 1\) sent client 0 4 elements of "
+            r"torch.float32, expected 6"),
     ],
     ids=["longer", "shorter"],
 )
@@ -93,11 +105,16 @@ def test_collectives_refuse_ranks_that_disagree_on_the_buffer() -> None:
                      r"on every rank, got numel 6..7", result.stderr), result.stderr[-2000:]
 
 
-def test_mpi_backend_refuses_a_world_of_the_wrong_size() -> None:
+def test_mpi_backend_refuses_more_ranks_than_clients() -> None:
     result, _ = _mpiexec(2, "wrong-size")
     assert result.returncode != 0
-    assert "backend 'mpi' needs one rank per client: num_clients=3 but the MPI world has 2 " \
-        "ranks (start mpiexec -n K, or under SLURM srun --mpi=pmi2 -n K)" in result.stderr
+    # One line per rank that gets to write it before the first one's Abort ends the job.
+    message = ("ValueError: backend 'mpi' needs at most one rank per client: num_clients=1 "
+               "but the MPI world has 2 ranks (start mpiexec -n R with R <= K, or under SLURM "
+               "srun --mpi=pmi2 -n R)")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rank ")]
+    assert errors and all(re.fullmatch(rf"rank [01]: {re.escape(message)}", line)
+                          for line in errors), result.stderr
 
 
 

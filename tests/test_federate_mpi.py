@@ -50,28 +50,54 @@ def _write_config(digits: Path, tmp_path: Path, **overrides) -> Path:
     return path
 
 
+def _assert_same_files(run: Path, local: Path, clients: int) -> None:
+    """The run-level and every hospital's metrics and ε, byte for byte, and the summary's."""
+    names = ["metrics.csv", "privacy.csv", *(f"hospitals/client_{c}/{f}" for c in range(clients)
+                                             for f in ("metrics.csv", "privacy.csv"))]
+    for name in names:
+        assert (run / name).read_text() == (local / name).read_text(), name
+    summary = json.loads((run / "summary.json").read_text())
+    local_summary = json.loads((local / "summary.json").read_text())
+    assert summary["final"] == local_summary["final"]
+    assert summary["elements_sent"] == local_summary["elements_sent"]
+
+
+@pytest.mark.parametrize(("clients", "ranks"), [(4, 4), (4, 2), (3, 2)],
+                         ids=["one-per-rank", "4-on-2", "3-on-2"])
 @pytest.mark.parametrize("algorithm", ["proxyfl", "fedavg"])
 def test_mpi_run_writes_the_local_backends_files(
-    digits: Path, tmp_path: Path, algorithm: str
+    digits: Path, tmp_path: Path, algorithm: str, clients: int, ranks: int
 ) -> None:
-    overrides = {"algorithm": algorithm, "rounds": 3, "fedavg.client_fraction": 0.5}
+    overrides = {"algorithm": algorithm, "rounds": 3, "fedavg.client_fraction": 0.5,
+                 "clients": clients}
     path = _write_config(digits, tmp_path, **overrides)
-    result, _ = _mpiexec(4, "-m", "slidefed", "-q", "federate", "--config", str(path),
+    result, _ = _mpiexec(ranks, "-m", "slidefed", "-q", "federate", "--config", str(path),
                          "--backend", "mpi", "--set", f"output_dir={tmp_path / 'mpi'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith(f"{algorithm}: 3 rounds, 4 clients")
+    assert result.stdout.startswith(f"{algorithm}: 3 rounds, {clients} clients")
 
-    local = config_from_dict(small_config(digits, tmp_path / "local", **overrides))
-    run_federation(local)
-    for name in ("metrics.csv", "privacy.csv"):
-        assert (tmp_path / "mpi" / name).read_text() == (tmp_path / "local" / name).read_text()
-    mpi_summary = json.loads((tmp_path / "mpi" / "summary.json").read_text())
-    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
-    assert mpi_summary["final"] == local_summary["final"]
-    assert mpi_summary["elements_sent"] == local_summary["elements_sent"]
+    run_federation(config_from_dict(small_config(digits, tmp_path / "local", **overrides)))
+    _assert_same_files(tmp_path / "mpi", tmp_path / "local", clients)
     if algorithm == "proxyfl":
         proxy = 8 * 8 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # the 64-200-200-10 MLP
-        assert mpi_summary["elements_sent"] == 3 * 4 * proxy  # one proxy per client per round
+        summary = json.loads((tmp_path / "mpi" / "summary.json").read_text())
+        assert summary["elements_sent"] == 3 * clients * proxy  # one proxy per client a round
+
+
+def test_a_run_resumed_on_fewer_ranks_gives_the_uninterrupted_files(
+    digits: Path, tmp_path: Path
+) -> None:
+    # 2 rounds on one rank per client, then round 3 with the 4 clients packed on 2 ranks.
+    path = _write_config(digits, tmp_path, checkpoint_every=1)
+    command = ["-m", "slidefed", "-q", "federate", "--config", str(path), "--backend", "mpi",
+               "--set", f"output_dir={tmp_path / 'mpi'}"]
+    result, _ = _mpiexec(4, *command, "--set", "rounds=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, _ = _mpiexec(2, *command, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_federation(config_from_dict(small_config(digits, tmp_path / "local",
+                                                 checkpoint_every=1)))
+    _assert_same_files(tmp_path / "mpi", tmp_path / "local", 4)
 
 
 def test_a_local_backend_under_a_launch_of_two_is_refused(digits: Path, tmp_path: Path) -> None:
@@ -99,11 +125,12 @@ def test_an_exception_on_one_rank_ends_every_rank_with_its_message(
     assert ended - failed_at < 10, f"the job took {ended - failed_at:.1f} s to end"
 
 
-def _hanging_run(digits: Path, tmp_path: Path, algorithm: str, *settings: str) -> tuple:
+def _hanging_run(digits: Path, tmp_path: Path, algorithm: str, *settings: str,
+                 clients: int = 2) -> tuple:
     """Start 2 ranks of ``slidefed federate`` whose client 1 hangs in round 2; returns the
     mpiexec process and the folder where each client marks ``<pid> <time>`` as it gets there."""
     path = _write_config(digits, tmp_path, algorithm=f"{algorithm}_hanging_on_client_1",
-                         clients=2)
+                         clients=clients)
     marks = tmp_path / "marks"
     marks.mkdir()
     process = start_mpiexec(
@@ -122,6 +149,19 @@ def test_a_rank_that_stops_answering_ends_the_job_with_an_error_naming_it(
             "(comm_timeout_s) while exchanging parameters\n") in result.stderr, result.stderr
     hung_at = float((marks / "client_1").read_text().split()[1])
     assert 3 < ended - hung_at < 3 + 7, f"the job took {ended - hung_at:.1f} s to end"
+
+
+def test_a_silent_rank_of_several_hospitals_is_named_with_all_of_them(
+    digits: Path, tmp_path: Path
+) -> None:
+    # 3 clients on 2 ranks: rank 0 runs clients 0 and 1, and hangs with client 1; in round 2
+    # client 2 (rank 1) receives from client 0.
+    process, _ = _hanging_run(digits, tmp_path, "proxyfl", "--set", "comm_timeout_s=3",
+                              clients=3)
+    result, _ = wait_mpiexec(process, TIMEOUT_S)
+    assert result.returncode != 0
+    assert ("rank 1: PeerTimeoutError: no answer from rank 0 (client_0, client_1) in 3 s "
+            "(comm_timeout_s) while exchanging parameters\n") in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("target", ["waiting rank", "mpiexec"])
@@ -144,52 +184,66 @@ def test_sigterm_ends_a_job_waiting_in_a_collective_within_seconds(
     assert not list((tmp_path / "out").rglob(".*.partial-*"))
 
 
+@pytest.mark.parametrize("clients", [2, 4], ids=["one-per-rank", "two-per-rank"])
 def test_hospitals_on_disks_of_their_own_send_only_the_listed_messages(
-    digits: Path, tmp_path: Path
+    digits: Path, tmp_path: Path, clients: int
 ) -> None:
-    """Two ranks, each with its own output_dir: each writes only its hospital's files, a
+    """Two ranks, each with its own output_dir: each writes only its hospitals' files, a
     resume agrees, every mpi4py call is one the README lists, and a hospital that lost its
     checkpoint stops the next resume with the same line on both ranks."""
-    result, _ = _mpiexec(2, str(OWN_DISKS), str(digits), str(tmp_path))
+    result, _ = _mpiexec(2, str(OWN_DISKS), str(digits), str(tmp_path), str(clients))
     assert result.returncode == 0, result.stderr[-3000:]
     errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: --resume: the hospitals hold checkpoints of no common round "
-                      "(client_0: 3; client_1: none); every hospital must resume from the same "
+    held = "; ".join([*(f"client_{c}: 3" for c in range(clients - 1)),
+                      f"client_{clients - 1}: none"])
+    assert errors == [f"error: --resume: the hospitals hold checkpoints of no common round "
+                      f"({held}); every hospital must resume from the same "
                       "round: restore the missing hospitals/<name>/checkpoints, or start "
                       "afresh with --force"] * 2
 
     disk_0, disk_1 = tmp_path / "proxyfl_disk_0", tmp_path / "proxyfl_disk_1"
-    assert sorted(p.name for p in (disk_0 / "hospitals").iterdir()) == ["client_0"]
+    half = clients // 2
+    owned = {disk_0: range(half), disk_1: range(half, clients)}
+    for disk, hospitals in owned.items():
+        assert sorted(p.name for p in (disk / "hospitals").iterdir()) == [
+            f"client_{c}" for c in hospitals]
     assert [p.name for p in disk_1.iterdir()] == ["hospitals"]  # no run-level file there
-    assert sorted(p.name for p in (disk_1 / "hospitals").iterdir()) == ["client_1"]
     # Resumed on separate disks, the files are those of one uninterrupted local run.
     local = tmp_path / "local"
     run_federation(config_from_dict(small_config(
-        digits, local, clients=2, rounds=3, checkpoint_every=1, **{"model.private": "lenet5"})))
-    for disk, name in ((disk_0, "metrics.csv"), (disk_0, "privacy.csv"),
-                       (disk_0, "hospitals/client_0/metrics.csv"),
-                       (disk_1, "hospitals/client_1/metrics.csv")):
-        assert (disk / name).read_text() == (local / name).read_text(), name
+        digits, local, clients=clients, rounds=3, checkpoint_every=1,
+        **{"model.private": "lenet5"})))
+    for name in ("metrics.csv", "privacy.csv"):
+        assert (disk_0 / name).read_text() == (local / name).read_text(), name
+    for disk, hospitals in owned.items():
+        for c in hospitals:
+            name = f"hospitals/client_{c}/metrics.csv"
+            assert (disk / name).read_text() == (local / name).read_text(), name
 
     proxy = 8 * 8 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # the 64-200-200-10 MLP
     for rank in (0, 1):
         calls = json.loads((tmp_path / f"calls_{rank}.json").read_text())
         barrier = ("Isend", "barrier", 0)  # an empty message to every other rank
+        # FedAvg's sum: rank 0's running sum to rank 1, then broadcast from rank 1.
+        running_sum = {("Isend", "reduce", proxy + 1)} if rank == 0 else set()
         for algorithm, buffers in (
             ("proxyfl", {("Isend", "exchange", proxy), barrier}),
-            ("fedavg", {("Isend", "probe", 2), ("Iallreduce", None, proxy + 1), barrier}),
+            ("fedavg", {("Isend", "probe", 2), *running_sum, ("Ibcast", None, proxy + 1),
+                        barrier}),
         ):
             made = calls[algorithm]
             assert {c["method"] for c in made} == {"isend", "improbe", "Isend", "Irecv",
                                                    *(method for method, _, _ in buffers)}
             assert {(c["method"], c["kind"], c["sent"]) for c in made
-                    if c["method"] in ("Isend", "Iallreduce")} == buffers
+                    if c["method"] in ("Isend", "Ibcast")} == buffers
             # Pickled: start facts to every other rank, metric rows from client 1 to client 0.
             assert {c["kind"] for c in made if c["method"] == "isend"} == (
                 {"allgather", "gather_rows"} if rank == 1 else {"allgather"})
             starts = [c["sent"] for c in made if c["kind"] == "allgather"]
             assert len(starts) == (2 if algorithm == "proxyfl" else 1)  # one per run
-            assert all(len(fact) == 4 for fact in starts)  # StartFacts
+            # The StartFacts of each hospital of the rank.
+            assert all(len(facts) == half and all(len(fact) == 4 for fact in facts)
+                       for facts in starts)
             for call in made:
                 if call["kind"] == "gather_rows":
                     for row in call["sent"]:
@@ -221,5 +275,5 @@ def test_srun_without_pmi2_stops_every_task_instead_of_training_alone(
     for task in tasks:
         _, stderr = task.communicate(timeout=TIMEOUT_S)
         assert task.returncode != 0
-        assert message in stderr and "srun --mpi=pmi2 -n K" in stderr, stderr
+        assert message in stderr and "srun --mpi=pmi2 -n R" in stderr, stderr
     assert not (tmp_path / "unused").exists()  # nobody trained

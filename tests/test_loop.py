@@ -331,8 +331,8 @@ def test_backend_auto_is_refused_when_srun_started_tasks_that_are_not_mpi_ranks(
     assert resolve_backend("auto") == "local"
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "3")  # srun -n 3 without --mpi=pmi2
     with pytest.raises(ConfigError, match=r"^the launcher started 3 processes but none is an "
-                                          r"MPI rank, .* \(mpiexec -n K, or under SLURM srun "
-                                          r"--mpi=pmi2 -n K\), or one process$"):
+                                          r"MPI rank, .* \(mpiexec -n R with R <= K, or under "
+                                          r"SLURM srun --mpi=pmi2 -n R\), or one process$"):
         resolve_backend("auto")
     monkeypatch.setenv("PMI_RANK", "0")  # srun --mpi=pmi2 gives each task a rank
     assert resolve_backend("auto") == "mpi"
@@ -344,12 +344,16 @@ def test_the_default_thread_count_is_the_same_on_both_backends(monkeypatch) -> N
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setenv("MPI_LOCALNRANKS", "4")
     local = LocalCommunicator(4)
-    rank = SimpleNamespace(owned=[1], size=4)  # one of four ranks under mpiexec, as comm sees
+    rank = SimpleNamespace(owned=[1], size=4, processes=4)  # one of four ranks under mpiexec
     config = config_from_dict({"clients": 4})
     assert configure_threads(config, local) == configure_threads(config, rank) == 1
     cores = dataclasses.replace(config, threads=None)  # the cores, shared among the processes
     assert (configure_threads(cores, local), configure_threads(cores, rank)) == (8, 2)
-    assert set_to == [1, 1, 8, 2]
+    # Without the launcher's count of ranks on this node: the ranks, not the clients.
+    monkeypatch.delenv("MPI_LOCALNRANKS")
+    packed = SimpleNamespace(owned=[2, 3], size=4, processes=2)
+    assert configure_threads(cores, packed) == 4
+    assert set_to == [1, 1, 8, 2, 4]
 
 
 def test_slidefed_federate_runs_the_demo_config(digits: Path, tmp_path: Path, capsys) -> None:

@@ -20,6 +20,7 @@ from federation.model_files import load_model, save_model
 from federation.models import GatedAttentionMIL, create_model
 from preprocessing.options import TilingOptions
 from preprocessing.tile import tile_slide
+from slidefed.bench_predict import bench_predict
 from slidefed.cli import main
 from slidefed.predict import predict_slides
 from wsi.synthetic import SyntheticSlideSpec, tumour_geojson, write_synthetic_slide
@@ -181,3 +182,23 @@ def test_bad_slides_are_one_line_each_and_the_others_are_still_scored(slide, tmp
     assert "coarser than" in errors[1]
     assert main([*args, str(no_mpp), str(coarse)]) == 1
     assert main([*args, "--fill-mpp", "0.5", str(no_mpp)]) == 0
+
+
+def test_workers_tile_the_same_patches_and_give_the_same_score(slide, tmp_path):
+    one, _ = predict_slides(slide["model"], [slide["slide"].path], tmp_path / "one",
+                            heatmaps=False, progress=False)
+    two, _ = predict_slides(slide["model"], [slide["slide"].path], tmp_path / "two",
+                            workers=2, heatmaps=False, progress=False)
+    assert one == two and one[0].n_patches == index_bag(slide["bag"], None).n_patches
+
+
+def test_bench_predict_times_every_variant_on_the_slides_patches(slide):
+    result = bench_predict(slide["model"], [slide["slide"].path], repeats=2)
+    assert result["patches"] == index_bag(slide["bag"], None).n_patches
+    assert set(result["variants"]) == {"forward", "streamed", "serial", "predict",
+                                       "predict_heatmap"}
+    forward = result["variants"]["forward"]
+    assert forward["ratio_to_forward"] == 1.0
+    for row in result["variants"].values():
+        assert len(row["per_repeat"]) == 2 and row["patches_per_s"] == max(row["per_repeat"])
+        assert row["median_patches_per_s"] <= row["patches_per_s"]

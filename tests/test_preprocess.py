@@ -13,6 +13,13 @@ from pathlib import Path
 import h5py
 import pytest
 from damage import zero_tile_data
+from slide_files import (
+    dapi_pixels,
+    he_pixels,
+    write_dicom_wsi,
+    write_secondary_capture,
+    write_tiff_pyramid,
+)
 
 from preprocessing.hospital import (
     SlideListError,
@@ -325,3 +332,61 @@ def test_manifest_path_and_bag_source_path_are_the_same_absolute_path(tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert read_for_training(tmp_path / "site" / "out") == [
         ("A", 1, tmp_path / "site" / "out" / "bags" / "A.h5")]
+
+
+def test_a_mixed_hospital_folder_gives_every_slide_its_right_manifest_row(tmp_path,
+                                                                          real_slide):
+    # Issue 9's "done means": good slides of several formats and layouts, damaged ones and a
+    # fluorescence slide in one folder; every slide gets its row, and only the good ones bags.
+    slides, out = tmp_path / "hospital", tmp_path / "out"
+    write_synthetic_slide(slides / "synthetic.tiff", SyntheticSlideSpec(
+        width=2048, height=2048, mpp=0.5, tumour_regions=0, level_downsample=2,
+        smallest_level_px=512))
+    (slides / "aperio").mkdir()
+    (slides / "aperio" / "cmu.svs").symlink_to(real_slide)
+    (slides / "truncated.svs").write_bytes(real_slide.read_bytes()[:500_000])
+    zero_tile_data(real_slide, slides / "zeroed.svs", tiles=slice(5, 40))
+    (slides / "text.svs").write_text("not a slide")
+    write_tiff_pyramid(slides / "dapi.tiff", dapi_pixels())
+    write_dicom_wsi(slides / "dicom_case", he_pixels(), 0.5, container_id="C-1")
+    half = he_pixels()
+    half[1000:] = 238  # the second series of a folder has half the tissue of the first
+    write_dicom_wsi(slides / "two_series", he_pixels(), 0.5, name="a", container_id="C-2")
+    write_dicom_wsi(slides / "two_series", half, 0.5, name="b", container_id="C-3")
+    write_secondary_capture(slides / "two_series" / "screenshot.dcm")
+    cut = write_dicom_wsi(slides / "dicom_cut", he_pixels(), 0.5, container_id="C-4")
+    cut[1].write_bytes(cut[1].read_bytes()[:-3000])
+    no_level0 = write_dicom_wsi(slides / "dicom_no_level0", he_pixels(), 0.5, levels=3,
+                                container_id="C-5")
+    no_level0[0].unlink()
+
+    rows = preprocess_hospital("h1", slides, out, workers=2, progress=False)
+    ok = {"aperio__cmu": (slides / "aperio" / "cmu.svs", 0.499),
+          "dicom_case": (slides / "dicom_case" / "level-0.dcm", 0.5),
+          "synthetic": (slides / "synthetic.tiff", 0.5),
+          "two_series__C-2": (slides / "two_series" / "a-0.dcm", 0.5),
+          "two_series__C-3": (slides / "two_series" / "b-0.dcm", 0.5)}
+    failed = {"dapi": (slides / "dapi.tiff", "not a brightfield slide: "),
+              "dicom_cut": (slides / "dicom_cut" / "level-0.dcm",
+                            f"{cut[1]}: DICOM file is truncated: "),
+              "dicom_no_level0": (no_level0[1], "incomplete DICOM series "),
+              "text": (slides / "text.svs", "not a slide format"),
+              "truncated": (slides / "truncated.svs", "truncated"),
+              "zeroed": (slides / "zeroed.svs", "cannot read region")}
+    assert [r.slide_id for r in rows] == sorted(ok.keys() | failed.keys())
+    by_id = {r.slide_id: r for r in rows}
+    for slide_id, (path, mpp) in ok.items():
+        row = by_id[slide_id]
+        assert (row.path, row.status, row.error, row.mpp_source) == (str(path), "ok", "", "file")
+        assert row.n_patches > 0 and row.mpp == pytest.approx(mpp, abs=1e-3)
+        with h5py.File(out / "bags" / f"{slide_id}.h5", "r") as f:
+            assert (f.attrs["slide_id"], f.attrs["source_path"]) == (slide_id, str(path))
+    for slide_id, (path, reason) in failed.items():
+        row = by_id[slide_id]
+        assert (row.path, row.status, row.n_patches, row.mpp) == (str(path), "failed", 0, None)
+        named = reason if reason.startswith("/") else f"{path}: "
+        assert row.error.startswith(named) and reason in row.error and "\n" not in row.error
+    assert by_id["two_series__C-3"].n_patches < by_id["two_series__C-2"].n_patches
+    assert read_manifest(out / "manifest.csv") == rows
+    assert sorted(p.stem for p in (out / "bags").iterdir()) == sorted(ok)
+    assert sorted(p.stem for p in (out / "qc").iterdir()) == sorted(ok)

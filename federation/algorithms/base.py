@@ -7,8 +7,8 @@ are written once here — local training, mutual learning, mixing with graph nei
 data-weighted averaging — so an algorithm module reads like its update rule.
 
 Algorithms run collectively over the clients this process owns (all of them on the local
-backend, one under MPI); every call into the communicator is made by every process in the
-same order, whatever a client's state, so nothing can hang.
+backend, a block of them per MPI rank); every call into the communicator is made by every
+process in the same order, whatever a client's state, so nothing can hang.
 
 **ε budget.** σ, q and the steps of a round are fixed, so the ε after the next round is known
 before it starts. A DP model whose next round would take its ε past ``dp.epsilon_budget``
@@ -279,9 +279,9 @@ class Algorithm(ABC):
 def _with_count(values: torch.Tensor, weight: float) -> torch.Tensor:
     """[weight · values, weight] in float64, ready for an allreduce.
 
-    MPI adds the ranks' buffers in an order of its own choosing (the local backend in client
-    order), and float addition is not associative. In float64 the two orders differ far below
-    float32 resolution, so the result, cast back to float32, is the same on either backend.
+    Every backend sums in client order (``Communicator.allreduce_sum``), so the result is the
+    same however the clients are packed; float64 keeps the rounding of a sum over many
+    clients far below float32 resolution before the average is cast back.
     """
     return torch.cat([values.to(torch.float64) * weight,
                       torch.tensor([weight], dtype=torch.float64)])

@@ -81,8 +81,7 @@ class Joint(Algorithm):
         module: nn.Module, batch: Batch | None, total: list
     ) -> torch.Tensor:
         """[Σ_batch ∇CE, |batch|] as one flat float64 buffer (zeros for a missing batch);
-        float64 so that the sum is the same whatever order MPI adds it in (see
-        ``base._with_count``)."""
+        float64 as in ``base._with_count``."""
         module.train()
         module.zero_grad(set_to_none=True)
         parameters = list(module.parameters())

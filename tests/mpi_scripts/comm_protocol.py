@@ -1,10 +1,11 @@
-"""Run by tests/test_comm_mpi.py under ``mpiexec -n K``: one communication scenario per call.
+"""Run by tests/test_comm_mpi.py under ``mpiexec -n R``: one communication scenario per call.
 
-    python comm_protocol.py protocol OUT.json   exchange/allreduce/broadcast; root writes rows
+    python comm_protocol.py protocol OUT.json K exchange/allreduce/broadcast of K clients over
+                                                the R ranks; root writes rows
     python comm_protocol.py raise               rank 2 raises while the others wait in MPI calls
     python comm_protocol.py mismatch N          rank 1 sends N elements where rank 0 expects 6
     python comm_protocol.py allreduce-mismatch  rank 1 contributes 7 elements, the others 6
-    python comm_protocol.py wrong-size          asks for one more client than there are ranks
+    python comm_protocol.py wrong-size          asks for one client fewer than there are ranks
 
 ``protocol`` is also imported by the test and run on the local backend, so both backends
 execute the very same algorithm code.
@@ -30,7 +31,9 @@ def client_buffer(client: int, round: int, numel: int = 6) -> torch.Tensor:
 
 
 def protocol(comm: Communicator) -> list[dict]:
-    """Exchange over the exponential graph, then an allreduce and a broadcast; one row each."""
+    """Exchange over the exponential graph and once over the full graph (several messages
+    between each pair of ranks when ranks hold several clients), then an allreduce and a
+    broadcast; one row each."""
     topology = make_topology("exponential", comm.size)
     rows: dict[int, list[dict]] = {c: [] for c in comm.owned}
     for round in range(ROUNDS):
@@ -40,6 +43,11 @@ def protocol(comm: Communicator) -> list[dict]:
         for c in comm.owned:
             rows[c].append({"op": "exchange", "round": round, "client": c,
                             "value": [b.tolist() for b in received[c]]})
+    received = comm.exchange({c: client_buffer(c, ROUNDS) for c in comm.owned},
+                             *make_topology("full", comm.size).routes(comm.owned, 0))
+    for c in comm.owned:
+        rows[c].append({"op": "exchange_full", "client": c,
+                        "value": [b.tolist() for b in received[c]]})
     total = comm.allreduce_sum({c: client_buffer(c, 0) for c in comm.owned})
     root_value = comm.broadcast({c: client_buffer(c, 9) for c in comm.owned}, root=comm.size - 1)
     for c in comm.owned:
@@ -51,8 +59,8 @@ def protocol(comm: Communicator) -> list[dict]:
     return comm.gather_rows(rows)
 
 
-def _run_protocol(out_path: str) -> int:
-    comm = make_communicator("mpi", 4)
+def _run_protocol(out_path: str, clients: int) -> int:
+    comm = make_communicator("mpi", clients)
     rows = protocol(comm)
     if comm.is_root:
         with open(out_path, "w") as handle:
@@ -91,12 +99,12 @@ def _allreduce_mismatched_sizes() -> int:
 def _ask_for_too_many_clients() -> int:
     from mpi4py import MPI
 
-    make_communicator("mpi", MPI.COMM_WORLD.size + 1)
+    make_communicator("mpi", MPI.COMM_WORLD.size - 1)
     return 0
 
 
 SCENARIOS = {
-    "protocol": lambda: _run_protocol(sys.argv[2]),
+    "protocol": lambda: _run_protocol(sys.argv[2], int(sys.argv[3])),
     "raise": _raise_on_rank_2,
     "mismatch": lambda: _send_a_mismatched_buffer(int(sys.argv[2])),
     "allreduce-mismatch": _allreduce_mismatched_sizes,

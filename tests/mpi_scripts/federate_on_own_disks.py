@@ -1,14 +1,15 @@
-"""Run by tests/test_federate_mpi.py under ``mpiexec -n 2``: two hospitals on disks of their
-own, with every call into mpi4py recorded.
+"""Run by tests/test_federate_mpi.py under ``mpiexec -n 2``: K hospitals on two disks of
+their own (one rank each; K = 2, or 4 for two hospitals per rank), with every call into
+mpi4py recorded.
 
-    python federate_on_own_disks.py DIGITS OUT
+    python federate_on_own_disks.py DIGITS OUT K
 
 Rank r keeps its files in ``OUT/<algorithm>_disk_<r>`` (its own ``output_dir``). It runs
 ProxyFL for 2 rounds and resumes it to 3, then FedAvg for 2 rounds, and writes every call its
 communicator made into ``COMM_WORLD`` — the method, and what it sends: a buffer's element
 count, or the object it pickles, and for a send the kind of message its tag marks — to
-``OUT/calls_<r>.json``. Then rank 1's disk loses its
-ProxyFL checkpoint and both ranks try to resume to 4 rounds, printing ``error: ...``.
+``OUT/calls_<r>.json``. Then rank 1's disk loses the ProxyFL checkpoint of its last
+hospital and both ranks try to resume to 4 rounds, printing ``error: ...``.
 """
 
 from __future__ import annotations
@@ -60,32 +61,36 @@ def _sent(method: str, args: tuple) -> Any:
     return int((buffer[0] if isinstance(buffer, list) else buffer).size)
 
 
-def _federate(digits: Path, out: Path, algorithm: str, calls: list, *, rounds: int,
-              resume: bool = False) -> None:
-    comm = MPICommunicator(2)
+def _federate(digits: Path, out: Path, algorithm: str, calls: list, *, clients: int,
+              rounds: int, resume: bool = False) -> None:
+    comm = MPICommunicator(clients)
     comm._comm = RecordingComm(comm._comm, calls)
     config = config_from_dict(small_config(
-        digits, out / f"{algorithm}_disk_{comm.rank}", algorithm=algorithm, clients=2,
+        digits, out / f"{algorithm}_disk_{comm.rank}", algorithm=algorithm, clients=clients,
         rounds=rounds, checkpoint_every=1, backend="mpi", **{"model.private": "lenet5"}))
     run_federation(config, comm, resume=resume)
 
 
-def main(digits: Path, out: Path) -> None:
+def main(digits: Path, out: Path, clients: int) -> None:
     from mpi4py import MPI
 
     rank = MPI.COMM_WORLD.rank
     calls: dict[str, list] = {"proxyfl": [], "fedavg": []}
-    _federate(digits, out, "proxyfl", calls["proxyfl"], rounds=2)
-    _federate(digits, out, "proxyfl", calls["proxyfl"], rounds=3, resume=True)
-    _federate(digits, out, "fedavg", calls["fedavg"], rounds=2)
+    _federate(digits, out, "proxyfl", calls["proxyfl"], clients=clients, rounds=2)
+    _federate(digits, out, "proxyfl", calls["proxyfl"], clients=clients, rounds=3, resume=True)
+    _federate(digits, out, "fedavg", calls["fedavg"], clients=clients, rounds=2)
     (out / f"calls_{rank}.json").write_text(json.dumps(calls))
     if rank == 1:
-        shutil.rmtree(out / "proxyfl_disk_1" / "hospitals" / "client_1" / "checkpoints")
+        last = f"client_{clients - 1}"
+        shutil.rmtree(out / "proxyfl_disk_1" / "hospitals" / last / "checkpoints")
     try:
-        _federate(digits, out, "proxyfl", [], rounds=4, resume=True)
+        _federate(digits, out, "proxyfl", [], clients=clients, rounds=4, resume=True)
     except ConfigError as error:
-        print(f"error: {error}", flush=True)
+        # One write per line: print's separate newline lets hydra interleave the two ranks'
+        # lines when stdout is unbuffered (PYTHONUNBUFFERED).
+        sys.stdout.write(f"error: {error}\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))

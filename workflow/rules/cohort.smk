@@ -20,7 +20,9 @@ if "demo_cohort" in config:
             options=" ".join(
                 f"--{key.replace('_', '-')} {value}" for key, value in DEMO_OPTIONS.items()
             ),
-        threads: workflow.cores
+        # A number, not workflow.cores, which a cluster executor leaves undefined; a local run
+        # with fewer cores (`-c2`) lowers it to those.
+        threads: 8
         log:
             f"{OUT}/logs/demo_cohort.log",
         benchmark:

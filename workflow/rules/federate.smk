@@ -1,7 +1,7 @@
 # Slide-level training: one MPI job per algorithm of `federation.algorithms`, a rank per
 # hospital. The launcher is the `mpi` resource (default `mpiexec`; the SLURM profile sets
-# `srun --mpi=pmi2`); the federation stops at start if the world it finds is not one rank per
-# hospital. A relative `federation.config` is relative to the Snakefile.
+# `srun --mpi=pmi2`); the federation stops at start if the world it finds has more ranks than
+# hospitals, or is several worlds of one. A relative `federation.config` is relative to the Snakefile.
 
 if FEDERATION:
 
