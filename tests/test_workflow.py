@@ -155,7 +155,6 @@ def test_a_changed_slide_reruns_its_hospital_and_what_follows_only(workflow):
     assert plans["preprocessed/hospital_b/manifest.csv"] == "no update"
     assert plans["cohort/hospital_a/labels.csv"] == "no update"
     assert plans["report.html"] == "update pending"
-    assert "Nothing to be done" in workflow.snakemake("-n")  # the same content again
 
 
 @pytest.mark.slow
