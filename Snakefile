@@ -2,10 +2,10 @@
 #   snakemake -c2                                              # demo, 2 cores
 #   snakemake -c8 --configfile configs/my_cohort.yaml          # your cohort
 #   snakemake --profile configs/slurm --configfile ...         # on a SLURM cluster
-#   snakemake --report results/report.html                     # after a run
+#   snakemake --report results/snakemake_report.zip            # after a run: Snakemake's own
 # Every rule calls the `slidefed` command line; the logic lives in the package. The data
 # flow: cohort (demo only) -> preprocess (a job per hospital) -> federate (an MPI job per
-# algorithm, a rank per hospital) -> evaluate.
+# algorithm, a rank per hospital) -> evaluate -> heatmap -> report (one HTML page of it all).
 
 import os
 
@@ -18,6 +18,7 @@ from slidefed.workflow import (
     config_problem,
     federate_options,
     preprocess_options,
+    slide_files,
     slide_lists,
 )
 
@@ -42,6 +43,7 @@ MANIFESTS = expand(f"{OUT}/preprocessed/{{hospital}}/manifest.csv", hospital=HOS
 FEDERATION = config.get("federation")
 ALGORITHMS = FEDERATION["algorithms"] if FEDERATION else []
 RUNS = f"{OUT}/federation"
+REPORT = config["report"]
 
 
 localrules:
@@ -52,9 +54,13 @@ rule all:
     input:
         MANIFESTS,
         expand(f"{RUNS}/{{algorithm}}/slide_metrics.json", algorithm=ALGORITHMS),
+        expand(f"{RUNS}/{{algorithm}}/heatmaps.csv", algorithm=ALGORITHMS),
+        f"{OUT}/report.html",
 
 
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/federate.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/heatmap.smk"
+include: "workflow/rules/report.smk"

@@ -36,10 +36,13 @@ directory may lie on its own disk (``output_dir`` of its process)::
     audit_roc.png                and the attack's ROC curves
     audit_shadows/shadow_<s>/    ``slidefed audit --attack lira``: its shadow runs, each a run
                                  directory of its own
+    heatmaps.csv                 ``slidefed heatmap``: the heatmaps it drew last, each a
+                                 ``hospitals/<name>/heatmaps/<model>/<slide_id>.png``
 
 ``federation.outputs`` writes them, ``federation.loop`` reads the CSV files back when it
 resumes a finished run, ``federation.report`` reads finished runs, ``federation.benchmark``
-decides which runs are finished.
+decides which runs are finished, ``federation.evaluation`` writes the slide-level files and
+``federation.results_report`` reads them.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ CHECKPOINTS = "checkpoints"  # inside a hospital's directory
 CHECKPOINT_CONFIG = "run_config.yaml"  # inside CHECKPOINTS; not config.yaml, which marks a run
 FEDERATE_LOG = "federate.log"
 HOSPITALS = "hospitals"
+SLIDE_PREDICTIONS = "slide_predictions.csv"
+SLIDE_METRICS = "slide_metrics.json"
+CROSS_SITE = "cross_site.csv"
+HEATMAPS = "heatmaps.csv"
 
 METRICS_COLUMNS = ("round", "client", "model", "split", "metric", "value")
 PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit", "status")
@@ -68,6 +75,10 @@ AUDIT_CSV = "audit.csv"
 AUDIT_JSON = "audit.json"
 AUDIT_ROC = "audit_roc.png"
 SHADOWS = "audit_shadows"  # LiRA's shadow runs, inside the audited run's directory
+PREDICTION_COLUMNS = ("hospital", "slide_id", "split", "label", "score", "prediction", "model")
+CROSS_SITE_KEYS = ("model_hospital", "model", "data_hospital", "slides")  # then each metric
+HEATMAP_COLUMNS = ("hospital", "model", "slide_id", "split", "label", "score", "prediction",
+                   "path")  # path relative to the run directory
 
 # Dotted config keys, by what a difference in them means.
 #

@@ -47,6 +47,20 @@ def slide_lists(config: Mapping[str, Any]) -> dict[str, tuple[str, str | None]]:
             for name, value in config["hospitals"].items()}
 
 
+def slide_files(slides: str, annotations: str | None) -> list[str]:
+    """The slide and annotation files a hospital's slide list names that exist: the inputs
+    of its preprocessing job beside the list itself, so that touching one slide reruns that
+    hospital's job and what depends on it. A missing file is left out rather than failing the
+    workflow: preprocessing records it as a failed slide. Empty for a list that cannot be read
+    (``check_config`` has refused it already, or the demo cohort has not written it yet)."""
+    try:
+        entries = read_slide_list(slides, annotations)
+    except SlideListError:
+        return []
+    paths = [p for e in entries for p in (e.path, e.annotation) if p is not None]
+    return [str(p) for p in paths if p.is_file()]
+
+
 def preprocess_options(tiling: Mapping[str, Any]) -> str:
     """``tiling`` as options of ``slidefed preprocess``: a flag for true, one per list item."""
     options = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,21 @@ def real_slide() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Debian's headless browser (`make test` installs it), for the results report.
+
+    Under CI a missing browser is a failure, not a skip, like the real slide.
+    """
+    found = shutil.which(os.environ.get("SLIDEFED_CHROMIUM", "chromium"))
+    if found is None:
+        message = "chromium not found; `make test` installs it (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(found)
 
 
 @pytest.fixture(scope="session")

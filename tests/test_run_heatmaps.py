@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import shapely
@@ -9,6 +11,7 @@ from PIL import Image
 from shapely.geometry import box
 from slide_bags import slide_config, write_cohort
 
+from federation import run_files
 from federation.config import config_from_dict
 from federation.data.bags import index_bag
 from federation.evaluation import run_heatmaps
@@ -46,7 +49,8 @@ def test_heatmaps_have_the_slide_aspect_and_hot_cells_on_the_tumour_patches(run,
 
     monkeypatch.setattr(run_heatmaps, "write_heatmap", spy)
     written = run_heatmaps.draw_run_heatmaps(out, split="train", progress=False)
-    assert written == [d[0] for d in drawn] and len(written) == 2  # 2 training slides
+    assert [h.path for h in written] == [d[0] for d in drawn]
+    assert len(written) == 2  # 2 training slides
     tumour_slides = 0
     for path, patches, probabilities, thumbnail, title, outlines in drawn:
         heatmaps = out / "hospitals" / "h_a" / "heatmaps"
@@ -80,6 +84,12 @@ def test_the_command_writes_the_split_asked_and_refuses_a_bad_hospital(run, caps
     _, out = run
     assert main(["heatmap", str(out), "--split", "test", "--limit", "1"]) == 0
     assert len(list((out / "hospitals" / "h_a" / "heatmaps" / "private").glob("*.png"))) >= 1
+    # The index lists this call's heatmap only, not the training slides' drawn before.
+    with (out / run_files.HEATMAPS).open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["hospital"], r["model"], r["split"]) for r in rows] == [("h_a", "private", "test")]
+    assert (out / rows[0]["path"]).is_file() and rows[0]["label"] in ("0", "1")
+    assert int(rows[0]["prediction"]) in (0, 1) and 0 <= float(rows[0]["score"]) <= 1
     assert main(["heatmap", str(out), "--hospital", "h_z"]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "no hospital h_z in this run" in error

@@ -18,7 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CLUSTER = REPO / "workflow" / "slurm" / "one_node.sh"
-RULES = {"demo_cohort": 1, "preprocess": 2, "federate": 2, "evaluate": 2}  # jobs per rule
+RULES = {"demo_cohort": 1, "preprocess": 2, "federate": 2, "evaluate": 2, "heatmap": 2,
+         "results_report": 1}  # jobs per rule
 ALGORITHMS = ("proxyfl", "regular")
 HOSPITALS = ("hospital_a", "hospital_b")
 
@@ -130,5 +131,5 @@ def test_plain_srun_of_the_federation_stops_every_task(
         cwd=slurm_run, env=_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert run.stderr.count(message) == 2, run.stderr  # one line from each task
-    assert "srun --mpi=pmi2 -n K" in run.stderr
+    assert "srun --mpi=pmi2 -n R" in run.stderr
     assert not out.exists()  # nobody trained

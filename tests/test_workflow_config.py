@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slidefed.workflow import preprocess_options
+from slidefed.workflow import preprocess_options, slide_files
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
@@ -55,6 +55,8 @@ def test_a_valid_cohort_passes_the_checks(tmp_path, cohort):
     assert f"--slides {tmp_path}/site_2/labels.csv" in run.stdout
     assert f"--annotations {tmp_path}/site_2 " in run.stdout
     assert "slidefed federate" in run.stdout and "slidefed evaluate" in run.stdout
+    assert "slidefed heatmap" in run.stdout and "--limit 3" in run.stdout  # schema's default
+    assert f"slidefed results-report {tmp_path}/results --workflow-config -" in run.stdout
 
 
 @pytest.mark.parametrize("config", ["configs/demo.yaml", "configs/ci.yaml"])
@@ -131,6 +133,10 @@ def _missing_federation_config(c, tmp):
     c["federation"]["config"] = str(tmp / "slides.yaml")
 
 
+def _no_heatmaps(c, tmp):
+    c["report"] = {"heatmaps_per_hospital": 0}
+
+
 def _demo_hospitals_mismatch(c, tmp):
     c["demo_cohort"] = {"hospitals": 3, "seed": 0}
 
@@ -156,6 +162,7 @@ def _demo_hospitals_mismatch(c, tmp):
     (_bad_override, "config: federation (proxyfl): --set dp.noise=2: unknown key 'dp.noise'"),
     (_missing_federation_config, "config: federation.config: {tmp}/slides.yaml: no such file"),
     (_demo_hospitals_mismatch, "config: demo_cohort.hospitals is 3 but hospitals names 2"),
+    (_no_heatmaps, "config: report.heatmaps_per_hospital: 0 is less than the minimum of 1"),
 ])
 def test_a_misconfigured_cohort_fails_before_any_job(tmp_path, cohort, break_it, message):
     break_it(cohort, tmp_path)
@@ -173,3 +180,14 @@ def test_tiling_becomes_preprocess_options():
         "--mpp 0.5 --ignore-unclassified --fill-mpp 0.25 --tumour-class Tumor "
         "--tumour-class 'Tumour region'")
     assert preprocess_options({"ignore_unclassified": False}) == ""
+
+
+def test_the_slides_a_list_names_are_inputs_when_they_exist(tmp_path):
+    (tmp_path / "a.svs").write_bytes(b"slide")
+    (tmp_path / "a.geojson").write_text("{}")
+    (tmp_path / "labels.csv").write_text(
+        "slide_id,path,label,annotation\na,a.svs,1,a.geojson\nb,b.svs,0,\n")
+    # b.svs is missing: preprocessing records it as a failed slide, the workflow goes on.
+    assert slide_files(str(tmp_path / "labels.csv"), None) == [
+        str(tmp_path / "a.svs"), str(tmp_path / "a.geojson")]
+    assert slide_files(str(tmp_path / "folder"), None) == []  # not written yet

@@ -46,13 +46,19 @@ from federation.evaluation.aggregation import (
 from federation.evaluation.metrics import METRICS, metrics_with_intervals, point_metrics
 from federation.model_files import load_model
 from federation.outputs import RunDirectory
+from federation.run_files import (
+    CROSS_SITE,
+    CROSS_SITE_KEYS,
+    PREDICTION_COLUMNS,
+    SLIDE_METRICS,
+    SLIDE_PREDICTIONS,
+)
 from federation.seeds import derive_seed
 from slidefed.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ("hospital", "slide_id", "split", "label", "score", "prediction", "model")
-CROSS_SITE_COLUMNS = ("model_hospital", "model", "data_hospital", "slides", *METRICS)
+CROSS_SITE_COLUMNS = (*CROSS_SITE_KEYS, *METRICS)
 EVALUATED_SPLITS = ("validation", "test")
 SPLITS = ("train", *EVALUATED_SPLITS)  # training slides: where a foreign proxy's head is fitted
 
@@ -112,15 +118,15 @@ def evaluate_run(run_dir: str | Path, hospitals: Sequence[str] | None = None, *,
                 bar.update()
             predictions[hospital] = rows
             directory = run.hospital_dir(hospital)
-            _write_predictions(directory / "slide_predictions.csv", rows)
-            _write_json(directory / "slide_metrics.json",
+            _write_predictions(directory / SLIDE_PREDICTIONS, rows)
+            _write_json(directory / SLIDE_METRICS,
                         _metrics({hospital: rows}, n_bootstrap, config.seed))
     result = _metrics(predictions, n_bootstrap, config.seed)
     if hospitals is None:
-        _write_predictions(run_dir / "slide_predictions.csv",
+        _write_predictions(run_dir / SLIDE_PREDICTIONS,
                            [row for rows in predictions.values() for row in rows])
-        _write_json(run_dir / "slide_metrics.json", result)
-        _write_cross_site(run_dir / "cross_site.csv", models, slides, scorer)
+        _write_json(run_dir / SLIDE_METRICS, result)
+        _write_cross_site(run_dir / CROSS_SITE, models, slides, scorer)
     return result
 
 

@@ -1,5 +1,6 @@
 # The synthetic demo cohort, only when the config has a `demo_cohort:` block: it writes the
-# slide lists that `hospitals:` names.
+# slide lists that `hospitals:` names. A checkpoint, because the slides those lists name are
+# the preprocessing jobs' inputs, known only once the lists exist.
 
 if "demo_cohort" in config:
     DEMO = config["demo_cohort"]
@@ -10,7 +11,7 @@ if "demo_cohort" in config:
         if key in ("slides_per_hospital", "size_um", "tumour_contrast")
     }
 
-    rule demo_cohort:
+    checkpoint demo_cohort:
         """Synthetic H&E slides, labels.csv and tumour annotations per hospital."""
         output:
             [slides for slides, _ in HOSPITALS.values()],

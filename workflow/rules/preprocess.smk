@@ -1,5 +1,14 @@
 # Each hospital's slides are that hospital's job; a failed slide is a row of the manifest
-# (status failed, with the reason), not a failed job.
+# (status failed, with the reason), not a failed job. The slides and annotations a hospital's
+# list names are inputs too, so touching one reruns only that hospital's job and what
+# depends on it.
+
+
+def hospital_files(wildcards):
+    """The slide and annotation files of the hospital's slide list."""
+    if "demo_cohort" in config:
+        checkpoints.demo_cohort.get()  # the lists exist once the demo cohort is written
+    return slide_files(*HOSPITALS[wildcards.hospital])
 
 
 rule preprocess:
@@ -7,6 +16,7 @@ rule preprocess:
     input:
         slides=lambda wc: HOSPITALS[wc.hospital][0],
         annotations=lambda wc: HOSPITALS[wc.hospital][1] or [],
+        files=hospital_files,
     output:
         manifest=report(
             f"{OUT}/preprocessed/{{hospital}}/manifest.csv",
