@@ -24,12 +24,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from federation.config import FederationConfig, config_from_dict, config_to_dict
+from federation.data.image_clients import chunked_logits
 from federation.run_files import CONFIG, SHADOWS, SUMMARY
 from federation.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 2048
 
 
 @torch.no_grad()
@@ -37,14 +36,12 @@ def logit_confidence(module: nn.Module, records: TensorDataset) -> np.ndarray:
     """φ = log p_y − log(1 − p_y) of each record under ``module``, from the logits (stable
     where p_y is within float precision of 1)."""
     module.eval()
-    inputs, labels = records.tensors
     out = []
-    for start in range(0, len(labels), _CHUNK):
-        logits = module(inputs[start:start + _CHUNK]).double()
-        y = labels[start:start + _CHUNK]
+    for logits, y in chunked_logits(module, records):
+        logits = logits.double()
         own = logits.gather(1, y[:, None])[:, 0]
         others = logits.scatter(1, y[:, None], float("-inf")).logsumexp(1)
-        out.append((own - others).numpy())
+        out.append((own - others).cpu().numpy())
     return np.concatenate(out)
 
 

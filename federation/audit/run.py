@@ -58,6 +58,7 @@ from federation.audit.metrics import CONFIDENCE, LOW_FPRS, AttackResult, score_a
 from federation.audit.records import read_audit_records
 from federation.config import FederationConfig, load_config
 from federation.data.bags import BagIndex, BagReader
+from federation.data.image_clients import chunked_logits
 from federation.data.images import as_tensor_dataset, load_images
 from federation.evaluation.run import hospital_slides
 from federation.evaluation.scoring import evenly_spaced, patch_probabilities
@@ -81,7 +82,6 @@ COLUMNS = ("hospital", "model", "shared", "dp", "attack", "records", "unit", "me
            "nonmembers", "auc", *(f"tpr_at_fpr_{f:g}" for f in LOW_FPRS), "epsilon_lb",
            "epsilon", "delta", "confidence", "threshold", "bound_true_positives", "bound_members",
            "bound_false_positives", "bound_nonmembers")
-_CHUNK = 2048
 
 
 class AuditError(ValueError):
@@ -246,11 +246,9 @@ def losses(module: nn.Module, records: TensorDataset | list[BagIndex],
     patches (``Records``)."""
     module.eval()
     if isinstance(records, TensorDataset):  # images
-        inputs, labels = records.tensors
         return np.concatenate([
-            F.cross_entropy(module(inputs[i:i + _CHUNK]), labels[i:i + _CHUNK],
-                            reduction="none").double().numpy()
-            for i in range(0, len(labels), _CHUNK)])
+            F.cross_entropy(logits, labels, reduction="none").double().cpu().numpy()
+            for logits, labels in chunked_logits(module, records)])
     return np.array(list(_slide_losses(module, records, config)))
 
 

@@ -40,6 +40,17 @@ log = logging.getLogger(__name__)
 _EVAL_CHUNK = 2048
 
 
+def chunked_logits(module: nn.Module, records: TensorDataset
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits, labels)`` of ``records`` (images, labels) under ``module``, a chunk of
+    images per forward pass, on the module's device; the caller sets the mode and no_grad."""
+    device = next(module.parameters()).device
+    inputs, labels = records.tensors
+    for start in range(0, len(labels), _EVAL_CHUNK):
+        yield (module(inputs[start:start + _EVAL_CHUNK].to(device)),
+               labels[start:start + _EVAL_CHUNK].to(device))
+
+
 class ImageClientData(ClientData):
     """One client's training and test images as normalised in-memory tensors; one image is
     one privacy unit."""
@@ -88,17 +99,12 @@ class ImageClientData(ClientData):
     def evaluate(self, module: nn.Module) -> dict[str, float]:
         """Accuracy and mean cross-entropy on the test set, in as few passes as fit memory."""
         module.eval()
-        device = next(module.parameters()).device
-        inputs, labels = self.test.tensors
         correct, loss = 0, 0.0
-        for start in range(0, len(labels), _EVAL_CHUNK):
-            x = inputs[start:start + _EVAL_CHUNK].to(device)
-            y = labels[start:start + _EVAL_CHUNK].to(device)
-            logits = module(x)
+        for logits, y in chunked_logits(module, self.test):
             correct += int((logits.argmax(1) == y).sum())
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
         module.train()
-        return {"accuracy": correct / len(labels), "loss": loss / len(labels)}
+        return {"accuracy": correct / len(self.test), "loss": loss / len(self.test)}
 
     def write_records(self, directory: Path) -> None:
         """The audit's members and non-members (``audit_records.csv``), if any."""
