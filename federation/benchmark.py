@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from federation.config import (
     load_config,
     parse_override,
 )
+from federation.cores import usable_cores
 from federation.report import write_report
 
 log = logging.getLogger(__name__)
@@ -215,9 +215,7 @@ def _mpiexec() -> Path:
 def default_ranks(clients: int) -> int:
     """MPI ranks for a run of ``clients`` clients: one per core this process may use, at most
     one per client (more ranks than cores only add start-up: each imports torch and opacus)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    return min(clients, cores)
+    return min(clients, usable_cores())
 
 
 def _run_under_mpiexec(run: PlannedRun, resume: bool, ranks: int | None = None) -> None:

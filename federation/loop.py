@@ -28,6 +28,7 @@ from federation import run_files
 from federation.algorithms import ALGORITHMS, Algorithm
 from federation.comm import LAUNCH_HINT, Communicator, launched_processes, make_communicator
 from federation.config import ConfigError, FederationConfig
+from federation.cores import usable_cores
 from federation.data import ClientData, load_client_data
 from federation.model_files import save_model
 from federation.models import check_timm_names
@@ -70,8 +71,7 @@ def configure_threads(config: FederationConfig, comm: Communicator) -> int:
     trains its clients one after another, so the threads are per process, not per client."""
     threads = config.threads
     if threads is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        cores = usable_cores()
         processes = 1
         if comm.processes > 1:
             local = next((os.environ[v] for v in _LOCAL_SIZE_VARIABLES if v in os.environ), None)
