@@ -200,13 +200,13 @@ class Slide:
         if self._jpeg is not None and level in self._jpeg.levels:
             scale = self._jpeg.levels[level].dct_scale(*self._level_xy(location, level), factor)
         if scale == 1:
-            image = self.read_region_image(location, level, size)
-        else:
-            try:
-                image = Image.fromarray(self._read_direct(location, level, size, scale))
-            except TileError as exc:
-                raise self._read_error(location, level, exc) from exc
-        return np.asarray(image.reduce(factor // scale))
+            return np.asarray(self.read_region_image(location, level, size).reduce(factor))
+        try:
+            pixels = self._read_direct(location, level, size, scale)
+        except TileError as exc:
+            raise self._read_error(location, level, exc) from exc
+        rest = factor // scale
+        return pixels if rest == 1 else np.asarray(Image.fromarray(pixels).reduce(rest))
 
     def _level_xy(self, location: tuple[int, int], level: int) -> tuple[int, int]:
         downsample = self.info.level_downsamples[level]
