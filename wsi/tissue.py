@@ -120,7 +120,9 @@ def _closing(mask: np.ndarray, radius: float) -> np.ndarray:
     height, width = mask.shape
     padded = np.zeros((-(-height // k) * k, -(-width // k) * k), bool)
     padded[:height, :width] = mask
-    coarse = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k).any(axis=(1, 3))
+    # ORs of the k² strided sub-grids: NumPy's ``any`` over the k-blocks of a reshape takes
+    # ~25x longer.
+    coarse = np.logical_or.reduce([padded[i::k, j::k] for i in range(k) for j in range(k)])
     closed = _exact_closing(coarse, (radius - (k - 1)) / k)
     inside = ndimage.binary_erosion(closed, np.ones((3, 3), bool), border_value=1)
     filled = (closed & ~coarse) | inside
