@@ -119,7 +119,10 @@ class JpegTiledLevel:
                 return jpeg8_decode(data, tables=self._tables,
                                     colorspace=self._colorspace, outcolorspace="RGB")
             with Image.open(io.BytesIO(self._stream_head + data[2:]), formats=("JPEG",)) as im:
-                im.draft("RGB", (im.width // scale, im.height // scale))
+                expected = (-(-im.width // scale), -(-im.height // scale))
+                im.draft("RGB", (max(1, im.width // scale), max(1, im.height // scale)))
+                if im.size != expected:  # PIL scales less a JPEG narrower than the scale
+                    raise TileError(f"JPEG tile {index} cannot be decoded at 1/{scale}")
                 return np.asarray(im)
         except (Jpeg8Error, OSError, SyntaxError) as exc:
             raise TileError(f"JPEG tile {index} is corrupt or unreadable ({exc})") from None
