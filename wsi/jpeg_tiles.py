@@ -9,10 +9,15 @@ OpenSlide resamples at the sub-pixel offset instead, which differs only on level
 downsample is not a whole number. Only levels that are plain tiled JPEG pages of TIFF-based
 formats whose layout we test (Aperio, generic tiled TIFF) take this path; everything else
 stays with OpenSlide.
+
+For overviews, tiles can also be decoded at 1/2, 1/4 or 1/8 scale with libjpeg's DCT
+scaling (through PIL, which exposes it): each pixel is then about the mean of its block, and
+the full-resolution pixels are never made.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -24,6 +29,7 @@ import tifffile
 # Named: imagecodecs loads each codec on first use, which every forked per-slide process of
 # a preprocessing job would repeat.
 from imagecodecs import Jpeg8Error, jpeg8_decode
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,14 @@ log = logging.getLogger(__name__)
 VENDORS = ("aperio", "generic-tiff")
 _JPEG = 7
 _RGB, _YCBCR = 2, 6
+# Scales libjpeg's DCT scaling decodes at (1/s) that are whole-number reductions.
+DCT_SCALES = (8, 4, 2, 1)
+
+
+def _adobe_marker(photometric: int) -> bytes:
+    """An APP14 "Adobe" segment stating the samples' coding (transform 0: RGB, 1: YCbCr),
+    which libjpeg obeys over its guess from the component IDs."""
+    return b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00" + bytes([photometric == _YCBCR])
 
 
 class TileError(Exception):
@@ -51,11 +65,29 @@ class JpegTiledLevel:
         # The TIFF photometric tag, not the JPEG stream's markers, says how the samples are
         # coded: Aperio writes RGB-coded JPEG tiles that libjpeg would otherwise take as YCbCr.
         self._colorspace = "RGB" if page.photometric == _RGB else "YCBCR"
+        # A whole JPEG stream for PIL is SOI, the coding, the shared tables, then the tile.
+        self._stream_head = (b"\xff\xd8" + _adobe_marker(page.photometric)
+                             + (self._tables[2:-2] if self._tables else b""))
 
-    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def dct_scale(self, x: int, y: int, factor: int) -> int:
+        """The largest of :data:`DCT_SCALES` that divides ``factor``, the region's corner
+        (x, y) and the tile size, so that scaled tiles tile the scaled region."""
+        return next(s for s in DCT_SCALES
+                    if not (factor % s or x % s or y % s or self.tile_width % s
+                            or self.tile_height % s))
+
+    def read(self, x: int, y: int, width: int, height: int, scale: int = 1) -> np.ndarray:
         """RGB pixels (height, width, 3) of the level's region at (x, y); outside the image
-        and in tiles the scanner never wrote, white (as OpenSlide's transparent glass)."""
-        out = np.full((height, width, 3), 255, np.uint8)
+        and in tiles the scanner never wrote, white (as OpenSlide's transparent glass).
+
+        With ``scale`` > 1 (from :meth:`dct_scale`), the region is decoded at 1/``scale``:
+        (ceil(height/scale), ceil(width/scale), 3) pixels, each about the mean of its block
+        (at an image edge that is no multiple of ``scale``, the last pixels also average the
+        tile's padding).
+        """
+        if self.dct_scale(x, y, scale) != scale:
+            raise ValueError(f"scale {scale} does not fit the region at ({x}, {y})")
+        out = np.full((-(-height // scale), -(-width // scale), 3), 255, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, self.width), min(y + height, self.height)
         tw, th = self.tile_width, self.tile_height
@@ -64,23 +96,35 @@ class JpegTiledLevel:
                 index = ty * self._tiles_across + tx
                 if self._counts[index] == 0:
                     continue
-                tile = self._decode(index)
-                # Intersection of this tile with the requested region, in level pixels.
+                tile = self._decode(index, scale)
+                # Intersection of this tile with the requested region, in level pixels, then
+                # in scaled pixels (every corner but the region's far edges divides by scale).
                 left, top = max(x0, tx * tw), max(y0, ty * th)
                 right, bottom = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
-                if tile.shape[0] < bottom - ty * th or tile.shape[1] < right - tx * tw:
+                left, top, tile_x, tile_y, x_s, y_s = (
+                    v // scale for v in (left, top, tx * tw, ty * th, x, y))
+                right, bottom = -(-right // scale), -(-bottom // scale)
+                if tile.shape[0] < bottom - tile_y or tile.shape[1] < right - tile_x:
                     raise TileError(f"JPEG tile {index} decodes to {tile.shape[1]}x"
-                                    f"{tile.shape[0]} px, smaller than its {tw}x{th} tile")
-                out[top - y:bottom - y, left - x:right - x] = \
-                    tile[top - ty * th:bottom - ty * th, left - tx * tw:right - tx * tw, :3]
+                                    f"{tile.shape[0]} px, smaller than its {tw}x{th} tile "
+                                    f"at 1/{scale}")
+                out[top - y_s:bottom - y_s, left - x_s:right - x_s] = \
+                    tile[top - tile_y:bottom - tile_y, left - tile_x:right - tile_x, :3]
         return out
 
-    def _decode(self, index: int) -> np.ndarray:
+    def _decode(self, index: int, scale: int) -> np.ndarray:
         try:
             data = os.pread(self._fd, int(self._counts[index]), int(self._offsets[index]))
-            return jpeg8_decode(data, tables=self._tables,
-                                            colorspace=self._colorspace, outcolorspace="RGB")
-        except (Jpeg8Error, OSError) as exc:
+            if scale == 1:
+                return jpeg8_decode(data, tables=self._tables,
+                                    colorspace=self._colorspace, outcolorspace="RGB")
+            with Image.open(io.BytesIO(self._stream_head + data[2:]), formats=("JPEG",)) as im:
+                expected = (-(-im.width // scale), -(-im.height // scale))
+                im.draft("RGB", (max(1, im.width // scale), max(1, im.height // scale)))
+                if im.size != expected:  # PIL scales less a JPEG narrower than the scale
+                    raise TileError(f"JPEG tile {index} cannot be decoded at 1/{scale}")
+                return np.asarray(im)
+        except (Jpeg8Error, OSError, SyntaxError) as exc:
             raise TileError(f"JPEG tile {index} is corrupt or unreadable ({exc})") from None
 
 

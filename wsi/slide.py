@@ -173,14 +173,10 @@ class Slide:
         an RGB image (PIL, so that resizing and cutting happen before any array copy)."""
         try:
             if self._jpeg is not None and level in self._jpeg.levels:
-                downsample = self.info.level_downsamples[level]
-                pixels = self._jpeg.levels[level].read(round(location[0] / downsample),
-                                                       round(location[1] / downsample), *size)
-                return Image.fromarray(pixels)
+                return Image.fromarray(self._read_direct(location, level, size, 1))
             rgba = self._osr.read_region(location, level, size)
         except (openslide.OpenSlideError, TileError) as exc:
-            raise SlideError(self.info.path, f"cannot read region at {location} "
-                                             f"level {level} ({exc})") from exc
+            raise self._read_error(location, level, exc) from exc
         if rgba.getchannel("A").getextrema()[0] < 255:  # pixels not imaged: show them as glass
             rgba = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
                                          rgba)
@@ -190,6 +186,40 @@ class Slide:
                     size: tuple[int, int]) -> np.ndarray:
         """:meth:`read_region_image` as an (h, w, 3) uint8 array."""
         return np.asarray(self.read_region_image(location, level, size))
+
+    def read_region_reduced(self, location: tuple[int, int], level: int,
+                            size: tuple[int, int], factor: int) -> np.ndarray:
+        """:meth:`read_region` box-averaged down by ``factor``: (ceil(h/factor),
+        ceil(w/factor), 3) pixels, each the mean of its block, cut short at the region's edge.
+
+        Directly decoded levels are decoded at 1/2, 1/4 or 1/8 scale where ``factor`` and the
+        region's corner allow (:meth:`~wsi.jpeg_tiles.JpegTiledLevel.dct_scale`), with pixels
+        within a few levels of the box means; the rest of the factor is box-averaged.
+        """
+        scale = 1
+        if self._jpeg is not None and level in self._jpeg.levels:
+            scale = self._jpeg.levels[level].dct_scale(*self._level_xy(location, level), factor)
+        if scale == 1:
+            return np.asarray(self.read_region_image(location, level, size).reduce(factor))
+        try:
+            pixels = self._read_direct(location, level, size, scale)
+        except TileError as exc:
+            raise self._read_error(location, level, exc) from exc
+        rest = factor // scale
+        return pixels if rest == 1 else np.asarray(Image.fromarray(pixels).reduce(rest))
+
+    def _level_xy(self, location: tuple[int, int], level: int) -> tuple[int, int]:
+        downsample = self.info.level_downsamples[level]
+        return round(location[0] / downsample), round(location[1] / downsample)
+
+    def _read_direct(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                     scale: int) -> np.ndarray:
+        assert self._jpeg is not None
+        return self._jpeg.levels[level].read(*self._level_xy(location, level), *size, scale)
+
+    def _read_error(self, location: tuple[int, int], level: int, exc: Exception) -> SlideError:
+        return SlideError(self.info.path, f"cannot read region at {location} level {level} "
+                                          f"({exc})")
 
     def close(self) -> None:
         self._osr.close()

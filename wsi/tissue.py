@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 from skimage import morphology
 
@@ -75,7 +74,9 @@ def read_overview_rgb(slide: Slide, overview_mpp: float) -> tuple[np.ndarray, fl
     """Read the whole slide at about ``overview_mpp`` µm/px, block by block.
 
     Reads the coarsest level no coarser than ``overview_mpp`` and box-averages it down by an
-    integer factor. Returns the picture and its downsample relative to level 0.
+    integer factor (:meth:`~wsi.slide.Slide.read_region_reduced`: JPEG tiles are decoded at
+    1/2, 1/4 or 1/8 scale where the factor allows). Returns the picture and its downsample
+    relative to level 0.
     """
     info = slide.info
     candidates = [lv for lv in range(info.level_count) if info.level_mpp(lv) <= overview_mpp]
@@ -88,8 +89,8 @@ def read_overview_rgb(slide: Slide, overview_mpp: float) -> tuple[np.ndarray, fl
     for y in range(0, height, block):
         for x in range(0, width, block):
             size = (min(block, width - x), min(block, height - y))
-            region = slide.read_region((round(x * level_ds), round(y * level_ds)), level, size)
-            small = np.asarray(Image.fromarray(region).reduce(factor))
+            small = slide.read_region_reduced((round(x * level_ds), round(y * level_ds)), level,
+                                              size, factor)
             out[y // factor: y // factor + small.shape[0],
                 x // factor: x // factor + small.shape[1]] = small
     return out, level_ds * factor
@@ -119,7 +120,9 @@ def _closing(mask: np.ndarray, radius: float) -> np.ndarray:
     height, width = mask.shape
     padded = np.zeros((-(-height // k) * k, -(-width // k) * k), bool)
     padded[:height, :width] = mask
-    coarse = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k).any(axis=(1, 3))
+    # ORs of the k² strided sub-grids: NumPy's ``any`` over the k-blocks of a reshape takes
+    # ~25x longer.
+    coarse = np.logical_or.reduce([padded[i::k, j::k] for i in range(k) for j in range(k)])
     closed = _exact_closing(coarse, (radius - (k - 1)) / k)
     inside = ndimage.binary_erosion(closed, np.ones((3, 3), bool), border_value=1)
     filled = (closed & ~coarse) | inside
