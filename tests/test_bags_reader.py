@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import h5py
+import imagecodecs
 import numpy as np
 import pytest
 import torch
@@ -228,3 +229,20 @@ def test_an_undecodable_patch_of_a_version_1_bag_is_an_error_naming_it(tmp_path)
         BagReader().read(path, np.array([2, 1, 0]))
     assert str(error.value).startswith(f"{path}: patch 1 does not decode (")
     assert "\n" not in str(error.value)
+
+
+def test_a_patch_of_the_wrong_size_in_a_version_1_bag_is_an_error_naming_it(tmp_path) -> None:
+    pixels = synthetic_patches(np.random.default_rng(0), np.zeros(3, bool), 32)
+    path = write_bag(tmp_path / "v1.h5", "v1", pixels, version=1)
+    with h5py.File(path, "a") as f:  # a valid JPEG, but 16 px where the bag says 32
+        f["patches"][2] = np.frombuffer(imagecodecs.jpeg8_encode(pixels[2, :16, :16]), np.uint8)
+    with pytest.raises(BagFormatError) as error:
+        BagReader().read(path, np.array([0, 2]))
+    assert str(error.value).startswith(f"{path}: patch 2 is not 32x32 RGB (")
+
+
+def test_patches_read_in_order_and_reordered_are_the_same_pixels(tiled) -> None:
+    reader = BagReader()
+    in_order = reader.read(tiled["jpeg"], np.arange(4))
+    shuffled = reader.read(tiled["jpeg"], np.array([3, 1, 1, 0, 2]))
+    assert torch.equal(shuffled, in_order[[3, 1, 1, 0, 2]])

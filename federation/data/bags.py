@@ -211,6 +211,8 @@ class BagReader:
         decoded = (self._inflate(path, stored, unique, bag.patch_size)
                    if bag.encoding == "deflate"
                    else self._decode_jpegs(path, stored, unique, bag.patch_size))
+        if len(unique) == len(inverse) and np.array_equal(unique, indices):
+            return decoded  # already in order, as scoring's batches are: no reordering copy
         return decoded[torch.from_numpy(inverse.reshape(-1))]
 
     @staticmethod
@@ -236,17 +238,17 @@ class BagReader:
     def _decode_jpegs(path: Path, stored: list, unique: np.ndarray, size: int) -> torch.Tensor:
         # libjpeg-turbo through imagecodecs: the pixels Pillow and torchvision decode, at
         # torchvision's batched speed, and not deprecated (torchvision 0.29's decoders are).
+        # Each patch decodes straight into its row (no array per patch, no copy).
         pixels = np.empty((len(stored), size, size, 3), np.uint8)
         for row, (index, data) in enumerate(zip(unique.tolist(), stored, strict=True)):
             try:
-                patch = imagecodecs.jpeg8_decode(data)
+                imagecodecs.jpeg8_decode(data, out=pixels[row])
             except imagecodecs.Jpeg8Error as error:
                 raise BagFormatError(path, f"patch {index} does not decode "
                                            f"({_one_line(error)})") from None
-            if patch.shape != (size, size, 3):
-                raise BagFormatError(path, f"patch {index} decodes to {patch.shape}, not "
-                                           f"{size}x{size} RGB")
-            pixels[row] = patch
+            except ValueError as error:  # imagecodecs: the image is not the out's shape
+                raise BagFormatError(path, f"patch {index} is not {size}x{size} RGB "
+                                           f"({_one_line(error)})") from None
         return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
     def close(self) -> None:

@@ -35,8 +35,9 @@ def evenly_spaced(n: int, limit: int | None) -> np.ndarray:
 def model_batches(reader: BagReader, bag: BagIndex, indices: np.ndarray,
                   batch_size: int) -> Iterator[torch.Tensor]:
     """Model input of ``bag``'s patches ``indices``, ``batch_size`` at a time. The next batch
-    is read and decoded in a background thread while the caller runs the model on this one
-    (HDF5 reads, libjpeg-turbo and torch's kernels release the GIL)."""
+    is read, decoded and normalised in a background thread while the caller runs the model on
+    this one (HDF5 reads, libjpeg-turbo, numpy's arithmetic and torch's kernels release the
+    GIL; the thread adds no torch intra-op threads, see ``to_model_input``)."""
 
     def load(start: int) -> torch.Tensor:
         return to_model_input(reader.read(bag.path, indices[start:start + batch_size]))
