@@ -44,7 +44,8 @@ data: $(MNIST_DIR)/train-images-idx3-ubyte $(FASHION_MNIST_DIR)/train-images-idx
 demo: $(BIN)/slidefed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake -c$(CORES)
 
-test: $(BIN)/slidefed $(TEST_SLIDE) $(MNIST_DIR)/train-images-idx3-ubyte $(CHROMIUM)
+test: $(BIN)/slidefed $(TEST_SLIDE) $(MNIST_DIR)/train-images-idx3-ubyte \
+      $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz $(CHROMIUM)
 	SLIDEFED_TEST_SLIDE=$(abspath $(TEST_SLIDE)) SLIDEFED_MNIST_ROOT=$(abspath $(MNIST_DIR)) \
 	  $(BIN)/pytest
 
