@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
-from imagecodecs import deflate_encode  # named: loaded now, not in each forked job
 from PIL import Image, ImageDraw
 
 from slidefed.atomic import atomic_path
+from slidefed.png import png_bytes
 from wsi.tissue import Overview
 
 # QC pictures are scaled to a long side in this range: big enough to judge, small to store.
@@ -29,26 +27,6 @@ def _outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
         p = np.pad(inner, 1)
         inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
     return mask & ~inner
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """An (h, w, 3) uint8 picture as PNG: every row with the "up" filter, compressed by
-    libdeflate at level 1, ~2.5x faster than libpng with zlib at level 1 and no larger (a
-    photo-like overview compresses poorly anyway; PIL's default is ~7x slower still)."""
-    height, width, _ = rgb.shape
-    rows = np.empty((height, 1 + 3 * width), np.uint8)
-    rows[:, 0] = 2  # "up": each byte less the one above it, modulo 256
-    flat = rgb.reshape(height, 3 * width)
-    rows[0, 1:] = flat[0]
-    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", deflate_encode(rows, level=1)) + chunk(b"IEND", b""))
 
 
 def write_qc_picture(path: str | Path, overview: Overview, coords: np.ndarray,

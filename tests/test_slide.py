@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from preprocessing.qc import INK_OUTLINE, TISSUE_OUTLINE, png_bytes, write_qc_picture
+from preprocessing.qc import INK_OUTLINE, TISSUE_OUTLINE, write_qc_picture
 from wsi.resolution import plan_reading
 from wsi.slide import SlideError, open_slide
 from wsi.tissue import Overview, detect_tissue, pen_ink, slide_overview
@@ -111,12 +110,6 @@ def test_qc_picture_outlines_pen_marks_apart_from_tissue(tmp_path):
     stroke, tissue = picture[:round(60 * scale)], picture[round(80 * scale):]
     assert (stroke == INK_OUTLINE).all(-1).any() and not (stroke == TISSUE_OUTLINE).all(-1).any()
     assert (tissue == TISSUE_OUTLINE).all(-1).any() and not (tissue == INK_OUTLINE).all(-1).any()
-
-
-def test_qc_png_decodes_to_the_picture():
-    rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    rgb[10:20] = 250  # runs that compress
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(rgb)))), rgb)
 
 
 def test_small_specks_of_ink_coloured_dye_are_not_pen_marks():
