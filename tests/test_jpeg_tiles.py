@@ -53,11 +53,17 @@ def test_synthetic_ycbcr_pyramid_matches_openslide_at_every_level(tmp_path):
     _assert_same_as_openslide(write_synthetic_slide(tmp_path / "s.tiff", spec).path)
 
 
-def test_non_jpeg_tiles_stay_with_openslide(tmp_path):
+def _deflate_tiff(tmp_path):
+    """A 512×512 deflate-tiled TIFF of random pixels (no JPEG tiles) and its pixels."""
     path = tmp_path / "deflate.tiff"
     data = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
     tifffile.imwrite(path, data, tile=(256, 256), photometric="rgb", compression="zlib",
                      resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    return path, data
+
+
+def test_non_jpeg_tiles_stay_with_openslide(tmp_path):
+    path, data = _deflate_tiff(tmp_path)
     with open_slide(path) as slide:
         assert slide._jpeg is None
         np.testing.assert_array_equal(slide.read_region((10, 20), 0, (100, 50)),
@@ -107,10 +113,7 @@ def test_dct_scale_divides_factor_corner_and_tile():
 
 def test_reduced_reads_without_a_fitting_dct_scale_are_exact_box_means(real_slide, tmp_path):
     # Not JPEG: OpenSlide reads the region, then it is box-averaged.
-    path = tmp_path / "deflate.tiff"
-    data = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
-    tifffile.imwrite(path, data, tile=(256, 256), photometric="rgb", compression="zlib",
-                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    path, data = _deflate_tiff(tmp_path)
     with open_slide(path) as slide:
         assert slide._jpeg is None
         np.testing.assert_array_equal(slide.read_region_reduced((0, 0), 0, (512, 500), 4),
