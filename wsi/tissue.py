@@ -30,9 +30,11 @@ from skimage.filters import threshold_otsu
 from .slide import Slide, SlideInfo
 
 # Overview resolution: a 256-px patch at 0.5 µm/px covers 8x8 overview pixels at 16 µm/px.
-# Small slides get a finer overview so that it still has about this many pixels on its long side.
+# Small slides get a finer overview so that it still has at least this many pixels on its long
+# side (a 64-µm patch then spans 20 or more overview pixels on a slide of up to 1.6 mm); the
+# mask's cost grows with its pixels, and on a small slide it is most of the per-slide overhead.
 OVERVIEW_MPP = 16.0
-MIN_OVERVIEW_SIDE = 1024
+MIN_OVERVIEW_SIDE = 512
 # Otsu's threshold is clamped: on an all-glass slide it would pick noise, on an all-tissue one
 # it would split tissue into light and dark halves.
 MIN_SATURATION, MAX_SATURATION = 0.05, 0.15
@@ -73,15 +75,15 @@ def overview_mpp(info: SlideInfo) -> float:
 def read_overview_rgb(slide: Slide, overview_mpp: float) -> tuple[np.ndarray, float]:
     """Read the whole slide at about ``overview_mpp`` µm/px, block by block.
 
-    Reads the coarsest level no coarser than ``overview_mpp`` and box-averages it down by an
-    integer factor (:meth:`~wsi.slide.Slide.read_region_reduced`: JPEG tiles are decoded at
-    1/2, 1/4 or 1/8 scale where the factor allows). Returns the picture and its downsample
-    relative to level 0.
+    Reads the coarsest level no coarser than ``overview_mpp`` and box-averages it down by the
+    largest power of two that does not pass it (:meth:`~wsi.slide.Slide.read_region_reduced`:
+    JPEG tiles are decoded at 1/2, 1/4 or 1/8 scale, which a power of two always allows).
+    Returns the picture and its downsample relative to level 0.
     """
     info = slide.info
     candidates = [lv for lv in range(info.level_count) if info.level_mpp(lv) <= overview_mpp]
     level = max(candidates, key=info.level_mpp) if candidates else info.level_count - 1
-    factor = max(1, math.floor(overview_mpp / info.level_mpp(level)))
+    factor = 2 ** max(0, math.floor(math.log2(overview_mpp / info.level_mpp(level))))
     block = READ_BLOCK - READ_BLOCK % factor
     width, height = info.level_dimensions[level]
     out = np.empty((math.ceil(height / factor), math.ceil(width / factor), 3), np.uint8)
