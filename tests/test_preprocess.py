@@ -164,7 +164,10 @@ def test_cli_exits_nonzero_only_when_every_slide_failed(tmp_path, real_slide):
 def test_sigterm_mid_run_leaves_no_partial_bag_and_rerun_completes(tmp_path, real_slide):
     slides = tmp_path / "slides"
     slides.mkdir()
-    for i in range(10):
+    # Enough slides that the job is still running when the signal comes: a slide of CMU takes
+    # ~0.2 s, and the test must not pass or fail with the speed of the machine.
+    n = 40
+    for i in range(n):
         (slides / f"s{i:02d}.svs").symlink_to(real_slide)
     out = tmp_path / "out"
     command = [*SLIDEFED, "preprocess", "--hospital", "h1", "--slides", str(slides),
@@ -173,17 +176,17 @@ def test_sigterm_mid_run_leaves_no_partial_bag_and_rerun_completes(tmp_path, rea
     deadline = time.monotonic() + 60
     while not list((out / "bags").glob("*.h5")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)
+    time.sleep(0.1)
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=30) != 0
     bags = out / "bags"
     assert not [p.name for p in bags.iterdir() if not p.name.endswith(".h5")]
     done = sorted(bags.glob("*.h5"))
-    assert 0 < len(done) < 10 and not (out / "manifest.csv").exists()
+    assert 0 < len(done) < n and not (out / "manifest.csv").exists()
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert "10 of 10 slides ok" in rerun.stdout
-    assert f"{len(done)} of 10 slides already have a valid bag" in rerun.stderr
+    assert f"{n} of {n} slides ok" in rerun.stdout
+    assert f"{len(done)} of {n} slides already have a valid bag" in rerun.stderr
 
 
 @pytest.fixture(scope="module")
