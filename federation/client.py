@@ -6,7 +6,7 @@ own optimizer, batch order and, for a model that leaves the client, its DP-SGD
 (``federation.privacy.PrivateTraining``). The two local training procedures live here once:
 
 - ``train_cross_entropy``: plain local epochs of one model.
-- ``train_mutual``: deep mutual learning of two models on the same batches (Zhang, Xiang,
+- ``train_mutual``: deep mutual learning of two models, each on its own batches (Zhang, Xiang,
   Hospedales & Lu, "Deep Mutual Learning", CVPR 2018, arXiv 1706.00384), with the loss
   ``(1 − w)·CE(f(x), y) + w·KL(g(x).detach() ‖ f(x))`` for each model f and its peer g. ProxyFL
   (private ↔ proxy, Kalra et al., Nat Commun 2023, arXiv 2111.11343, Algorithm 1) and FML
@@ -18,6 +18,7 @@ Every random choice of a client comes from ``derive_seed(run seed, purpose, ...,
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -214,14 +215,15 @@ def build_model(
         load_pretrained(module, config.model.weights)
     module = module.to(device)
     dp = config.dp if role.trains_with_dp and config.dp.enabled else None
+    optim = config.optim
     return LocalModel(
         name,
         module,
         data,
-        optimizer=OPTIMIZERS[config.optim.name],
-        lr=config.optim.lr,
-        weight_decay=config.optim.weight_decay,
-        batch_size=config.optim.batch_size,
+        optimizer=OPTIMIZERS[optim.name],
+        lr=optim.dp_lr if dp is not None and optim.dp_lr is not None else optim.lr,
+        weight_decay=optim.weight_decay,
+        batch_size=optim.batch_size,
         seed=derive_seed(config.seed, "training", name, client),
         dp=dp,
     )
@@ -273,9 +275,7 @@ def train_cross_entropy(model: LocalModel, epochs: int) -> float:
     model.module.train()
     meter = _LossMeter()
     for _ in range(epochs):
-        # A DP model's Poisson batches come with class-balancing weights; DP-SGD leaves them
-        # out, since they are computed from the client's label counts, which DP does not cover.
-        for x, y, groups, _ in model.batches():
+        for x, y, groups in model.batches():
             loss = F.cross_entropy(model.module(x), y, reduction="none")
             if len(y) or model.is_private:  # an empty Poisson batch is still a (noise) step
                 model.step(loss, groups)
@@ -292,39 +292,40 @@ def train_mutual(
     epochs: int,
     train_second: bool = True,
 ) -> dict[str, float]:
-    """Deep mutual learning of ``first`` (never DP) and ``second`` on the same batches.
+    """Deep mutual learning of ``first`` (never DP) and ``second``, each on its own batches.
 
-    ``first`` minimises ``distillation_loss(first(x), y, second(x).detach(), first_weight)``,
-    ``second`` the same with the roles swapped and ``second_weight``. Both losses are computed
-    from one forward pass of each model, before either updates. Batches are ``second``'s (the
-    Poisson batches its DP accounting assumes) unless ``train_second`` is False — a DP model
-    past its ε budget — in which case ``second`` is only a fixed teacher. ``first``'s rows are
-    weighted by the batch's class-balancing ``weights`` where it has them, so that it learns
-    from uniformly drawn slides what it would from ``epoch``'s balanced ones. Returns the
-    mean training loss of each trained model by name.
+    ``first`` minimises ``distillation_loss(first(x), y, second(x).detach(), first_weight)``
+    on its batches, ``second`` the same with the roles swapped and ``second_weight`` on its
+    own, step for step (a model whose epoch has fewer steps stops first). Each model is
+    thus taught by the other's predictions on the batch it learns from, as in DML; the batches
+    differ because only a DP model must learn from Poisson-sampled units, the ones its
+    accountant assumes, while a model without DP learns from ``epoch``'s class-balanced ones,
+    as it would alone (ProxyFL's Algorithm 1 shares one Poisson batch, which on slides left
+    a private model fewer and less balanced steps than Regular's, and worse at every seed
+    tried). Teachers run without gradients, so DP hooks record nothing for them. With
+    ``train_second`` False — a DP model past its ε budget — ``second`` only teaches. Returns
+    the mean training loss of each trained model by name.
     """
     first.module.train()
     second.module.train()
     meters = {first.name: _LossMeter(), second.name: _LossMeter()}
-    source = second if train_second else first
+    pairs = [(first, second, first_weight)] + ([(second, first, second_weight)]
+                                               if train_second else [])
     for _ in range(epochs):
-        for x, y, groups, weights in source.batches():
-            first_logits = first.module(x)
-            if train_second:
-                second_logits = second.module(x)
-            else:
-                # Without gradients the DP hooks record nothing for a model that does not step.
-                with torch.no_grad():
-                    second_logits = second.module(x)
-            first_loss = distillation_loss(first_logits, y, second_logits.detach(), first_weight)
-            if weights is not None:  # ``first`` is never DP: it may balance classes as
-                first_loss = first_loss * weights  # ``epoch`` does for a model trained alone
-            if len(y):
-                first.step(first_loss, groups)
-            meters[first.name].add(first_loss)
-            if train_second:
-                second_loss = distillation_loss(second_logits, y, first_logits.detach(),
-                                                second_weight)
-                second.step(second_loss, groups)
-                meters[second.name].add(second_loss)
+        streams = [student.batches() for student, _, _ in pairs]
+        for batches in itertools.zip_longest(*streams):
+            for (student, teacher, weight), batch in zip(pairs, batches, strict=True):
+                if batch is not None:
+                    _distil_step(student, teacher, weight, batch, meters[student.name])
     return {name: meter.mean for name, meter in meters.items() if meter.count}
+
+
+def _distil_step(student: LocalModel, teacher: LocalModel, weight: float, batch: Batch,
+                 meter: _LossMeter) -> None:
+    x, y, groups = batch
+    with torch.no_grad():
+        teacher_logits = teacher.module(x)
+    loss = distillation_loss(student.module(x), y, teacher_logits, weight)
+    if len(y) or student.is_private:  # an empty Poisson batch is still a (noise) step
+        student.step(loss, groups)
+    meter.add(loss)

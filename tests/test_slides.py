@@ -232,50 +232,37 @@ def test_epochs_without_dp_draw_both_slide_labels_equally_often(bag_cohort) -> N
     assert 0.42 < np.mean(tumour_share) < 0.58  # uniform draws would give 0.25
 
 
-def test_uniformly_drawn_slides_carry_weights_that_restore_the_class_balance(bag_cohort
-                                                                           ) -> None:
+def test_mutual_learning_teaches_each_model_on_its_own_batches(bag_cohort) -> None:
     root, _ = bag_cohort
-    bags = index_cohort(root, HOSPITAL)
-    skewed = [bags[0]] + [b for b in bags if b.label == 0]  # 1 tumour slide : 3 normal
-    data = SlideClientData(HOSPITAL, {"train": skewed, "validation": [], "test": []},
+    data = SlideClientData(HOSPITAL, {"train": index_cohort(root, HOSPITAL), "validation": [],
+                                      "test": []},
                            _client(bag_cohort, patches_per_slide=2, augment="none").settings)
-    (batch,) = data.sampled([[0, 1, 2, 3]], torch.Generator().manual_seed(0))
-    slide_is_tumour = torch.tensor([1, 0, 0, 0])[batch.groups]
-    # Weights 4 / (2 · count): the tumour slide 2, each normal one 2/3; per row, as a slide's
-    # patches share its weight.
-    expected = torch.where(slide_is_tumour == 1, 2.0, 2.0 / 3.0)
-    torch.testing.assert_close(batch.weights, expected)
-    tumour_mass = batch.weights[slide_is_tumour == 1].sum() / batch.weights.sum()
-    assert float(tumour_mass) == pytest.approx(0.5)  # what epoch's balanced draws give
-    assert all(b.weights is None for b in data.epoch(2, torch.Generator().manual_seed(0)))
-    (empty,) = data.sampled([[]], torch.Generator().manual_seed(0))
-    assert empty.weights.shape == (0,)
+    generator = torch.Generator().manual_seed(0)
+    own = list(data.epoch(2, generator))  # the private model's class-balanced batches
+    poisson = list(data.sampled([[0, 1, 2], [3]], generator))  # the proxy's: one step fewer
+    assert len(own) == len(poisson) + 1
 
-
-def test_mutual_learning_weights_only_the_private_models_rows(bag_cohort) -> None:
-    root, _ = bag_cohort
-    bags = index_cohort(root, HOSPITAL)
-    skewed = [bags[0]] + [b for b in bags if b.label == 0]
-    data = SlideClientData(HOSPITAL, {"train": skewed, "validation": [], "test": []},
-                           _client(bag_cohort, patches_per_slide=2, augment="none").settings)
-    (batch,) = data.sampled([[0, 1, 2, 3]], torch.Generator().manual_seed(0))
-
-    def local(name: str, seed: int) -> LocalModel:
+    def local(name: str, seed: int, batches: list) -> LocalModel:
         module = create_model("patch_cnn", num_classes=2, in_channels=3, seed=seed)
-        return LocalModel(name, module, data, optimizer=OPTIMIZERS["sgd"], lr=0.1,
-                          weight_decay=0.0, batch_size=4, seed=seed, dp=None)
+        model = LocalModel(name, module, data, optimizer=OPTIMIZERS["sgd"], lr=0.1,
+                           weight_decay=0.0, batch_size=2, seed=seed, dp=None)
+        model.batches = lambda: iter(batches)
+        return model
 
-    private, proxy = local("private", 1), local("proxy", 2)
-    proxy.batches = lambda: iter([batch])  # the proxy's (Poisson) batch, with its weights
-    losses: dict[str, torch.Tensor] = {}
+    private, proxy = local("private", 1, own), local("proxy", 2, poisson)
+    losses: dict[str, list[torch.Tensor]] = {"private": [], "proxy": []}
     for model in (private, proxy):  # record the losses; no update, so models stay as they are
-        model.step = lambda loss, groups=None, name=model.name: losses.__setitem__(
-            name, loss.detach())
+        model.step = lambda loss, groups=None, name=model.name: losses[name].append(
+            loss.detach())
     train_mutual(private, proxy, first_weight=0.3, second_weight=0.6, epochs=1)
 
-    with torch.no_grad():
-        private_logits, proxy_logits = private.module(batch.inputs), proxy.module(batch.inputs)
-    torch.testing.assert_close(losses["private"], distillation_loss(
-        private_logits, batch.labels, proxy_logits, 0.3) * batch.weights)
-    torch.testing.assert_close(losses["proxy"], distillation_loss(
-        proxy_logits, batch.labels, private_logits, 0.6))  # DP-SGD never sees the weights
+    def expected(student, teacher, weight, batch):
+        with torch.no_grad():
+            return distillation_loss(student.module(batch.inputs), batch.labels,
+                                     teacher.module(batch.inputs), weight)
+
+    assert [len(v) for v in losses.values()] == [len(own), len(poisson)]
+    for loss, batch in zip(losses["private"], own, strict=True):
+        torch.testing.assert_close(loss, expected(private, proxy, 0.3, batch))
+    for loss, batch in zip(losses["proxy"], poisson, strict=True):
+        torch.testing.assert_close(loss, expected(proxy, private, 0.6, batch))

@@ -6,12 +6,9 @@ a held-out set the round loop scores models on, and what models and metrics need
 algorithms and the round loop see only this interface, so a new kind of data is a new
 subclass and one loader, not a fork of the engine.
 
-Batches are ``Batch(inputs, labels, groups, weights)``: ``groups`` maps each row to the
+Batches are ``Batch(inputs, labels, groups)``: ``groups`` maps each row to the
 privacy unit it belongs to (``None`` when every row is its own unit), which is what per-unit
 clipping in ``federation.privacy`` needs when a slide contributes several patches to a step.
-``weights`` are row loss weights that give a uniformly sampled batch the class balance of
-``epoch``'s batches, for a model without DP that learns from a DP model's Poisson batches
-(``federation.client.train_mutual``); ``None`` when rows count equally.
 """
 
 from __future__ import annotations
@@ -26,14 +23,12 @@ from torch import nn
 
 
 class Batch(NamedTuple):
-    """One training step's rows: inputs ``(B, ...)``, int64 labels ``(B,)``, when units
-    span several rows each row's unit ``0..S-1`` (int64 ``(B,)``), and optional float32
-    class-balancing loss weights ``(B,)`` (see the module docstring)."""
+    """One training step's rows: inputs ``(B, ...)``, int64 labels ``(B,)`` and, when units
+    span several rows, each row's unit ``0..S-1`` (int64 ``(B,)``)."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
     groups: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
 
 
 class ClientData(ABC):
@@ -80,6 +75,12 @@ class ClientData(ABC):
     def describe(self) -> dict[str, Any]:
         """What a saved model must record about the data it was trained on (kind, inputs,
         normalisation), so that it is later applied to data prepared the same way."""
+
+    def unit_inputs(self) -> Iterator[torch.Tensor]:
+        """The model input of each training unit in turn, without augmentation: what a DP
+        statistic over units (``federation.feature_statistics``) reads. Not every kind of
+        data offers it."""
+        raise NotImplementedError(f"{type(self).__name__} does not give its units' inputs")
 
     def calibrate(self, module: nn.Module) -> dict[str, Any]:
         """Settings chosen on held-out data that a saved model needs to make decisions (a

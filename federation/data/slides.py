@@ -128,8 +128,6 @@ class SlideClientData(ClientData):
                               f"{int(labels[0])}")
         self._balance = torch.tensor([1.0 / counts[label] for label in labels],
                                      dtype=torch.float64)
-        # Loss weights with the same effect on uniformly drawn slides; mean 1 over the slides.
-        self._slide_weights = (self._balance * len(labels) / np.count_nonzero(counts)).float()
 
     # ------------------------------------------------------------------ what models need
 
@@ -165,7 +163,7 @@ class SlideClientData(ClientData):
                 ) -> Iterator[Batch]:
         if self.unit == "patch":
             return self._load(self._patch_steps(unit_batches), generator)
-        return self._load(self._slide_steps(unit_batches, generator), generator, balance=True)
+        return self._load(self._slide_steps(unit_batches, generator), generator)
 
     def _slide_steps(self, slide_batches: Iterable[list[int]], generator: torch.Generator
                      ) -> Iterator[list[tuple[int, tuple[int, ...], int]]]:
@@ -194,9 +192,8 @@ class SlideClientData(ClientData):
         return tuple(sorted(int(i) for i in _draw(np.arange(len(labels)), k, generator)))
 
     def _load(self, steps: Iterator[list[tuple[int, tuple[int, ...], int]]],
-              generator: torch.Generator, *, balance: bool = False) -> Iterator[Batch]:
-        """The steps' patches as batches, with class-balancing row weights if ``balance``
-        (for uniformly drawn slides)."""
+              generator: torch.Generator) -> Iterator[Batch]:
+        """The steps' patches as batches."""
         requests = [[PatchRequest(s, indices, group, int(torch.randint(2**62, (1,),
                                                                         generator=generator)))
                      for s, indices, group in step] for step in steps]
@@ -212,16 +209,15 @@ class SlideClientData(ClientData):
             loaded = DataLoader(self._rows, batch_sampler=requests, collate_fn=collate,
                                 num_workers=self.settings.workers,
                                 multiprocessing_context="fork")
-        for step, batch in zip(requests, loaded, strict=True):
-            if balance:
-                batch = batch._replace(weights=self._row_weights(step))
-            yield batch
+        yield from loaded
 
-    def _row_weights(self, step: list[PatchRequest]) -> torch.Tensor:
-        """Each row's slide's class-balancing weight."""
-        if not step:
-            return torch.zeros(0)
-        return torch.cat([self._slide_weights[r.slide].expand(len(r.indices)) for r in step])
+    def unit_inputs(self) -> Iterator[torch.Tensor]:
+        """Each training slide's patches (evenly spaced, at most ``eval_patches_per_slide``),
+        or with ``privacy_unit: patch`` each patch alone, as unaugmented model input."""
+        limit = None if self.unit == "patch" else self.settings.eval_patches_per_slide
+        for bag in self.train:
+            x = to_model_input(self._reader.read(bag.path, evenly_spaced(bag.n_patches, limit)))
+            yield from (x.split(1) if self.unit == "patch" else (x,))
 
     # ------------------------------------------------------------------ evaluation
 
