@@ -126,6 +126,7 @@ MODELS = Registry("model", {
     "cnn2": "federation.models:cnn2",
     "patch_cnn": "federation.models:patch_cnn",
     "patch_cnn_small": "federation.models:patch_cnn_small",
+    "scattering_linear": "federation.scattering:scattering_linear",
     "attention_mil": "federation.models:attention_mil",
 })
 

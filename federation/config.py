@@ -183,10 +183,13 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """Local training: optimizer (by name), its learning rate and weight decay, the (expected)
-    batch size, and local epochs per round. ProxyFL's images: Adam, 1e-3, 1e-4, 250, 1."""
+    batch size, and local epochs per round. ProxyFL's images: Adam, 1e-3, 1e-4, 250, 1.
+    ``dp_lr``: the learning rate of models trained with DP-SGD instead (null: ``lr``); a
+    linear head on fixed features (``scattering_linear``) wants larger steps than a CNN."""
 
     name: str = _setting("adam", _one_of(catalog.OPTIMIZERS))
     lr: float = _setting(1e-3, _positive)
+    dp_lr: float | None = _setting(None, _positive)
     weight_decay: float = _setting(1e-4, _non_negative)
     batch_size: int = _setting(250, _positive)
     local_epochs: int = _setting(1, _positive)

@@ -127,6 +127,8 @@ def run_federation(
             earlier["sent_by_client"][c] = state["process"]["elements_sent"]
         for category, seconds in earlier["seconds"].items():
             algorithm.stopwatch.seconds[category] += seconds
+    else:
+        algorithm.prepare()
     for c in comm.owned:
         data[c].write_records(run.hospital_dir(names[c]))
     comm.barrier()

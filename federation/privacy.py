@@ -551,8 +551,15 @@ class PrivateTraining:
 
     @property
     def steps_taken(self) -> int:
-        """DP steps counted by the accountant so far."""
+        """DP steps (and releases, ``record_release``) counted by the accountant so far."""
         return sum(steps for _, _, steps in self._accountant.history)
+
+    def record_release(self, noise_multiplier: float, releases: int = 1) -> None:
+        """Count ``releases`` Gaussian-mechanism releases of a sum over all units, each unit's
+        term clipped to norm C' and the noise's std σ'·C' (``noise_multiplier`` σ'): in RDP
+        one step of the sampled Gaussian mechanism at q = 1 (Mironov 2017, Proposition 7),
+        composed with the DP-SGD steps into the ε this model reports."""
+        self._accountant.history.append((noise_multiplier, 1.0, releases))
 
     def backward(self, per_sample_loss: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         """Clipped gradients of ``per_sample_loss`` (one entry per batch row, any loss: CE,

@@ -18,12 +18,14 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from federation_synthetic import small_config, write_synthetic_digits
+from slide_bags import slide_config
 
 from federation.algorithms import ALGORITHMS, Algorithm
 from federation.comm import LocalCommunicator
 from federation.config import config_from_dict
 from federation.loop import run_federation
 from federation.outputs import StartFacts
+from federation.scattering import ScatteringFeatures
 
 # The fields of each kind of pickled row (``federation.loop``), as the README lists them.
 ROW_FIELDS = {
@@ -107,8 +109,13 @@ def _run(digits: Path, out: Path, monkeypatch, algorithm: str, **overrides: Any
                                            checkpoint_every=1, **{"model.private": "lenet5",
                                                                   "fedavg.client_fraction": 0.5,
                                                                   **overrides}))
+    return _recorded(config, monkeypatch)
+
+
+def _recorded(config, monkeypatch) -> tuple[RecordingCommunicator, Algorithm]:
+    """Run ``config`` on a recording communicator."""
     comm = RecordingCommunicator(config.clients)
-    cls = ALGORITHMS[algorithm]
+    cls = ALGORITHMS[config.algorithm]
     real_init = cls.__init__
 
     def init(self, *args, **kwargs):
@@ -140,6 +147,9 @@ def _tensor_kind(message: Message, algorithm: Algorithm) -> str:
             return f"weighted {name}"
         if weight == units and torch.allclose(tensor[:-1] / weight, params.to(torch.float64)):
             return f"weighted {name}"
+    if (message.op == "allreduce" and tensor.numel() == ScatteringFeatures().size + 1
+            and tensor[-1] == algorithm.clients[message.src].data.num_units):
+        return "feature sums"  # [DP sum of the slides' mean features, slide count]
     if message.op == "allreduce" and tensor.numel() == config.clients:
         others = torch.cat([tensor[:message.src], tensor[message.src + 1:]])
         if not others.any():  # a client fills only its own slot
@@ -193,3 +203,17 @@ def test_shared_metrics_choose_what_reaches_the_coordinator(digits: Path, tmp_pa
     own = (tmp_path / "hospitals" / "client_0" / "metrics.csv").read_text()
     assert ",private,train,loss," in own and ",private," not in (tmp_path / "metrics.csv"
                                                                   ).read_text()
+
+
+def test_a_fixed_feature_proxy_adds_only_its_dp_feature_sums(bag_cohort, tmp_path: Path,
+                                                            monkeypatch) -> None:
+    root, hospitals = bag_cohort
+    config = config_from_dict(slide_config(root, tmp_path, hospitals[:2], rounds=1,
+                                           **{"model.proxy": "scattering_linear"}))
+    comm, algorithm = _recorded(config, monkeypatch)
+    tensors = [m for m in comm.messages if isinstance(m.payload, torch.Tensor)]
+    kinds = [(m.op, _tensor_kind(m, algorithm)) for m in tensors]
+    assert set(kinds) == {("exchange", "proxy"), ("allreduce", "feature sums")}
+    sums = [m for m, kind in zip(tensors, kinds, strict=True) if kind[1] == "feature sums"]
+    assert [m.src for m in sums] == [0, 1]  # once per run, before training
+    assert tensors.index(sums[-1]) < min(i for i, k in enumerate(kinds) if k[0] == "exchange")

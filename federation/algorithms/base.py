@@ -47,6 +47,8 @@ from federation.comm import Communicator
 from federation.config import ConfigError, FederationConfig
 from federation.data import ClientData
 from federation.devices import resolve_device
+from federation.feature_statistics import needs_centre, release_centre
+from federation.seeds import derive_seed
 from federation.topology import Topology, make_topology
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,21 @@ class Algorithm(ABC):
                         f"dp.epsilon_budget = {self.config.dp.epsilon_budget:g} is below the "
                         f"epsilon of one round ({model.epsilon_after(epochs):.3g} for client "
                         f"{c}'s {model.name}); raise the budget or dp.noise_multiplier")
+
+    def prepare(self) -> None:
+        """What models need of the data before the first round of a fresh run (not again on
+        resume: a checkpoint holds the result): the feature centre of fixed-feature models
+        (``federation.feature_statistics``), pooled over all clients for a model that
+        travels. Collective; its ε is counted before the budget is checked again."""
+        for name, role in sorted(self.roles.items()):
+            models = {c: client.models[name] for c, client in self.clients.items()}
+            if not any(needs_centre(m) for m in models.values()):
+                continue
+            generators = {c: torch.Generator().manual_seed(
+                derive_seed(self.config.seed, "feature-centre", name, c)) for c in models}
+            with self.stopwatch("training"):
+                release_centre(models, self.comm if role.leaves_client else None, generators)
+        self._check_budget()
 
     @abstractmethod
     def run_round(self, round: int) -> Losses:
