@@ -2,7 +2,8 @@
 
 Only ``named_parameters()`` travel. The engine's models use GroupNorm, so parameters are the
 whole learnable state; buffers (e.g. BatchNorm running statistics, if a model had them) stay
-local to each client, and a model that has floating-point buffers is logged once as a warning.
+local to each client, and a model whose saved floating-point buffers may differ between clients
+is logged once as a warning.
 
 The parameters are re-pointed to be views into the flat buffer, so ``pack()`` costs nothing and
 ``unpack()`` is one copy. The alternative, copying parameters into a separate buffer, keeps
@@ -64,7 +65,13 @@ class FlatParameters:
                 p.data = view
                 offset += p.numel()
         self._addresses = [p.data_ptr() for p in self._params]
-        local_buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())
+        # Saved buffers that may differ between clients: not the constants a module rebuilds
+        # (non-persistent buffers), nor those it names in ``buffers_set_alike`` (set to the
+        # same value on every client, as a fixed-feature model's centre is).
+        alike = set(getattr(module, "buffers_set_alike", ()))
+        local_buffers = sum(t.numel() for key, t in module.state_dict(keep_vars=True).items()
+                            if key not in self._names and key not in alike
+                            and t.is_floating_point())
         if local_buffers:
             log.warning(
                 "%s: %d floating-point buffer elements (e.g. BatchNorm statistics) stay local "

@@ -98,6 +98,10 @@ class ScatteringFeatures(nn.Module):
 class ScatteringLinear(nn.Module):
     """``ScatteringFeatures`` → standardisation (buffers ``centre``, ``scale``) → linear."""
 
+    # Set once, alike on every client that shares the model (federation.feature_statistics),
+    # and saved with it; never exchanged.
+    buffers_set_alike = ("centre", "scale")
+
     def __init__(self, num_classes: int) -> None:
         super().__init__()
         self.features = ScatteringFeatures()

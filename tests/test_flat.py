@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from federation.flat import FlatParameters
+from federation.scattering import ScatteringLinear
 
 
 def _mlp(seed: int) -> nn.Module:
@@ -164,3 +165,10 @@ def test_checkpoints_of_a_bound_model_stay_compact(tmp_path) -> None:
     restored.load_state_dict(torch.load(after))
     assert all(torch.equal(a, b) for a, b in zip(restored.parameters(), model.parameters(),
                                                    strict=True))
+
+
+def test_constants_and_buffers_set_alike_are_not_reported(caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    with caplog.at_level(logging.WARNING, logger="federation.flat"):
+        flat = FlatParameters(ScatteringLinear(num_classes=2), name="scattering")
+    assert flat.numel == 86 and "buffer" not in caplog.text
