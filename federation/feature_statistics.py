@@ -14,8 +14,11 @@ contributes [noisy sum, unit count] to one sum over all hospitals; every hospita
 is then centred at PRIOR + Σ sums / Σ counts. Proxies are averaged, so all of them must use
 the same centre; pooling also divides the noise by the cohort's slides rather than one
 hospital's. Each hospital's accountant counts its release as one step at q = 1, so the ε
-it reports includes it. Without DP the sums are exact. The scale stays one: Adam rescales
-each coordinate, centring is what the conditioning needs.
+it reports includes it. The count is not noised: it is public already, as n in DP-SGD's
+q = B / n and in FedAvg's weights (README, "What crosses a rank"). Without DP the sums are
+exact. A model that never travels (private, or only released) is centred on its own sums,
+without communication. The scale stays one: Adam rescales each coordinate; centring is what
+the conditioning needs.
 """
 
 from __future__ import annotations
