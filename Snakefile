@@ -8,6 +8,7 @@
 # algorithm, a rank per hospital) -> evaluate -> heatmap -> report (one HTML page of it all).
 
 import os
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -21,6 +22,12 @@ from slidefed.workflow import (
     slide_files,
     slide_lists,
 )
+
+# `slidefed` and `mpiexec` are installed beside the Python that runs Snakemake (the project's
+# virtual environment): put them first on the jobs' PATH, so `.venv/bin/snakemake` works
+# without activating the environment.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable),
+                                      os.environ.get("PATH", "")])
 
 # The demo is the default; a cohort config (--configfile) replaces it rather than merging
 # with it, so a real cohort never inherits the demo's hospitals.
