@@ -127,7 +127,8 @@ class LocalModel:
 
     def step(self, per_sample_loss: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         """One update from a per-row loss vector: DP-SGD for a DP model (each privacy unit of
-        ``groups`` clipped as one record), else plain."""
+        ``groups`` clipped as one record), else plain. An empty Poisson batch is still a DP
+        step (pure noise, as the accountant assumes); an empty batch of another model is none."""
         if self.privacy is not None:
             if groups is not None:
                 # Each unit's loss is the mean over its rows, so a slide's clipped gradient is
@@ -136,6 +137,8 @@ class LocalModel:
                 per_sample_loss = per_sample_loss / rows[groups]
             self.privacy.backward(per_sample_loss, groups)
             self.privacy.step()
+            return
+        if not len(per_sample_loss):
             return
         self.optimizer.zero_grad(set_to_none=True)
         per_sample_loss.mean().backward()
@@ -277,8 +280,7 @@ def train_cross_entropy(model: LocalModel, epochs: int) -> float:
     for _ in range(epochs):
         for x, y, groups in model.batches():
             loss = F.cross_entropy(model.module(x), y, reduction="none")
-            if len(y) or model.is_private:  # an empty Poisson batch is still a (noise) step
-                model.step(loss, groups)
+            model.step(loss, groups)
             meter.add(loss)
     return meter.mean
 
@@ -326,6 +328,5 @@ def _distil_step(student: LocalModel, teacher: LocalModel, weight: float, batch:
     with torch.no_grad():
         teacher_logits = teacher.module(x)
     loss = distillation_loss(student.module(x), y, teacher_logits, weight)
-    if len(y) or student.is_private:  # an empty Poisson batch is still a (noise) step
-        student.step(loss, groups)
+    student.step(loss, groups)
     meter.add(loss)

@@ -1,4 +1,4 @@
-"""A DP estimate of the centre that fixed-feature models standardise their features by.
+"""A DP estimate of the centre that fixed-feature models subtract from their features.
 
 A ``scattering_linear`` model (``federation.scattering``) learns well only on centred
 features, and the centre is a statistic of the data: set from the data without noise, it
@@ -17,7 +17,7 @@ hospital's. Each hospital's accountant counts its release as one step at q = 1, 
 it reports includes it. The count is not noised: it is public already, as n in DP-SGD's
 q = B / n and in FedAvg's weights (README, "What crosses a rank"). Without DP the sums are
 exact. A model that never travels (private, or only released) is centred on its own sums,
-without communication. The scale stays one: Adam rescales each coordinate; centring is what
+without communication. There is no scale: Adam rescales each coordinate; centring is what
 the conditioning needs.
 """
 
@@ -80,7 +80,7 @@ def release_centre(models: Mapping[int, LocalModel], comm: Communicator | None,
     for c, model in models.items():
         sums = local[c] if pooled is None else pooled
         centre = (sums[:-1] / sums[-1] + PRIOR).float().to(model.device)
-        model.module.set_standardisation(centre, torch.ones_like(centre))
+        model.module.set_centre(centre)
         log.info("client %d: %s centred on %d units%s%s", c, model.name, int(sums[-1]),
                  " of all clients" if pooled is not None else "",
                  " (Gaussian mechanism)" if model.privacy is not None else "")

@@ -13,10 +13,11 @@ the noise (a 6,210-parameter CNN stays at chance on the demo, at any learning ra
   first-order coefficients of a scattering transform (Mallat, "Group invariant scattering",
   CPAM 2012; Bruna & Mallat, IEEE TPAMI 2013), averaged over the patch. 3 × (2 + 12) = 42
   numbers, on a log scale.
-- **Standardisation**: the features are shifted and scaled by a centre and a scale held as
-  buffers. Left at zero and one the head would learn slowly (the log features sit far from
-  zero with a small spread, an ill-conditioned problem for any optimizer); the federation sets
-  them once, from DP estimates pooled over the hospitals (``federation.feature_statistics``).
+- **Centring**: the features are shifted by a centre held as a buffer. Left at zero the head
+  would learn slowly (the log features sit far from zero with a small spread, an
+  ill-conditioned problem for any optimizer); the federation sets it once, from a DP estimate
+  pooled over the hospitals (``federation.feature_statistics``). They are not rescaled: Adam
+  rescales each coordinate itself.
 - **Head**: one linear layer, zero-initialised: 86 parameters for 2 classes.
 """
 
@@ -34,6 +35,7 @@ from federation.data.patches import PATCH_MEAN, PATCH_STD
 SCALES = 3
 ORIENTATIONS = 4
 KERNEL = 5
+NUM_FEATURES = 3 * (2 + SCALES * ORIENTATIONS)  # per channel: mean, spread, the wavelets
 # Morlet wavelets of the finest scale, as in kymatio's 2-d scattering: centre frequency 3π/4,
 # Gaussian envelope of σ 0.8 px; coarser scales reuse them on a halved picture.
 _XI, _SIGMA = 3 * math.pi / 4, 0.8
@@ -62,7 +64,7 @@ def morlet_filters(size: int = KERNEL, orientations: int = ORIENTATIONS
 
 
 class ScatteringFeatures(nn.Module):
-    """The 42 fixed features of a batch of model inputs ``(B, 3, P, P)`` → ``(B, 42)``."""
+    """The ``NUM_FEATURES`` (42) fixed features of a batch of model inputs ``(B, 3, P, P)``."""
 
     def __init__(self, mean: Sequence[float] = PATCH_MEAN,
                  std: Sequence[float] = PATCH_STD) -> None:
@@ -73,10 +75,6 @@ class ScatteringFeatures(nn.Module):
         self.register_buffer("imag", imag, persistent=False)
         self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
-
-    @property
-    def size(self) -> int:
-        return 3 * (2 + SCALES * ORIENTATIONS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rgb = (x * self.std + self.mean).clamp(_MIN_TRANSMISSION, 1.0)
@@ -96,29 +94,26 @@ class ScatteringFeatures(nn.Module):
 
 
 class ScatteringLinear(nn.Module):
-    """``ScatteringFeatures`` → standardisation (buffers ``centre``, ``scale``) → linear."""
+    """``ScatteringFeatures`` → minus the buffer ``centre`` → linear."""
 
     # Set once, alike on every client that shares the model (federation.feature_statistics),
     # and saved with it; never exchanged.
-    buffers_set_alike = ("centre", "scale")
+    buffers_set_alike = ("centre",)
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
         self.features = ScatteringFeatures()
-        n = self.features.size
-        self.register_buffer("centre", torch.zeros(n))
-        self.register_buffer("scale", torch.ones(n))
-        self.head = nn.Linear(n, num_classes)
+        self.register_buffer("centre", torch.zeros(NUM_FEATURES))
+        self.head = nn.Linear(NUM_FEATURES, num_classes)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def set_standardisation(self, centre: torch.Tensor, scale: torch.Tensor) -> None:
-        """Use ``(f − centre) / scale`` of the features from now on."""
+    def set_centre(self, centre: torch.Tensor) -> None:
+        """Use ``f − centre`` of the features from now on."""
         self.centre.copy_(centre)
-        self.scale.copy_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head((self.features(x) - self.centre) / self.scale)
+        return self.head(self.features(x) - self.centre)
 
 
 def scattering_linear(*, num_classes: int, in_channels: int = 3,

@@ -25,7 +25,7 @@ from federation.comm import LocalCommunicator
 from federation.config import config_from_dict
 from federation.loop import run_federation
 from federation.outputs import StartFacts
-from federation.scattering import ScatteringFeatures
+from federation.scattering import NUM_FEATURES
 
 # The fields of each kind of pickled row (``federation.loop``), as the README lists them.
 ROW_FIELDS = {
@@ -147,7 +147,7 @@ def _tensor_kind(message: Message, algorithm: Algorithm) -> str:
             return f"weighted {name}"
         if weight == units and torch.allclose(tensor[:-1] / weight, params.to(torch.float64)):
             return f"weighted {name}"
-    if (message.op == "allreduce" and tensor.numel() == ScatteringFeatures().size + 1
+    if (message.op == "allreduce" and tensor.numel() == NUM_FEATURES + 1
             and tensor[-1] == algorithm.clients[message.src].data.num_units):
         return "feature sums"  # [DP sum of the slides' mean features, slide count]
     if message.op == "allreduce" and tensor.numel() == config.clients:

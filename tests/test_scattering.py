@@ -19,7 +19,7 @@ from federation.data.slides import load_slide_clients
 from federation.feature_statistics import CLIP, PRIOR
 from federation.models import create_model
 from federation.privacy import PrivateTraining, epsilon_from_history
-from federation.scattering import ScatteringFeatures, morlet_filters
+from federation.scattering import NUM_FEATURES, ScatteringFeatures, morlet_filters
 
 HOSPITALS = ["h_a", "h_b"]
 
@@ -40,7 +40,7 @@ def test_features_are_bounded_and_see_stain_and_texture() -> None:
     stripes = torch.ones(1, 3, 32, 32)
     stripes[..., ::4] = -1.0  # dark vertical lines every 4 px
     out = features(torch.cat([glass, black, stripes]))
-    assert out.shape == (3, features.size) == (3, 42)
+    assert out.shape == (3, NUM_FEATURES) == (3, 42)
     assert torch.isfinite(out).all()
     # Optical density lies in [0, log 255] (a black pixel), so every log feature does too.
     low, high = np.log(1e-3), np.log(np.log(255) + 1e-3)
@@ -59,7 +59,7 @@ def test_the_model_starts_silent_trains_under_dp_and_saves_its_centre() -> None:
     assert sum(p.numel() for p in model.parameters()) == 86
     x = torch.rand(8, 3, 32, 32) * 2 - 1
     assert not model(x).any()  # zero-initialised head
-    assert set(model.state_dict()) == {"centre", "scale", "head.weight", "head.bias"}
+    assert set(model.state_dict()) == {"centre", "head.weight", "head.bias"}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     dp = PrivateTraining(model, optimizer, num_units=8, batch_size=4,
                          settings=DPConfig(noise_multiplier=0.0, max_grad_norm=1.0), seed=0)
@@ -110,7 +110,6 @@ def test_without_dp_a_shared_model_is_centred_on_the_pooled_exact_mean(bag_cohor
     expected = (total[:-1] / total[-1] + PRIOR).float()
     for c in algorithm.clients:
         torch.testing.assert_close(_centre(algorithm, c), expected)
-        assert not (algorithm.clients[c].models["proxy"].module.scale - 1).any()
 
 
 def test_a_model_that_never_leaves_is_centred_on_its_own_data(bag_cohort, tmp_path) -> None:
