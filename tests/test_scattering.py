@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 from slide_bags import slide_config
+from torch.utils.data import TensorDataset
 
 from federation.algorithms import ALGORITHMS
 from federation.comm import LocalCommunicator
-from federation.config import DPConfig, config_from_dict
+from federation.config import ConfigError, DPConfig, config_from_dict
 from federation.data.bags import BagReader
+from federation.data.image_clients import ImageClientData
 from federation.data.patches import to_model_input
 from federation.data.slides import load_slide_clients
 from federation.feature_statistics import CLIP, PRIOR
@@ -83,6 +85,15 @@ def _algorithm(bag_cohort, tmp_path: Path, name: str, **overrides):
                                               **overrides}))
     comm = LocalCommunicator(config.clients)
     return ALGORITHMS[name](config, comm, load_slide_clients(config, comm.owned))
+
+
+def test_data_without_unit_inputs_refuse_in_one_line() -> None:
+    images = ImageClientData("client_0", TensorDataset(torch.zeros(2, 3, 8, 8),
+                                                       torch.zeros(2, dtype=torch.int64)),
+                             TensorDataset(torch.zeros(1, 3, 8, 8), torch.zeros(1)),
+                             num_classes=2, dataset="cifar10", mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(ConfigError, match="client_0: .*scattering_linear.*patch bags"):
+        next(images.unit_inputs())
 
 
 def _exact_sums(data) -> torch.Tensor:

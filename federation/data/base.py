@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from federation.config import ConfigError
+
 
 class Batch(NamedTuple):
     """One training step's rows: inputs ``(B, ...)``, int64 labels ``(B,)`` and, when units
@@ -79,8 +81,10 @@ class ClientData(ABC):
     def unit_inputs(self) -> Iterator[torch.Tensor]:
         """The model input of each training unit in turn, without augmentation: what a DP
         statistic over units (``federation.feature_statistics``) reads. Not every kind of
-        data offers it."""
-        raise NotImplementedError(f"{type(self).__name__} does not give its units' inputs")
+        data offers it: the others refuse with a ``ConfigError``."""
+        raise ConfigError(f"{self.name}: a fixed-feature model (scattering_linear) needs each "
+                          f"training unit's patches, which {type(self).__name__} does not give; "
+                          "use it on patch bags (data.name: bags)")
 
     def calibrate(self, module: nn.Module) -> dict[str, Any]:
         """Settings chosen on held-out data that a saved model needs to make decisions (a
