@@ -5,18 +5,22 @@ runs, interleaved so that load from other processes hits all alike:
 
 - ``forward``: the model alone on the same patches held in memory as model input, in the
   same batches (the ceiling);
+- ``read``: the bags read, decoded and normalised in one thread, without the model (what one
+  reader thread delivers);
 - ``streamed``: ``patch_probabilities`` on the bags, as predict and evaluate run it: the next
-  batch is read and decoded in a background thread while the model runs on this one;
+  batches are read and decoded by ``readers`` background threads while the model runs on
+  this one; ``streamed_one_reader`` the same with one thread (when ``readers`` is more);
 - ``serial``: the same reads, decodes and forward passes one after the other (what streaming
   saves);
 - ``predict``: ``predict_slides`` end to end on the slide files (tiling included, no heatmap
   or GeoJSON), and ``predict_heatmap`` the same with a heatmap per slide.
 
 The JSON gives each variant's patches per second (the best repeat, the median, and each
-repeat), the ratio of its best to ``forward``'s best and, for the predict variants, slides
-per minute. Ratios use the best repeat, as ``timeit`` does: other processes only ever slow a
-repeat down, so the best is the one least disturbed, while medians of sub-second repeats on a
-shared machine scatter by large factors.
+repeat), the ratio of its best to ``forward``'s best, the median over repeats of its ratio to
+``forward`` in the same repeat and, for the predict variants, slides per minute. The best
+repeat is the one other processes disturbed least, as in ``timeit``; but a burst of speed on
+a shared machine can lift one repeat of every variant (``forward`` 2x its median once, the
+others 1.3x), and the paired ratio, taken within each repeat, is immune to it.
 """
 
 from __future__ import annotations
@@ -31,9 +35,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from federation.cores import usable_cores
 from federation.data.bags import BagIndex, BagReader, index_bag
 from federation.data.patches import to_model_input
-from federation.evaluation.scoring import SCORING_BATCH, patch_probabilities, tumour_probabilities
+from federation.evaluation.scoring import (
+    SCORING_BATCH,
+    model_batches,
+    patch_probabilities,
+    scoring_threads,
+    tumour_probabilities,
+)
 from preprocessing.options import TilingOptions
 from preprocessing.tile import tile_slide
 from slidefed.predict import load_predictor, predict_slides
@@ -41,10 +52,11 @@ from slidefed.predict import load_predictor, predict_slides
 
 def bench_predict(model: str | Path, slides: Sequence[str | Path], *, device: str = "cpu",
                   batch_size: int = SCORING_BATCH, workers: int = 1,
-                  repeats: int = 5) -> dict[str, Any]:
+                  readers: int | None = None, repeats: int = 5) -> dict[str, Any]:
     """Time the variants above on ``slides`` with the model file ``model``."""
     if repeats < 1:
         raise ValueError(f"bench predict: --repeats must be at least 1, got {repeats}")
+    readers = readers or scoring_threads()
     predictor = load_predictor(model, device)
     module = predictor.module.eval()
     target = next(module.parameters()).device
@@ -65,11 +77,20 @@ def bench_predict(model: str | Path, slides: Sequence[str | Path], *, device: st
             for x in inputs:
                 module(x)
 
-        def streamed() -> None:
+        def read() -> None:
             scorer = BagReader()
             for bag in bags:
-                patch_probabilities(module, scorer, bag, batch_size=batch_size)
+                for _ in model_batches(scorer, bag, np.arange(bag.n_patches), batch_size):
+                    pass
             scorer.close()
+
+        def streaming(threads: int) -> Callable[[], None]:
+            def streamed() -> None:
+                scorer = BagReader(threads=threads)
+                for bag in bags:
+                    patch_probabilities(module, scorer, bag, batch_size=batch_size)
+                scorer.close()
+            return streamed
 
         def serial() -> None:
             scorer = BagReader()
@@ -79,16 +100,18 @@ def bench_predict(model: str | Path, slides: Sequence[str | Path], *, device: st
 
         def predict() -> None:
             predict_slides(model, slides, Path(scratch) / "out", device=device,
-                           batch_size=batch_size, workers=workers, heatmaps=False,
-                           progress=False)
+                           batch_size=batch_size, workers=workers, readers=readers,
+                           heatmaps=False, progress=False)
 
         def predict_heatmap() -> None:
             predict_slides(model, slides, Path(scratch) / "out", device=device,
-                           batch_size=batch_size, workers=workers, progress=False)
+                           batch_size=batch_size, workers=workers, readers=readers,
+                           progress=False)
 
         variants: dict[str, Callable[[], None]] = {
-            "forward": forward, "streamed": streamed, "serial": serial, "predict": predict,
-            "predict_heatmap": predict_heatmap}
+            "forward": forward, "read": read, "streamed": streaming(readers),
+            **({"streamed_one_reader": streaming(1)} if readers > 1 else {}),
+            "serial": serial, "predict": predict, "predict_heatmap": predict_heatmap}
         forward()  # warm-up: first-call allocations, lazy imports
         seconds: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(repeats):
@@ -98,16 +121,23 @@ def bench_predict(model: str | Path, slides: Sequence[str | Path], *, device: st
                 seconds[name].append(time.perf_counter() - start)
     rates = {name: [n / s for s in times] for name, times in seconds.items()}
     base = max(rates["forward"])
+    cores, threads = usable_cores(), torch.get_num_threads()
+    bounds = [min(1.0, cores / (threads + f / r))
+              for f, r in zip(rates["forward"], rates["read"], strict=True)]
     result: dict[str, Any] = {
         "model": str(model), "architecture": type(module).__name__, "device": str(target),
         "slides": len(bags), "patches": n, "patch_size": predictor.patch_size,
-        "batch_size": batch_size, "workers": workers, "repeats": repeats,
-        "torch_threads": torch.get_num_threads(), "variants": {}}
+        "batch_size": batch_size, "workers": workers, "readers": readers, "repeats": repeats,
+        "torch_threads": threads, "cores": cores,
+        "core_bound": round(statistics.median(bounds), 3) if target.type == "cpu" else None,
+        "variants": {}}
     for name, per_repeat in rates.items():
         row = {"patches_per_s": round(max(per_repeat), 1),
                "median_patches_per_s": round(statistics.median(per_repeat), 1),
                "per_repeat": [round(r, 1) for r in per_repeat],
-               "ratio_to_forward": round(max(per_repeat) / base, 3)}
+               "ratio_to_forward": round(max(per_repeat) / base, 3),
+               "paired_ratio_to_forward": round(statistics.median(
+                   r / f for r, f in zip(per_repeat, rates["forward"], strict=True)), 3)}
         if name.startswith("predict"):
             row["slides_per_min"] = round(60 * len(bags) / min(seconds[name]), 1)
         result["variants"][name] = row

@@ -21,7 +21,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     predictions, errors = predict_slides(
         args.model, args.inputs, args.output, device=args.device,
-        batch_size=args.batch_size or SCORING_BATCH, workers=args.workers,
+        batch_size=args.batch_size or SCORING_BATCH, workers=args.workers, readers=args.readers,
         fill_mpp=args.fill_mpp, annotations=args.annotation, heatmaps=not args.no_heatmap,
         geojson=args.geojson)
     for error in errors:
@@ -39,7 +39,8 @@ def run_bench_predict(args: argparse.Namespace) -> int:
 
     print(json.dumps(bench_predict(args.model, args.slides, device=args.device,
                                    batch_size=args.batch_size or SCORING_BATCH,
-                                   workers=args.workers, repeats=args.repeats)))
+                                   workers=args.workers, readers=args.readers,
+                                   repeats=args.repeats)))
     return 0
 
 
@@ -61,6 +62,9 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--workers", type=positive_int, default=1,
                    help="processes that read and encode a slide's patches when tiling it "
                         "(default %(default)s)")
+    p.add_argument("--readers", type=positive_int,
+                   help="threads that read and decode the next batches while the model runs "
+                        "(default: one per core, at most 4)")
     p.add_argument("--fill-mpp", type=positive_float, metavar="X",
                    help="level-0 µm per pixel of slides whose files state none")
     p.add_argument("--annotation", type=Path, metavar="PATH",
@@ -81,6 +85,9 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                    help="patches per forward pass (default: as slidefed evaluate)")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="tiling processes of the predict variants (default %(default)s)")
+    p.add_argument("--readers", type=positive_int,
+                   help="threads that read and decode the next batches while the model runs "
+                        "(default: one per core, at most 4)")
     p.add_argument("--repeats", type=positive_int, default=5,
                    help="interleaved repeats; the best and the median are reported "
                         "(default %(default)s)")

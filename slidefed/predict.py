@@ -27,7 +27,7 @@ from federation.devices import resolve_device
 from federation.evaluation.aggregation import SlideAggregator, model_aggregator
 from federation.evaluation.heatmap import heatmap_title, read_patch_map, write_heatmap
 from federation.evaluation.regions import tumour_regions, write_regions
-from federation.evaluation.scoring import SCORING_BATCH
+from federation.evaluation.scoring import SCORING_BATCH, scoring_threads
 from federation.model_files import load_model
 from preprocessing.options import TilingOptions
 from preprocessing.tile import tile_slide
@@ -95,7 +95,8 @@ def checked_bag(path: Path, predictor: Predictor) -> BagIndex:
 
 def predict_slides(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
                    device: str = "auto", batch_size: int = SCORING_BATCH, workers: int = 1,
-                   fill_mpp: float | None = None, annotations: str | Path | None = None,
+                   readers: int | None = None, fill_mpp: float | None = None,
+                   annotations: str | Path | None = None,
                    heatmaps: bool = True, geojson: bool = False, progress: bool = True,
                    ) -> tuple[list[SlidePrediction], list[str]]:
     """Score every slide or bag of ``inputs`` with the model file ``model``.
@@ -104,7 +105,9 @@ def predict_slides(model: str | Path, inputs: Sequence[str | Path], out_dir: str
     and, with ``geojson``, ``regions/<slide>.geojson``. ``annotations`` is one GeoJSON file
     (one input only) or a directory of ``<slide_id>.geojson`` whose tumour polygons the
     heatmaps outline. ``fill_mpp`` is the level-0 µm/px of slides whose files state none.
-    ``workers`` processes read and encode a slide's patches when it is tiled.
+    ``workers`` processes read and encode a slide's patches when it is tiled; ``readers``
+    threads decode the next batches of its bag while the model scores this one (default:
+    :func:`~federation.evaluation.scoring.scoring_threads`).
     Returns the predictions and one line per input that failed.
     """
     out_dir = Path(out_dir)
@@ -113,7 +116,7 @@ def predict_slides(model: str | Path, inputs: Sequence[str | Path], out_dir: str
         raise ValueError(f"{annotations}: one annotation file for {len(inputs)} slides; give a "
                          "directory of <slide_id>.geojson files")
     predictor = load_predictor(model, device)
-    reader = BagReader()
+    reader = BagReader(threads=readers or scoring_threads())
     predictions, errors = [], []
     for source in map(Path, inputs):
         try:

@@ -1,11 +1,13 @@
 """The engine's bag reader (``federation.data.bags``) against the format owner, ``wsi.bag``.
 
 Bags are written by the real tiler (``preprocessing.tile``) from a small synthetic slide, in
-both encodings, and by ``slide_bags.write_bag`` for version 1 and for broken bags.
+both encodings, and by ``slide_bags.write_bag`` for version 1 and for broken bags. Scoring's
+reader threads (``federation.evaluation.scoring.model_batches``) are tested here too.
 """
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from slide_bags import synthetic_patches, write_bag
 from torch.utils.data import DataLoader, Dataset
 
 from federation.data.bags import BagFormatError, BagReader, index_bag
+from federation.data.patches import to_model_input
+from federation.evaluation.scoring import model_batches
 from preprocessing.tile import TilingOptions, tile_slide
 from wsi.bag import PatchEncoding, read_patches
 from wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
@@ -246,3 +250,34 @@ def test_patches_read_in_order_and_reordered_are_the_same_pixels(tiled) -> None:
     in_order = reader.read(tiled["jpeg"], np.arange(4))
     shuffled = reader.read(tiled["jpeg"], np.array([3, 1, 1, 0, 2]))
     assert torch.equal(shuffled, in_order[[3, 1, 1, 0, 2]])
+
+
+# ---------------------------------------------------------------------------- reader threads
+
+
+def test_reader_threads_give_scoring_the_same_batches_in_order(tiled) -> None:
+    bag = index_bag(tiled["jpeg"], None)
+    indices = np.random.default_rng(0).permutation(bag.n_patches)[:17]
+    expected = [to_model_input(_reference(tiled["jpeg"], indices[s:s + 3].tolist()))
+                for s in range(0, 17, 3)]
+    for threads in (1, 2, 4, 8):  # 8: more threads than the 6 batches
+        got = list(model_batches(BagReader(threads=threads), bag, indices, 3))
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    assert list(model_batches(BagReader(threads=2), bag, indices[:0], 3)) == []
+
+
+def test_a_damaged_patch_read_by_a_reader_thread_is_the_error_naming_it(tiled, tmp_path) -> None:
+    path = shutil.copy(tiled["jpeg"], tmp_path / "damaged.h5")
+    with h5py.File(path, "r") as f:
+        stored = f["patches"][10].tobytes()
+    _flip_stored_bytes(path, stored)
+    batches = model_batches(BagReader(threads=3), index_bag(path, None), np.arange(12), 2)
+    assert len([next(batches) for _ in range(5)]) == 5  # patches 0-9 are whole
+    with pytest.raises(BagFormatError, match=r"damaged\.h5: patch 10 is corrupt"):
+        next(batches)
+
+
+def test_reader_threads_survive_pickling_and_must_be_positive() -> None:
+    assert pickle.loads(pickle.dumps(BagReader(max_open=3, threads=4))).threads == 4
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        BagReader(threads=0)

@@ -193,12 +193,18 @@ def test_workers_tile_the_same_patches_and_give_the_same_score(slide, tmp_path):
 
 
 def test_bench_predict_times_every_variant_on_the_slides_patches(slide):
-    result = bench_predict(slide["model"], [slide["slide"].path], repeats=2)
+    result = bench_predict(slide["model"], [slide["slide"].path], readers=2, repeats=2)
     assert result["patches"] == index_bag(slide["bag"], None).n_patches
-    assert set(result["variants"]) == {"forward", "streamed", "serial", "predict",
-                                       "predict_heatmap"}
-    forward = result["variants"]["forward"]
-    assert forward["ratio_to_forward"] == 1.0
+    assert set(result["variants"]) == {"forward", "read", "streamed", "streamed_one_reader",
+                                       "serial", "predict", "predict_heatmap"}
+    forward, read = result["variants"]["forward"], result["variants"]["read"]
+    assert forward["ratio_to_forward"] == 1.0 and result["readers"] == 2
+    cores, threads = result["cores"], result["torch_threads"]
+    bounds = [min(1.0, cores / (threads + f / r))
+              for f, r in zip(forward["per_repeat"], read["per_repeat"], strict=True)]
+    assert result["core_bound"] == pytest.approx(np.median(bounds), abs=1e-3)
     for row in result["variants"].values():
         assert len(row["per_repeat"]) == 2 and row["patches_per_s"] == max(row["per_repeat"])
         assert row["median_patches_per_s"] <= row["patches_per_s"]
+        paired = [r / f for r, f in zip(row["per_repeat"], forward["per_repeat"], strict=True)]
+        assert row["paired_ratio_to_forward"] == pytest.approx(np.median(paired), abs=1e-3)

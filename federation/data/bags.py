@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -149,24 +150,35 @@ class _OpenBag:
 class BagReader:
     """Decodes patches of bags, keeping at most ``max_open`` files open in this process.
 
-    Safe to hand to DataLoader worker processes: a process never uses handles it inherited
-    (HDF5 handles do not survive ``fork``), it opens its own on first use.
+    ``threads`` is how many batches scoring reads and decodes at once, ahead of the model
+    (``federation.evaluation.scoring.model_batches``; HDF5 serialises its reads, the JPEG
+    decodes run in parallel). Safe to hand to DataLoader worker processes: a process never
+    uses handles it inherited (HDF5 handles do not survive ``fork``), it opens its own on
+    first use.
     """
 
-    def __init__(self, max_open: int = 16) -> None:
+    def __init__(self, max_open: int = 16, threads: int = 1) -> None:
         if max_open < 1:
             raise ValueError(f"BagReader: max_open must be at least 1, got {max_open}")
+        if threads < 1:
+            raise ValueError(f"BagReader: threads must be at least 1, got {threads}")
         self.max_open = max_open
+        self.threads = threads
         self._files: OrderedDict[Path, _OpenBag] = OrderedDict()
         self._pid = os.getpid()
+        self._opening = threading.Lock()  # scoring's reader threads share the open files
 
     def __getstate__(self) -> dict:
-        return {"max_open": self.max_open}
+        return {"max_open": self.max_open, "threads": self.threads}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["max_open"])
+        self.__init__(state["max_open"], state["threads"])
 
     def _file(self, path: Path) -> _OpenBag:
+        with self._opening:
+            return self._open_file(path)
+
+    def _open_file(self, path: Path) -> _OpenBag:
         if self._pid != os.getpid():  # forked: the parent's handles are not ours to use
             self._files, self._pid = OrderedDict(), os.getpid()
         bag = self._files.get(path)

@@ -44,6 +44,7 @@ from federation.evaluation.aggregation import (
     model_aggregator,
 )
 from federation.evaluation.metrics import METRICS, metrics_with_intervals, point_metrics
+from federation.evaluation.scoring import scoring_threads
 from federation.model_files import load_model
 from federation.outputs import RunDirectory
 from federation.run_files import (
@@ -98,7 +99,7 @@ def evaluate_run(run_dir: str | Path, hospitals: Sequence[str] | None = None, *,
     """Evaluate ``hospitals`` (default: all) of the run in ``run_dir``; returns the metrics."""
     run_dir = Path(run_dir)
     config, run, chosen = open_run(run_dir, hospitals)
-    reader = BagReader()
+    reader = BagReader(threads=scoring_threads())
     slides = {h: hospital_slides(config, run, h) for h in chosen}
     models = {h: saved_models(run, h) for h in chosen}
     scorer = _Scorer(reader, config)

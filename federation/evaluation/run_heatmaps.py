@@ -35,6 +35,7 @@ from federation.data.bags import BagIndex, BagReader
 from federation.evaluation.heatmap import heatmap_title, read_patch_map, write_heatmap
 from federation.evaluation.regions import merged_patches
 from federation.evaluation.run import SPLITS, SavedModel, hospital_slides, open_run, saved_models
+from federation.evaluation.scoring import scoring_threads
 from federation.run_files import HEATMAP_COLUMNS, HEATMAPS
 from slidefed.atomic import atomic_path
 
@@ -69,7 +70,7 @@ def draw_run_heatmaps(run_dir: str | Path, hospitals: Sequence[str] | None = Non
     config, run, chosen = open_run(run_dir, hospitals)
     work = [(h, saved_models(run, h), hospital_slides(config, run, h)[split][:limit])
             for h in chosen]
-    reader = BagReader()
+    reader = BagReader(threads=scoring_threads())
     written = []
     with tqdm(total=sum(len(m) * len(s) for _, m, s in work), desc="heatmap", unit="slide",
               disable=None if progress else True) as bar:

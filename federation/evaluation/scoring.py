@@ -12,6 +12,7 @@ whichever path asks.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from federation.cores import usable_cores
 from federation.data.bags import BagIndex, BagReader
 from federation.data.patches import to_model_input
 
@@ -34,20 +36,32 @@ def evenly_spaced(n: int, limit: int | None) -> np.ndarray:
 
 def model_batches(reader: BagReader, bag: BagIndex, indices: np.ndarray,
                   batch_size: int) -> Iterator[torch.Tensor]:
-    """Model input of ``bag``'s patches ``indices``, ``batch_size`` at a time. The next batch
-    is read, decoded and normalised in a background thread while the caller runs the model on
-    this one (HDF5 reads, libjpeg-turbo, numpy's arithmetic and torch's kernels release the
-    GIL; the thread adds no torch intra-op threads, see ``to_model_input``)."""
+    """Model input of ``bag``'s patches ``indices``, ``batch_size`` at a time, in order. The
+    next ``reader.threads`` batches are read, decoded and normalised in background threads
+    while the caller runs the model on this one (HDF5 reads, libjpeg-turbo, numpy's
+    arithmetic and torch's kernels release the GIL; the threads add no torch intra-op
+    threads, see ``to_model_input``)."""
+    starts = range(0, len(indices), batch_size)
 
     def load(start: int) -> torch.Tensor:
         return to_model_input(reader.read(bag.path, indices[start:start + batch_size]))
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidefed-read") as pool:
-        pending = pool.submit(load, 0) if len(indices) else None
-        for start in range(batch_size, len(indices) + batch_size, batch_size):
-            batch = pending.result()
-            pending = pool.submit(load, start) if start < len(indices) else None
+    with ThreadPoolExecutor(max_workers=reader.threads,
+                            thread_name_prefix="slidefed-read") as pool:
+        pending = deque(pool.submit(load, start) for start in starts[:reader.threads])
+        for start in starts[reader.threads:]:
+            batch = pending.popleft().result()
+            pending.append(pool.submit(load, start))
             yield batch
+        while pending:
+            yield pending.popleft().result()
+
+
+def scoring_threads() -> int:
+    """Reader threads for scoring by default: one per usable core, at most 4. On 2 cores, 2
+    threads beside the model's 2 torch threads scored 1.15-1.25x faster than 1 (``slidefed
+    bench predict --readers``, README); each holds a batch of model input in memory."""
+    return min(4, usable_cores())
 
 
 def tumour_probabilities(logits: torch.Tensor) -> np.ndarray:
