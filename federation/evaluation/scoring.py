@@ -58,9 +58,9 @@ def model_batches(reader: BagReader, bag: BagIndex, indices: np.ndarray,
 
 
 def scoring_threads() -> int:
-    """Reader threads for scoring by default: one per usable core, at most 4. On 2 cores, 2
-    threads beside the model's 2 torch threads scored 1.15-1.25x faster than 1 (``slidefed
-    bench predict --readers``, README); each holds a batch of model input in memory."""
+    """Reader threads for scoring by default: one per usable core, at most 4. On 2 cores, 2-3
+    threads beside the model's 2 torch threads scored 1.13-1.15x faster than one (``slidefed
+    bench predict``, README); each holds a batch of model input in memory."""
     return min(4, usable_cores())
 
 
