@@ -83,15 +83,29 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
     return document
 
 
+def _reason(error: BaseException) -> str:
+    """The first line of ``error`` that says something (torch's load errors open with a
+    heading line, "Error(s) in loading state_dict for X:", and give the reason below)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if not line.endswith(":")), lines[0] if lines
+                else type(error).__name__)
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The module saved at ``path``, in eval mode, and its contents."""
     document = read_model_file(path)
     options = dict(document["model_options"])
+    architecture = document["architecture"]
     try:
-        module = create_model(document["architecture"], **options)
-        module.load_state_dict(document["state_dict"])
+        module = create_model(architecture, **options)
+        fit = module.load_state_dict(document["state_dict"], strict=False)
     except (KeyError, TypeError, RuntimeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelFileError(path, f"cannot rebuild {document['architecture']!r} ({first})"
+        raise ModelFileError(path, f"cannot rebuild {architecture!r} ({_reason(error)})"
                              ) from None
+    if fit.missing_keys or fit.unexpected_keys:
+        names = [f"{what} {', '.join(keys)}" for what, keys in
+                 (("missing", fit.missing_keys), ("unexpected", fit.unexpected_keys)) if keys]
+        raise ModelFileError(path, f"cannot rebuild {architecture!r}: the saved weights do "
+                                   f"not fit this version's model ({'; '.join(names)}); it was "
+                                   f"saved by slidefed {document.get('slidefed_version')}")
     return module.eval(), document

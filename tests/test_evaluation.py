@@ -208,11 +208,20 @@ def _wrong_shapes(path, saved):
                path)
 
 
+def _stale_weights(path, saved):
+    document = torch.load(saved, weights_only=True)
+    weights = {**document["state_dict"], "scale": torch.ones(3)}  # as an older version saved
+    del weights["3.bias"]
+    torch.save({**document, "state_dict": weights, "slidefed_version": "0.0.1"}, path)
+
+
 @pytest.mark.parametrize("damage, reason", [
     (_truncated, "not a readable slidefed model file ("),
     (_foreign, "not a slidefed model file"),
     (_other_version, f"model format version 99 is not {FORMAT_VERSION}"),
-    (_wrong_shapes, "cannot rebuild 'cnn1' (Error(s) in loading state_dict for Sequential:"),
+    (_wrong_shapes, "cannot rebuild 'cnn1' (size mismatch for "),
+    (_stale_weights, "cannot rebuild 'cnn1': the saved weights do not fit this version's model "
+                     "(missing 3.bias; unexpected scale); it was saved by slidefed 0.0.1"),
 ])
 def test_unusable_model_files_are_one_line_errors_naming_the_file(tmp_path, damage,
                                                                   reason) -> None:
