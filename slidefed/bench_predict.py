@@ -20,7 +20,7 @@ repeat), the ratio of its best to ``forward``'s best, the median over repeats of
 ``forward`` in the same repeat and, for the predict variants, slides per minute. The best
 repeat is the one other processes disturbed least, as in ``timeit``; but a burst of speed on
 a shared machine can lift one repeat of every variant (``forward`` 2x its median once, the
-others 1.3x), and the paired ratio, taken within each repeat, is immune to it.
+others 1.3x), and the median of the ratios taken within each repeat is robust to it.
 """
 
 from __future__ import annotations
