@@ -67,9 +67,8 @@ def bench_predict(model: str | Path, slides: Sequence[str | Path], *, device: st
                 for i, s in enumerate(slides)]
         n = sum(bag.n_patches for bag in bags)
         reader = BagReader()
-        inputs = [to_model_input(reader.read(bag.path, np.arange(start, min(
-            start + batch_size, bag.n_patches)))).to(target)
-                  for bag in bags for start in range(0, bag.n_patches, batch_size)]
+        inputs = [x.to(target) for bag in bags
+                  for x in model_batches(reader, bag, np.arange(bag.n_patches), batch_size)]
         reader.close()
 
         @torch.no_grad()
