@@ -62,6 +62,7 @@ def run_audit(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['hospital']} {row['model']} ({row['records']}): AUC {row['auc']:.3f}, "
               f"TPR at 1% FPR {row['tpr_at_fpr_0.01']:.3f}, epsilon_lb {row['epsilon_lb']:.2f} "
+              f"of at most {row['epsilon_lb_max']:.2f} with these records "
               f"(accountant {row['epsilon']:.3g})")
     if not args.hospital:
         models = len({(row["hospital"], row["model"]) for row in rows})

@@ -21,6 +21,7 @@ from federation.audit.lira import lira_scores, logit_confidence
 from federation.audit.metrics import (
     clopper_pearson_lower,
     clopper_pearson_upper,
+    epsilon_lb_max,
     epsilon_lower_bound,
     score_attack,
     split_epsilon_bound,
@@ -91,6 +92,26 @@ def test_threshold_is_chosen_on_one_half_and_counted_on_the_other() -> None:
 def test_an_attack_that_cannot_tell_scores_auc_one_half() -> None:
     result = score_attack(np.zeros(50), np.zeros(50), delta=1e-5, seed=0)
     assert result.auc == 0.5 and result.bound.epsilon_lb == 0.0
+
+
+def test_the_largest_attainable_bound_is_a_perfect_attacks_and_grows_with_the_records() -> None:
+    assert epsilon_lb_max(100, 100, 0.0) == pytest.approx(3.28135, abs=1e-4)
+    assert epsilon_lb_max(10, 10, 0.0) == pytest.approx(0.80715, abs=1e-4)
+    for members, nonmembers in ((10, 10), (25, 40), (100, 100)):
+        best = epsilon_lb_max(members, nonmembers, 1e-5)
+        assert best == epsilon_lower_bound(members, members, 0, nonmembers, 1e-5)
+        # no count of flagged members and non-members does better
+        tp, fp = np.meshgrid(np.arange(members + 1), np.arange(nonmembers + 1))
+        assert epsilon_lower_bound(tp, members, fp, nonmembers, 1e-5).max() == pytest.approx(best)
+    sizes = [5, 10, 25, 50, 100, 500]
+    bounds = [epsilon_lb_max(n, n, 1e-5) for n in sizes]
+    assert bounds[0] == 0.0 and bool(np.all(np.diff(bounds) > 0))
+    # a perfectly separating attack reaches it on the half it is counted on
+    result = score_attack(np.linspace(1, 2, 200), np.linspace(-2, -1, 200), delta=1e-5, seed=0)
+    assert result.bound.epsilon_lb == result.epsilon_lb_max == epsilon_lb_max(100, 100, 1e-5)
+    # one that cannot tell does not, and says how far it could have gone
+    blind = score_attack(np.zeros(50), np.zeros(50), delta=1e-5, seed=0)
+    assert blind.bound.epsilon_lb == 0.0 < blind.epsilon_lb_max == epsilon_lb_max(25, 25, 1e-5)
 
 
 # ---------------------------------------------------------------------------- held-out records
@@ -213,14 +234,21 @@ def test_canaries_expose_a_memorising_model_more_than_its_other_records(digits, 
         assert by_set[hospital, "canary"] > by_set[hospital, "holdout"]
 
 
-def test_a_model_trained_with_large_noise_stays_below_its_accountant_epsilon(digits, tmp_path
-                                                                             ) -> None:
+def test_a_model_trained_with_large_noise_stays_below_its_accountant_epsilon(digits, tmp_path,
+                                                                             capsys) -> None:
     rows, _ = _audited(digits, tmp_path / "run", algorithm="regular_dp",
                        **{"dp.enabled": True, "dp.noise_multiplier": 30.0})
+    printed = [line for line in capsys.readouterr().out.splitlines() if "epsilon_lb" in line]
+    assert len(printed) == len(rows)
+    assert all(f"of at most {float(row['epsilon_lb_max']):.2f} with these records" in line
+               for row, line in zip(rows, printed, strict=True))
     for row in rows:
         assert row["dp"] == "True"
         assert abs(float(row["auc"]) - 0.5) < 0.1
         assert float(row["epsilon_lb"]) < float(row["epsilon"])
+        # 50 members and 50 non-members in the counted half: the most any attack could show
+        assert float(row["epsilon_lb_max"]) == pytest.approx(epsilon_lb_max(50, 50,
+                                                                            float(row["delta"])))
 
 
 def test_an_image_run_without_holdout_cannot_be_audited(digits, tmp_path, capsys) -> None:

@@ -29,6 +29,13 @@ non-members are drawn from one pool with the same label distribution, but the dr
 partition's, not a per-record coin, so ε_lb is an audit statistic to hold against the
 accountant's ε, not a proof. A value above the accountant's ε on a DP model means a bug or
 a broken assumption (e.g. a teacher trained without DP on the same records).
+
+The power of the audit. With M members and N non-members in the half the bound is counted
+on, no attack can prove more than ``epsilon_lb_max(M, N, δ)``: the bound of a perfect attack
+that flags every member and no non-member (100 against 100 at δ = 1e-5: 3.28; 10 against
+10: 0.81). An accountant ε above it cannot be contradicted by this audit whatever the model
+leaks, so every result is reported beside it. ``federation.audit.canaries`` is the audit
+with power at realistic ε (white-box gradient canaries, one run, many canaries).
 """
 
 from __future__ import annotations
@@ -78,6 +85,15 @@ def epsilon_lower_bound(true_positives: np.ndarray | int, members: int,
     return np.maximum(np.maximum(direct, complement), 0.0)
 
 
+def epsilon_lb_max(members: int, nonmembers: int, delta: float,
+                   confidence: float = CONFIDENCE) -> float:
+    """The largest ε_lb that ``epsilon_lower_bound`` can give with ``members`` members and
+    ``nonmembers`` non-members: that of a perfect attack, all members flagged and no
+    non-member, at the same confidence and δ. It grows with the counts (as log of the
+    count, roughly): an accountant ε above it is out of the audit's reach."""
+    return float(epsilon_lower_bound(members, members, 0, nonmembers, delta, confidence))
+
+
 def _counts_at(thresholds: np.ndarray, member_scores: np.ndarray,
                nonmember_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Members and non-members with a score at or above each threshold."""
@@ -122,12 +138,14 @@ def split_epsilon_bound(member_scores: np.ndarray, nonmember_scores: np.ndarray,
 
 @dataclass(frozen=True)
 class AttackResult:
-    """What one attack achieved on one model."""
+    """What one attack achieved on one model; ``epsilon_lb_max`` is the largest ε_lb any
+    attack could have reached with the records ``bound`` counted (``epsilon_lb_max``)."""
 
     auc: float
     tpr_at_fpr: dict[float, float]  # low FPR -> TPR
     bound: EpsilonBound
     roc: tuple[np.ndarray, np.ndarray]  # fpr, tpr
+    epsilon_lb_max: float
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
@@ -138,8 +156,9 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
 
 def score_attack(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, delta: float,
                  seed: int, confidence: float = CONFIDENCE) -> AttackResult:
-    """AUC, TPR at ``LOW_FPRS`` (on all records) and ε_lb (``split_epsilon_bound``) of an
-    attack that gave members ``member_scores`` and non-members ``nonmember_scores``."""
+    """AUC, TPR at ``LOW_FPRS`` (on all records), ε_lb (``split_epsilon_bound``) and the
+    largest ε_lb attainable with those counts (``epsilon_lb_max``) of an attack that gave
+    members ``member_scores`` and non-members ``nonmember_scores``."""
     member_scores = np.asarray(member_scores, dtype=np.float64)
     nonmember_scores = np.asarray(nonmember_scores, dtype=np.float64)
     if len(member_scores) < 2 or len(nonmember_scores) < 2:
@@ -153,4 +172,5 @@ def score_attack(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, del
                                 np.random.default_rng(seed), confidence)
     return AttackResult(float(roc_auc_score(truth, scores)),
                         {target: tpr_at_fpr(fpr, tpr, target) for target in LOW_FPRS},
-                        bound, (fpr, tpr))
+                        bound, (fpr, tpr),
+                        epsilon_lb_max(bound.members, bound.nonmembers, delta, confidence))

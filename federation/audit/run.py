@@ -10,7 +10,13 @@ low; its score is minus the loss. With ``attack="lira"`` the scores are LiRA's, 
 runs (``federation.audit.lira``).
 ``federation.audit.metrics`` turns the scores into AUC,
 TPR at low FPR and ε_lb, reported beside the accountant's ε of the model file (∞ for a model
-trained without DP).
+trained without DP) and beside ``epsilon_lb_max``, the largest ε_lb this audit could have
+produced with the records it counted (a perfect attack: every member flagged, no
+non-member). That is the audit's power: ε_lb is counted on half the records, and with 10,
+25, 50 or 100 per side there (δ = 1e-5) it is at most 0.81, 1.84, 2.57 or 3.28, so an
+accountant ε of 13 can be neither confirmed nor contradicted here, and an ε_lb of 0 on such
+a model proves nothing. ``federation.audit.canaries`` audits DP-SGD
+itself with the power this loss attack lacks.
 
 Members and non-members, per hospital, on that hospital's own data (nothing leaves it):
 
@@ -80,8 +86,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("hospital", "model", "shared", "dp", "attack", "records", "unit", "members",
            "nonmembers", "auc", *(f"tpr_at_fpr_{f:g}" for f in LOW_FPRS), "epsilon_lb",
-           "epsilon", "delta", "confidence", "threshold", "bound_true_positives", "bound_members",
-           "bound_false_positives", "bound_nonmembers")
+           "epsilon_lb_max", "epsilon", "delta", "confidence", "threshold",
+           "bound_true_positives", "bound_members", "bound_false_positives", "bound_nonmembers")
 
 
 class AuditError(ValueError):
@@ -271,7 +277,7 @@ def _row(hospital: str, card: dict[str, Any], chosen: AuditSet, result: AttackRe
             "unit": chosen.unit,
             "members": counts[0], "nonmembers": counts[1], "auc": result.auc,
             **{f"tpr_at_fpr_{f:g}": t for f, t in result.tpr_at_fpr.items()},
-            "epsilon_lb": bound.epsilon_lb,
+            "epsilon_lb": bound.epsilon_lb, "epsilon_lb_max": result.epsilon_lb_max,
             "epsilon": float(privacy["epsilon"]) if privacy["dp"] else math.inf,
             "delta": delta, "confidence": CONFIDENCE, "threshold": bound.threshold,
             "bound_true_positives": bound.true_positives, "bound_members": bound.members,
