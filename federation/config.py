@@ -246,19 +246,28 @@ class FedAvgConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """What each hospital sends the coordinator (the process of client 0) for the run-level
-    ``metrics.csv`` and ``summary.json``; every row stays in the hospital's own
-    ``hospitals/<h>/metrics.csv`` whatever this says.
+    """What each hospital sends the coordinator (the process of client 0) besides its DP
+    releases and ε, for the run-level ``metrics.csv`` and ``summary.json``; every row stays
+    in the hospital's own ``hospitals/<h>/metrics.csv`` whatever this says.
+
+    Nothing by default: a metric is computed on a hospital's own data (its validation or
+    test records, or its training loss) and a timing grows with its data, and neither is
+    covered by DP, so each is a non-private statistic that a consortium shares only by
+    choosing to (the README's "What crosses a rank"); the run's files label what was shared.
 
     ``shared_metrics``: ``model/split/metric`` patterns, ``*`` matching any part; a round's
-    metric row is sent when one matches. The default is what ``slidefed report`` and the run
-    summary use: each model's held-out accuracy (and a slide run's validation AUC), and no
-    training losses. The private model's held-out accuracy is included because ProxyFL, FML
-    and Regular are judged by it; ``proxy/test/accuracy`` alone keeps even that at home.
+    metric row is sent when one matches. Default: none. ``slidefed report`` and the run
+    summary's ``final`` need the reported model's test accuracy (``*/test/accuracy``, the
+    benchmark configs' choice; a slide run's training curves are ``*/validation/*``);
+    ``proxy/test/accuracy`` keeps even the private model's accuracy at home.
+
+    ``share_timings``: whether each process sends, at the end, its wall time and seconds per
+    category (training, communication, ...) for ``summary.json``'s ``time``. Default: no; the
+    coordinator then records only its own wall time, which every participant sees anyway.
     """
 
-    shared_metrics: tuple[str, ...] = _setting(
-        ("*/test/accuracy", "*/validation/accuracy", "*/validation/auc"), _metric_patterns)
+    shared_metrics: tuple[str, ...] = _setting((), _metric_patterns)
+    share_timings: bool = False
 
     def shares(self, model: str, split: str, metric: str) -> bool:
         """Whether a hospital sends the coordinator its rows of ``model``'s ``metric`` on

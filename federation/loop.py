@@ -6,10 +6,12 @@ agree on where to start (``federation.outputs.agree_on_start``). Per round: the 
 trains and communicates; each DP model's ε is computed once; every ``eval_every`` rounds (and
 after the last) each model of each client is scored on that client's test set; each hospital
 appends all its rows to its own ``hospitals/<h>/metrics.csv`` / ``privacy.csv`` and sends the
-coordinator (the root process) its ε and the metrics ``report.shared_metrics`` names, for the
-run's files; every ``checkpoint_every`` rounds (and after the last) every process checkpoints
-its hospitals into their own directories. ``resume=True`` continues from the last checkpoint
-every hospital has and gives the same files as an uninterrupted run.
+coordinator (the root process) its ε, and only by opt-in the metrics ``report.shared_metrics``
+names, for the run's files; at the end each process sends the elements its clients sent and, by
+opt-in (``report.share_timings``), its timings. Every ``checkpoint_every`` rounds (and after
+the last) every process checkpoints its hospitals into their own directories. ``resume=True``
+continues from the last checkpoint every hospital has and gives the same files as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from federation.comm import LAUNCH_HINT, Communicator, launched_processes, make_
 from federation.config import ConfigError, FederationConfig
 from federation.cores import usable_cores
 from federation.data import ClientData, load_client_data
-from federation.model_files import save_model
+from federation.model_files import save_decision, save_model
 from federation.models import check_timm_names
 from federation.outputs import RunDirectory, agree_on_start
+from federation.report import NON_PRIVATE, NOT_SHARED
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +172,8 @@ def run_federation(
         _save_final_models(run, algorithm, data, config)
     comm.barrier()
     process = {"file": "process", **_process_totals(algorithm, comm, earlier, started)}
-    processes = comm.gather_rows({c: [process] if c == comm.owned[0] else []
-                                  for c in comm.owned})
+    processes = comm.gather_rows({c: [_shared_process_row(process, config)]
+                                  if c == comm.owned[0] else [] for c in comm.owned})
     if processes is None:
         return None
     if not latest:  # resumed a finished run: the final rows are on disk already
@@ -183,17 +186,23 @@ def run_federation(
 def _save_final_models(run: RunDirectory, algorithm: Algorithm, data: Mapping[int, ClientData],
                        config: FederationConfig) -> None:
     """Every model of every client of this process, as ``federation.model_files`` describes,
-    under its hospital's own directory."""
+    under its hospital's own directory, with its decision card beside it."""
     for c, client in algorithm.clients.items():
         for name, model in client.models.items():
             role = algorithm.roles[name]
             options = {"num_classes": data[c].num_classes, **data[c].model_options()}
+            path = run.hospital_dir(data[c].name) / "models" / f"{name}.pt"
+            # The threshold and a fitted slide head are chosen on the hospital's own slides
+            # without DP: its private decision card, never inside the model file.
+            decision = data[c].calibrate(model.module)
+            if decision:
+                save_decision(path, decision, hospital=data[c].name, model=name)
             save_model(
-                run.hospital_dir(data[c].name) / "models" / f"{name}.pt", model.module,
+                path, model.module,
                 architecture=getattr(config.model, role.architecture), model_options=options,
                 hospital=data[c].name, model=name, algorithm=config.algorithm,
                 round=config.rounds, seed=config.seed, shared=role.leaves_client,
-                data=data[c].describe(), decision=data[c].calibrate(model.module),
+                data=data[c].describe(), decision={},
                 privacy={"dp": model.is_private, "epsilon": model.epsilon(),
                          "delta": model.delta, "unit": data[c].unit})
 
@@ -215,9 +224,19 @@ def _metric_rows(
 
 def _shared_rows(rows: list[dict[str, Any]], config: FederationConfig) -> list[dict[str, Any]]:
     """What a hospital sends the coordinator of its round's rows: its ε (the report and
-    every reader of the run need it) and the metrics ``report.shared_metrics`` names."""
+    every reader of the run need it) and, by opt-in, the metrics ``report.shared_metrics``
+    names (none by default: they are computed on its data and not covered by DP)."""
     return [row for row in rows if row["file"] == "privacy"
             or config.report.shares(row["model"], row["split"], row["metric"])]
+
+
+def _shared_process_row(process: dict[str, Any], config: FederationConfig) -> dict[str, Any]:
+    """What a process sends the coordinator at the end: the elements its clients sent (a count
+    of what crossed its rank, which the receivers saw anyway) and, by opt-in
+    (``report.share_timings``), its wall time and seconds per category."""
+    if config.report.share_timings:
+        return process
+    return {"file": "process", "elements_sent": process["elements_sent"]}
 
 
 def _process_totals(algorithm: Algorithm, comm: Communicator, earlier: Mapping[str, Any],
@@ -301,7 +320,9 @@ def _summary(
                        for metric, by_client in metrics.items()}
                for model, metrics in final.items()}
     privacy = latest.get("privacy", {})
-    categories = sorted({k for p in processes for k in p["seconds"]})
+    timed = [p for p in processes if "seconds" in p]
+    categories = sorted({k for p in timed for k in p["seconds"]})
+    shared_metrics = "report.shared_metrics"
     return {
         "algorithm": config.algorithm,
         "rounds": config.rounds,
@@ -318,8 +339,15 @@ def _summary(
         "time": {
             "wall_s": wall,
             # Per category the slowest process: what the run waited for.
-            **{f"{k}_s": max(p["seconds"].get(k, 0.0) for p in processes) for k in categories},
+            **{f"{k}_s": max(p["seconds"].get(k, 0.0) for p in timed) for k in categories},
         },
         "elements_sent": int(sum(p["elements_sent"] for p in processes)),
         "resumed_from_round": resumed_from or None,
+        # What of the above is not covered by DP and came from the hospitals by opt-in.
+        "non_private": {
+            "final": f"{NON_PRIVATE} ({shared_metrics})" if results
+            else f"{NOT_SHARED} ({shared_metrics})",
+            "time": f"{NON_PRIVATE} (report.share_timings)" if config.report.share_timings
+            else f"{NOT_SHARED} (report.share_timings); wall_s is the coordinator's own",
+        },
     }

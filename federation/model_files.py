@@ -15,12 +15,19 @@ client, each by the process that trained it. The file is a ``torch.save`` of pla
     shared            true when the model (or its updates) left the hospital during training
     data              what it was trained on: ``ClientData.describe()`` (for slides: target
                       mpp, patch size, normalisation, aggregation, privacy unit)
-    decision          what turns outputs into calls (slides: ``threshold``, chosen on the
-                      validation slides, and ``aggregation``, the slide aggregator's card:
-                      top-k's ``k`` or a fitted attention head's weights, which never leave
-                      the hospital; ``federation.evaluation.aggregation``)
+    decision          empty: what turns outputs into calls is the hospital's own, in its
+                      decision card (below); files written before the cards held it here
     privacy           {"dp": bool, "epsilon", "delta", "unit"}: the (ε, δ) the model was
                       trained under and what one unit is (record, slide or patch)
+
+A model file holds only what training released, so a shared model's file (the proxy) can go
+to another hospital. What the hospital chose on its own data afterwards, without DP, is its
+**decision card** ``models/<model>.decision`` beside it (``save_decision``), written for
+slide models and read by ``predict``, ``evaluate`` and ``heatmap`` at that hospital: the
+``threshold`` chosen on its validation slides (an exact function of their scores) and
+``aggregation``, the slide aggregator's card (top-k's ``k``, or a gated attention head fitted
+on its training slides; ``federation.evaluation.aggregation``). The card never leaves the
+hospital; another hospital using the model chooses its own on its own slides.
 
 Every problem reading one is a ``ModelFileError`` naming the file.
 """
@@ -39,6 +46,10 @@ from slidefed.atomic import atomic_path
 
 FORMAT_NAME = "slidefed-model"
 FORMAT_VERSION = 1
+DECISION_FORMAT = "slidefed-decision"
+DECISION_SUFFIX = ".decision"  # not .pt: ``models/*.pt`` are the model files
+PRIVATE_NOTE = ("chosen on this hospital's own slides, without DP: a private output of the "
+                "hospital, never shared")
 REQUIRED_KEYS = ("architecture", "model_options", "state_dict", "hospital", "model", "data",
                  "decision", "privacy")
 
@@ -109,3 +120,54 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                                    f"not fit this version's model ({'; '.join(names)}); it was "
                                    f"saved by slidefed {document.get('slidefed_version')}")
     return module.eval(), document
+
+
+def decision_path(model_path: str | Path) -> Path:
+    """Where the hospital keeps the decision card of the model file at ``model_path``."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + DECISION_SUFFIX)
+
+
+def save_decision(model_path: Path, decision: dict[str, Any], **who: Any) -> None:
+    """Write the decision card (``threshold``, ``aggregation``) of the model file at
+    ``model_path`` beside it, atomically; ``who`` names its hospital and model."""
+    document = {"format": DECISION_FORMAT, "format_version": FORMAT_VERSION,
+                "slidefed_version": version("slidefed"), **who, "private": PRIVATE_NOTE,
+                **decision}
+    with atomic_path(decision_path(model_path)) as tmp:
+        torch.save(document, tmp)
+
+
+def read_decision(model_path: str | Path, document: dict[str, Any]) -> dict[str, Any]:
+    """The decision of the model file at ``model_path`` (contents ``document``): its hospital's
+    card beside it, or what a file written before the cards holds itself; empty when there is
+    neither (a model that needs none, or a shared model away from its hospital)."""
+    inline = document.get("decision") or {}
+    if inline:
+        return dict(inline)
+    path = decision_path(model_path)
+    if not path.is_file():
+        return {}
+    try:
+        card = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # as read_model_file
+        raise ModelFileError(path, f"not a readable decision card "
+                                   f"({type(error).__name__})") from None
+    if not isinstance(card, dict) or card.get("format") != DECISION_FORMAT:
+        raise ModelFileError(path, "not a slidefed decision card")
+    if card.get("model") != document.get("model") or card.get("hospital") != document.get(
+            "hospital"):
+        raise ModelFileError(path, f"is the card of {card.get('hospital')}'s "
+                                   f"{card.get('model')}, not of {document.get('hospital')}'s "
+                                   f"{document.get('model')} beside it")
+    return {k: v for k, v in card.items() if k in ("threshold", "aggregation")}
+
+
+def decision_threshold(model_path: str | Path, decision: dict[str, Any]) -> float:
+    """The decision threshold of ``decision``; a ``ModelFileError`` explains a missing one."""
+    if "threshold" not in decision:
+        raise ModelFileError(model_path, f"no decision threshold: it is chosen on the model's "
+                                         f"hospital's validation slides and kept there, in "
+                                         f"{decision_path(model_path).name} beside the model "
+                                         "file; use the model where that card is")
+    return float(decision["threshold"])

@@ -17,6 +17,11 @@ then over seeds; ``epsilon_max`` is the largest ε of any client in any seed.
 Writes ``results.csv`` and ``results.md`` (one row per algorithm), ``accuracy.png`` (accuracy
 against round, a line per algorithm with a band of ± one std over seeds) and, when any
 algorithm trained with DP, ``epsilon.png`` (ε against round).
+
+The accuracies are what the hospitals shared by opt-in (``report.shared_metrics``): computed
+on their test data, not covered by DP, and labelled so (``NON_PRIVATE``) in the table and the
+plot; a run whose hospitals kept them has none ("not shared", and no ``accuracy.png`` when
+no run has any). ε is the DP release every hospital sends.
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ from federation import catalog, run_files
 from federation.config import ConfigError, FederationConfig, config_to_dict, load_config
 
 log = logging.getLogger(__name__)
+
+# How every number a hospital shared by opt-in is labelled where it is shown (summary.json,
+# results.md, the HTML report): computed on a hospital's own data, it is not covered by DP.
+NON_PRIVATE = "non-private statistic, shared by opt-in"
+NOT_SHARED = "not shared"
 
 # Dashes as well as colours: algorithms with equal ε (same sampling, noise and steps) draw the
 # same curve, and dashes let the one beneath show through.
@@ -115,10 +125,10 @@ def read_run(directory: Path) -> RunResult:
         present.add(row["model"])
         if (row["model"], row["split"], row["metric"]) == (model, "test", "accuracy"):
             by_round.setdefault(round_, {})[client] = value
-    if not by_round:
-        raise ReportError(f"{metrics_path}: no test accuracy of model {model!r} (the model "
-                          f"summary.json reports); models present: {sorted(present)} (does "
-                          "the run's report.shared_metrics leave it out?)")
+    if not by_round:  # its hospitals did not share it (report.shared_metrics): "not shared"
+        log.info("%s: no test accuracy of model %r (the model summary.json reports; models "
+                 "present: %s): its hospitals did not share it (report.shared_metrics)",
+                 metrics_path, model, sorted(present))
 
     privacy_path = directory / run_files.PRIVACY
     epsilon: dict[int, dict[int, float]] = {}
@@ -184,6 +194,9 @@ def _read_reported_model(path: Path) -> str:
         raise ReportError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("reported_model"), str):
         raise ReportError(f"{path}: has no 'reported_model'")
+    if summary["reported_model"] not in catalog.MODEL_NAMES:
+        raise ReportError(f"{path}: reported_model {summary['reported_model']!r} is none of "
+                          f"the engine's models {sorted(catalog.MODEL_NAMES)}")
     return summary["reported_model"]
 
 
@@ -260,15 +273,17 @@ def summarize(runs: Iterable[RunResult]) -> list[AlgorithmResult]:
     run."""
     results = []
     for algorithm, group in _by_algorithm(runs).items():
-        finals = [_last(run.accuracy) for run in group]
-        accuracy_mean, accuracy_std = _mean_std(f.mean() for f in finals)
+        # Only runs whose hospitals shared the accuracy (report.shared_metrics) have one.
+        finals = [_last(run.accuracy) for run in group if run.accuracy]
+        accuracy_mean, accuracy_std = _mean_std(f.mean() for f in finals) if finals \
+            else (math.nan, math.nan)
         dp = [run for run in group if run.epsilon]
         results.append(AlgorithmResult(
             algorithm=algorithm,
             model=group[0].model,
             accuracy_mean=accuracy_mean,
             accuracy_std=accuracy_std,
-            client_std=float(np.mean([f.std() for f in finals])),
+            client_std=float(np.mean([f.std() for f in finals])) if finals else math.nan,
             epsilon_mean=float(np.mean([_last(r.epsilon).mean() for r in dp])) if dp else math.nan,
             epsilon_max=float(max(_last(r.epsilon).max() for r in dp)) if dp else math.nan,
             delta=max(r.delta for r in dp) if dp else math.nan,
@@ -314,9 +329,11 @@ def write_table(results: list[AlgorithmResult], out_dir: Path, caption: str) -> 
     columns: list[tuple[str, Callable[[AlgorithmResult], str]]] = [
         ("Algorithm", lambda r: r.algorithm),
         ("Model", lambda r: r.model),
-        ("Accuracy", lambda r: f"{r.accuracy_mean:.3f}"
-                               + ("" if _is_nan(r.accuracy_std) else f" ± {r.accuracy_std:.3f}")),
-        ("Std across clients", lambda r: f"{r.client_std:.3f}"),
+        ("Accuracy (non-private)", lambda r: NOT_SHARED if _is_nan(r.accuracy_mean)
+         else f"{r.accuracy_mean:.3f}"
+         + ("" if _is_nan(r.accuracy_std) else f" ± {r.accuracy_std:.3f}")),
+        ("Std across clients", lambda r: NOT_SHARED if _is_nan(r.client_std)
+         else f"{r.client_std:.3f}"),
         ("ε (mean over clients)", lambda r: _significant(r.epsilon_mean)),
         ("ε (max)", lambda r: _significant(r.epsilon_max)),
         ("δ", lambda r: _significant(r.delta)),
@@ -370,15 +387,22 @@ def write_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     results = summarize(runs)
     caption = (f"*{setting}. Accuracy: each algorithm's reported model, test accuracy after the "
                "final round, mean over clients, then mean ± std over seeds; std across clients "
-               "averaged over seeds; ε after the final round (— without DP).*")
+               f"averaged over seeds: a {NON_PRIVATE} (report.shared_metrics), computed on "
+               f"each hospital's test data and not covered by DP; \"{NOT_SHARED}\" where the "
+               "hospitals kept it. ε after the final round (— without DP).*")
     written = write_table(results, out_dir, caption)
 
     # Styles by algorithm, so an algorithm looks the same in both plots.
     styles = {r.algorithm: {"color": f"C{i % 10}", "linestyle": LINESTYLES[i % len(LINESTYLES)]}
               for i, r in enumerate(results)}
-    written.append(plot_curves(
-        curves(runs, "accuracy"), out_dir / "accuracy.png", ylabel="test accuracy",
-        title=f"{setting}: mean over clients ± std over {seeds_text}", styles=styles))
+    accuracy_curves = curves(runs, "accuracy")
+    if accuracy_curves:
+        written.append(plot_curves(
+            accuracy_curves, out_dir / "accuracy.png",
+            ylabel=f"test accuracy ({NON_PRIVATE})",
+            title=f"{setting}: mean over clients ± std over {seeds_text}", styles=styles))
+    else:
+        log.info("no run's hospitals shared their test accuracy; no accuracy.png")
     dp_curves = curves(runs, "epsilon")
     if dp_curves:
         delta = max(r.delta for r in results if not _is_nan(r.delta))

@@ -3,17 +3,26 @@ matter when two runs are compared. Torch-free, so the report and the benchmark r
 runs without importing the engine.
 
 Layout (the contract in DESIGN.md). The coordinator (the process of client 0) writes the
-run-level files from what the hospitals send it (``report.shared_metrics``); everything under
-``hospitals/<name>/`` is written by that hospital's own process only, so a hospital's
-directory may lie on its own disk (``output_dir`` of its process)::
+run-level files from what the hospitals send it: by default their ε only (the DP releases
+themselves travel between hospitals) and the elements each sent; metrics and timings only by
+opt-in (``report.shared_metrics``, ``report.share_timings``), non-private statistics that
+``summary.json`` and the reports label so. Everything under ``hospitals/<name>/`` is written
+by that hospital's own process only and is its private output, so a hospital's directory may
+lie on its own disk (``output_dir`` of its process); of it, only the models that left during
+training (``shared`` in the file: the proxy, FedAvg's model, ...) are meant for others, and
+their files hold no decision of the hospital's (``federation.model_files``)::
 
     config.yaml                  the resolved configuration
     metrics.csv                  round, client, model, split, metric, value: the rows the
-                                 hospitals share (report.shared_metrics)
+                                 hospitals share by opt-in (report.shared_metrics; empty
+                                 by default)
     privacy.csv                  round, client, epsilon, delta, unit (what ε protects:
                                  record, slide or patch), status (active; stopped once the
                                  next round would pass dp.epsilon_budget: ε is final)
-    summary.json                 final results and where the time went
+    summary.json                 final results (shared metrics), ε, the coordinator's wall
+                                 time and, by opt-in, where every process's time went;
+                                 ``non_private`` labels the opt-in statistics, or says
+                                 "not shared"
     federate.log                 stdout and stderr of a run the benchmark ran under mpiexec
     hospitals/<name>/            what belongs to one hospital, written by its process only:
         metrics.csv              every metric of its models, training losses included
@@ -23,6 +32,10 @@ directory may lie on its own disk (``output_dir`` of its process)::
                                       checkpoint is being committed)
         splits.csv               its slides' train / validation / test split (slide data)
         models/<model>.pt        its final models (``federation.model_files``)
+        models/<model>.decision  its decision card (slides): the threshold chosen on its
+                                 validation slides and the slide aggregator (a head fitted
+                                 on its training slides): private, read by predict,
+                                 evaluate and heatmap at this hospital
         slide_predictions.csv    ``slidefed evaluate``: its validation and test slides
         slide_metrics.json       ``slidefed evaluate``: its test-slide metrics
         audit_records.csv        hospital, set, record, label, membership: the images its
@@ -31,7 +44,14 @@ directory may lie on its own disk (``output_dir`` of its process)::
         audit.csv, audit.json    ``slidefed audit``: membership inference on its models
     slide_predictions.csv        ``slidefed evaluate``: every hospital's rows
     slide_metrics.json           ``slidefed evaluate``: per hospital and pooled
-    cross_site.csv               ``slidefed evaluate``: shared models on every hospital
+    cross_site.csv               ``slidefed evaluate``: shared models on every hospital,
+                                 each with the testing hospital's own threshold
+                                 (these three pool every hospital's private outputs: written
+                                 only by an evaluation of every hospital, where one operator
+                                 reads every directory, as on the demo's one machine; across
+                                 sites each hospital evaluates its own, ``--hospital``, and
+                                 publishes what it chooses; non-private statistics, labelled
+                                 so by the results report)
     audit.csv, audit.json,       ``slidefed audit``: every hospital's rows (``federation.audit``),
     audit_roc.png                and the attack's ROC curves
     audit_shadows/shadow_<s>/    ``slidefed audit --attack lira``: its shadow runs, each a run

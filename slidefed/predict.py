@@ -1,12 +1,14 @@
 """Diagnose new slides with a saved model: tile, score, aggregate, draw, export.
 
-This is the one module that composes the packages (DESIGN.md): a slide is cut into a
-temporary bag by preprocessing's tiler at the tiling settings its model file records (target
-µm/px, patch size), an existing bag is read as it is once its settings match, and the engine
-scores it with the model's own slide aggregator (``federation.evaluation.aggregation``), so a
-slide gets the score ``slidefed evaluate`` gives it. Per slide it writes a heatmap of patch
-tumour probabilities over the slide's thumbnail and, when asked, the patches at or above the
-decision threshold as QuPath GeoJSON. A slide that cannot be scored is a one-line error and
+This is the one module that composes the packages (DESIGN.md): a slide is cut into a temporary
+bag by preprocessing's tiler at the tiling settings its model file records (target µm/px, patch
+size), an existing bag is read as it is once its settings match, and the engine scores it with
+the model's own slide aggregator (``federation.evaluation.aggregation``), so a slide gets the
+score ``slidefed evaluate`` gives it. The aggregator and decision threshold are the hospital's
+own, from its private decision card beside the model file (``models/<model>.decision``): a
+model file alone, e.g. another hospital's proxy, has none. Per slide it writes a heatmap of
+patch tumour probabilities over the slide's thumbnail and, when asked, the patches at or above
+the decision threshold as QuPath GeoJSON. A slide that cannot be scored is a one-line error and
 the others are still scored.
 """
 
@@ -28,7 +30,7 @@ from federation.evaluation.aggregation import SlideAggregator, model_aggregator
 from federation.evaluation.heatmap import heatmap_title, read_patch_map, write_heatmap
 from federation.evaluation.regions import tumour_regions, write_regions
 from federation.evaluation.scoring import SCORING_BATCH, scoring_threads
-from federation.model_files import load_model
+from federation.model_files import decision_threshold, load_model, read_decision
 from preprocessing.options import TilingOptions
 from preprocessing.tile import tile_slide
 from slidefed.atomic import atomic_path, make_directory
@@ -74,11 +76,15 @@ class SlidePrediction:
 
 
 def load_predictor(path: str | Path, device: str = "auto") -> Predictor:
-    """The model file at ``path`` on ``device`` (``auto``, ``cpu``, ``cuda``)."""
+    """The model file at ``path`` on ``device`` (``auto``, ``cpu``, ``cuda``), with the
+    threshold and slide aggregator of its hospital's decision card beside it
+    (``models/<model>.decision``, ``federation.model_files``)."""
     module, card = load_model(path)
-    return Predictor(Path(path), module.to(resolve_device(device)), model_aggregator(card),
-                     float(card["decision"]["threshold"]), float(card["data"]["target_mpp"]),
-                     int(card["data"]["patch_size"]))
+    decision = read_decision(path, card)
+    threshold = decision_threshold(path, decision)
+    return Predictor(Path(path), module.to(resolve_device(device)),
+                     model_aggregator(card, decision), threshold,
+                     float(card["data"]["target_mpp"]), int(card["data"]["patch_size"]))
 
 
 def checked_bag(path: Path, predictor: Predictor) -> BagIndex:

@@ -42,6 +42,12 @@ def write_synthetic_digits(
     return root
 
 
+# What the tests' runs share by opt-in (non-private statistics, ``ReportConfig``): every
+# model's held-out accuracy (and a slide run's validation AUC), and the timings.
+OPTED_IN_REPORT = {"shared_metrics": ["*/test/accuracy", "*/validation/accuracy",
+                                      "*/validation/auc"], "share_timings": True}
+
+
 def small_config(data_root: Path, output_dir: Path, **overrides: Any) -> dict[str, Any]:
     """A config dict for a fast run on the synthetic digits: 4 clients, 3 rounds, MLPs."""
     config: dict[str, Any] = {
@@ -57,7 +63,11 @@ def small_config(data_root: Path, output_dir: Path, **overrides: Any) -> dict[st
                  "p_major": 0.8, "samples_per_client": 96, "test_samples_per_client": 100},
         "model": {"private": "mlp", "proxy": "mlp"},
         "optim": {"batch_size": 32, "lr": 0.01},
-        "dp": {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-3},
+        "dp": {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-3,
+               # q = 32/96: three steps a round keep the runs short
+               "max_sample_rate": 0.5},
+        # Opted in, as the benchmark configs: the tests read the run-level metrics and times.
+        "report": dict(OPTED_IN_REPORT),
     }
     return with_overrides(config, overrides)
 

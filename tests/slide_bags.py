@@ -16,7 +16,7 @@ from typing import Any
 
 import h5py
 import numpy as np
-from federation_synthetic import with_overrides
+from federation_synthetic import OPTED_IN_REPORT, with_overrides
 from PIL import Image
 
 from federation.data.bags import BagIndex, index_bag
@@ -114,6 +114,7 @@ def slide_config(root: Path, output_dir: Path, hospitals: list[str], **overrides
         "dp": {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-3},
         "slides": {"target_mpp": 1.0, "patch_size": 32, "patches_per_slide": 4, "top_k": 2,
                    "validation_fraction": 0.25, "test_fraction": 0.25},
+        "report": dict(OPTED_IN_REPORT),  # the tests read the run-level metrics and times
     }
     return with_overrides(config, overrides)
 

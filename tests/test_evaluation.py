@@ -22,7 +22,17 @@ from federation.evaluation.metrics import (
     point_metrics,
 )
 from federation.evaluation.scoring import evenly_spaced, patch_probabilities, top_k_score
-from federation.model_files import FORMAT_VERSION, ModelFileError, load_model, save_model
+from federation.model_files import (
+    FORMAT_VERSION,
+    ModelFileError,
+    decision_path,
+    decision_threshold,
+    load_model,
+    read_decision,
+    read_model_file,
+    save_decision,
+    save_model,
+)
 from federation.models import create_model
 
 # Ties within and across labels, and a per-slide threshold for pooled hospitals.
@@ -236,3 +246,23 @@ def test_unusable_model_files_are_one_line_errors_naming_the_file(tmp_path, dama
     assert "\n" not in str(error.value)
     with pytest.raises(ModelFileError, match="model file not found"):
         load_model(tmp_path / "absent.pt")
+
+
+def test_a_decision_card_belongs_to_the_model_file_beside_it(tmp_path) -> None:
+    module = create_model("cnn1", num_classes=2, in_channels=3, image_size=32, seed=4)
+    path = tmp_path / "models" / "proxy.pt"
+    save_model(path, module, **{**_card(), "decision": {}})
+    document = read_model_file(path)
+    assert read_decision(path, document) == {}  # no card: nothing chosen here
+    save_decision(path, {"threshold": 0.3}, hospital="h_a", model="proxy")
+    assert read_decision(path, document) == {"threshold": 0.3}
+    assert decision_threshold(path, read_decision(path, document)) == 0.3
+    save_decision(path, {"threshold": 0.3}, hospital="h_b", model="proxy")
+    with pytest.raises(ModelFileError, match="is the card of h_b's proxy, not of h_a's proxy"):
+        read_decision(path, document)
+    decision_path(path).write_bytes(b"garbage")
+    with pytest.raises(ModelFileError, match="not a readable decision card"):
+        read_decision(path, document)
+    # a file written before the cards holds its decision itself
+    assert read_decision(path, {**document, "decision": {"threshold": 0.4}}) == {
+        "threshold": 0.4}

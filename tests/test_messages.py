@@ -11,6 +11,7 @@ raw data may be among them. ``tests/test_federate_mpi.py`` checks the same under
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,14 +26,30 @@ from federation.comm import LocalCommunicator
 from federation.config import config_from_dict
 from federation.loop import run_federation
 from federation.outputs import StartFacts
+from federation.report import NON_PRIVATE, NOT_SHARED
 from federation.scattering import NUM_FEATURES
 
-# The fields of each kind of pickled row (``federation.loop``), as the README lists them.
+# The fields of each kind of pickled row (``federation.loop``), as the README lists them; a
+# run that opts in to sharing its timings (report.share_timings) adds them to "process".
 ROW_FIELDS = {
     "privacy": {"file", "round", "client", "epsilon", "delta", "unit", "status"},
     "metrics": {"file", "round", "client", "model", "split", "metric", "value"},
-    "process": {"file", "wall_s", "seconds", "elements_sent"},
+    "process": {"file", "elements_sent"},
 }
+TIMINGS = {"wall_s", "seconds"}
+# What the privacy rows say of their ε (``federation.privacy_statement``), where the engine
+# labels them.
+PRIVACY_LABELS = {"relation", "guarantee"}
+
+
+def _fields_as_listed(row: dict[str, Any], share_timings: bool) -> bool:
+    """Whether ``row`` has the fields the README lists for its kind."""
+    listed = ROW_FIELDS[row["file"]]
+    if row["file"] == "process" and share_timings:
+        listed = listed | TIMINGS
+    if row["file"] == "privacy":
+        return set(row) in (listed, listed | PRIVACY_LABELS)
+    return set(row) == listed
 # The tensors each algorithm sends, as the README lists them: (operation, what it is).
 TENSORS = {
     "regular": set(),
@@ -101,15 +118,17 @@ def digits(tmp_path_factory) -> Path:
     return write_synthetic_digits(tmp_path_factory.mktemp("digits"))
 
 
-def _run(digits: Path, out: Path, monkeypatch, algorithm: str, **overrides: Any
-         ) -> tuple[RecordingCommunicator, Algorithm]:
+def _run(digits: Path, out: Path, monkeypatch, algorithm: str, *, default_report: bool = False,
+         **overrides: Any) -> tuple[RecordingCommunicator, Algorithm]:
     """A 2-round run of ``algorithm`` (LeNet-5 private, MLP proxy: their sizes differ) that
-    records its messages."""
-    config = config_from_dict(small_config(digits, out, algorithm=algorithm, rounds=2,
-                                           checkpoint_every=1, **{"model.private": "lenet5",
-                                                                  "fedavg.client_fraction": 0.5,
-                                                                  **overrides}))
-    return _recorded(config, monkeypatch)
+    records its messages; opted in to sharing metrics and timings (the tests' configs), or
+    with ``default_report`` the defaults (nothing non-private shared)."""
+    raw = small_config(digits, out, algorithm=algorithm, rounds=2, checkpoint_every=1,
+                       **{"model.private": "lenet5", "fedavg.client_fraction": 0.5,
+                          **overrides})
+    if default_report:
+        del raw["report"]
+    return _recorded(config_from_dict(raw), monkeypatch)
 
 
 def _recorded(config, monkeypatch) -> tuple[RecordingCommunicator, Algorithm]:
@@ -179,7 +198,7 @@ def test_only_the_listed_messages_cross(digits: Path, tmp_path: Path, monkeypatc
                all(isinstance(v, str | tuple | type(None)) for v in m.payload) for m in starts)
     rows = [(m.src, row) for m in objects if m.op == "gather_rows" for row in m.payload]
     for src, row in rows:
-        assert set(row) == ROW_FIELDS[row["file"]], row
+        assert _fields_as_listed(row, config.report.share_timings), row
         assert all(isinstance(v, int | float | str | dict) for v in row.values()), row
         if row["file"] != "process":
             assert row["client"] == src  # a client sends only its own rows
@@ -217,3 +236,41 @@ def test_a_fixed_feature_proxy_adds_only_its_dp_feature_sums(bag_cohort, tmp_pat
     sums = [m for m, kind in zip(tensors, kinds, strict=True) if kind[1] == "feature sums"]
     assert [m.src for m in sums] == [0, 1]  # once per run, before training
     assert tensors.index(sums[-1]) < min(i for i, k in enumerate(kinds) if k[0] == "exchange")
+
+
+@pytest.mark.parametrize("name", ["proxyfl", "regular"])
+def test_by_default_no_metric_and_no_timing_reaches_the_coordinator(
+        digits: Path, tmp_path: Path, monkeypatch, name: str) -> None:
+    comm, algorithm = _run(digits, tmp_path, monkeypatch, name, default_report=True)
+    config = algorithm.config
+    assert config.report.shared_metrics == () and not config.report.share_timings
+    rows = [(m.src, row) for m in comm.messages if m.op == "gather_rows" for row in m.payload]
+    assert {row["file"] for _, row in rows} == {"process"} | (
+        {"privacy"} if name == "proxyfl" else set())  # ε: the DP release; regular has none
+    for _, row in rows:
+        assert _fields_as_listed(row, share_timings=False), row  # no wall time, no seconds
+    # The hospitals keep every row; the coordinator's files hold no metric and say so.
+    own = (tmp_path / "hospitals" / "client_0" / "metrics.csv").read_text()
+    assert all(f",{model},test,accuracy," in own for model in algorithm.clients[0].models)
+    assert (tmp_path / "metrics.csv").read_text().strip().count("\n") == 0  # a header only
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final"] == {}
+    assert set(summary["time"]) == {"wall_s"}  # the coordinator's own: nothing was sent
+    assert summary["non_private"]["final"].startswith(NOT_SHARED)
+    assert summary["non_private"]["time"].startswith(NOT_SHARED)
+    # counted from what crossed ranks, which the receivers saw anyway
+    assert (summary["elements_sent"] > 0) == (name == "proxyfl")
+
+
+def test_an_opted_in_run_shares_metrics_and_timings_labelled(digits: Path, tmp_path: Path,
+                                                            monkeypatch) -> None:
+    comm, _ = _run(digits, tmp_path, monkeypatch, "proxyfl", **{
+        "report.shared_metrics": ["*/test/accuracy"], "report.share_timings": True})
+    rows = [row for m in comm.messages if m.op == "gather_rows" for row in m.payload]
+    assert {r["file"] for r in rows} == {"privacy", "metrics", "process"}
+    assert all(set(r) >= TIMINGS for r in rows if r["file"] == "process")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final"]["private"]["accuracy"]["per_client"]
+    assert {"wall_s", "training_s", "communication_s"} <= set(summary["time"])
+    assert summary["non_private"] == {"final": f"{NON_PRIVATE} (report.shared_metrics)",
+                                      "time": f"{NON_PRIVATE} (report.share_timings)"}

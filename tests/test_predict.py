@@ -16,7 +16,14 @@ from federation.evaluation.aggregation import AttentionHead, feature_layers, mod
 from federation.evaluation.heatmap import heatmap_figure, read_patch_map
 from federation.evaluation.regions import tumour_regions
 from federation.evaluation.scoring import patch_probabilities
-from federation.model_files import load_model, save_model
+from federation.model_files import (
+    ModelFileError,
+    decision_path,
+    load_model,
+    read_decision,
+    save_decision,
+    save_model,
+)
 from federation.models import GatedAttentionMIL, create_model
 from preprocessing.options import TilingOptions
 from preprocessing.tile import tile_slide
@@ -28,17 +35,22 @@ from wsi.synthetic import SyntheticSlideSpec, tumour_geojson, write_synthetic_sl
 TARGET_MPP, PATCH = 2.0, 32  # 128 level-0 px per patch on a 0.5 µm/px slide
 
 
-def _save(path, target_mpp=TARGET_MPP, aggregation=None):
+def _save(path, target_mpp=TARGET_MPP, aggregation=None, *, inline=False, card=True):
+    """A model file as a run writes it: the decision (threshold, aggregation) in the
+    hospital's decision card beside it; ``inline``: in the file, as files written before the
+    cards; ``card=False``: the model file alone, as another hospital would hold a proxy."""
     module = create_model("patch_cnn_small", num_classes=2, in_channels=3, image_size=PATCH,
                           seed=3)
     decision = {"threshold": 0.5} | ({} if aggregation is None else {"aggregation": aggregation})
     save_model(path, module, architecture="patch_cnn_small",
                model_options={"num_classes": 2, "in_channels": 3, "image_size": PATCH},
-               hospital="h_a", model="private", algorithm="proxyfl", round=1, seed=0,
-               shared=False, data={"kind": "slides", "target_mpp": target_mpp,
-                                   "patch_size": PATCH, "aggregation": {"k": 3}},
-               decision=decision, privacy={"dp": False, "epsilon": 0.0, "delta": None,
-                                           "unit": "slide"})
+               hospital="h_a", model="proxy", algorithm="proxyfl", round=1, seed=0,
+               shared=True, data={"kind": "slides", "target_mpp": target_mpp,
+                                  "patch_size": PATCH, "aggregation": {"k": 3}},
+               decision=decision if inline else {},
+               privacy={"dp": True, "epsilon": 1.0, "delta": 1e-5, "unit": "slide"})
+    if card and not inline:
+        save_decision(path, decision, hospital="h_a", model="proxy")
     return path
 
 
@@ -97,12 +109,31 @@ def test_one_pass_gives_the_score_and_the_patch_probabilities(slide, method, tmp
         assert rows[0].score == score
 
 
-def test_a_fitted_aggregation_in_the_file_is_the_one_used(slide, tmp_path):
-    model = _save(tmp_path / "top1.pt", aggregation={"method": "top_k", "k": 1})
+@pytest.mark.parametrize("inline", [False, True])
+def test_the_aggregation_of_the_hospitals_decision_card_is_the_one_used(slide, tmp_path,
+                                                                        inline):
+    model = _save(tmp_path / "top1.pt", aggregation={"method": "top_k", "k": 1}, inline=inline)
     module, _ = load_model(model)
     top = patch_probabilities(module, BagReader(), index_bag(slide["bag"], None)).max()
     rows, _ = predict_slides(model, [slide["bag"]], tmp_path, device="cpu", heatmaps=False)
     assert rows[0].score == pytest.approx(top, abs=1e-12)
+
+
+def test_a_shared_model_file_holds_no_decision_and_predict_reads_the_card(slide, tmp_path):
+    model = _save(tmp_path / "models" / "proxy.pt", aggregation={"method": "top_k", "k": 2})
+    document = torch.load(model, weights_only=True)
+    assert document["shared"] and document["decision"] == {}  # nothing chosen on its slides
+    card = decision_path(model)
+    assert card == tmp_path / "models" / "proxy.decision"
+    assert read_decision(model, document) == {"threshold": 0.5,
+                                              "aggregation": {"method": "top_k", "k": 2}}
+    rows, errors = predict_slides(model, [slide["bag"]], tmp_path, device="cpu",
+                                  heatmaps=False, progress=False)
+    assert errors == [] and rows[0].threshold == 0.5
+    card.unlink()  # the model file alone, as it reaches another hospital
+    with pytest.raises(ModelFileError, match=r"proxy.pt: no decision threshold: it is chosen "
+                                             r"on the model's hospital's validation slides"):
+        predict_slides(model, [slide["bag"]], tmp_path, device="cpu", progress=False)
 
 
 def test_heatmap_has_the_slide_aspect_and_hot_cells_inside_the_tumour(slide, tmp_path):

@@ -14,7 +14,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from federation.report import ReportError, curves, read_runs, write_report
+from federation.report import (
+    NON_PRIVATE,
+    NOT_SHARED,
+    ReportError,
+    curves,
+    read_runs,
+    write_report,
+)
 
 ROUNDS = 4
 CLIENTS = 3
@@ -195,7 +202,7 @@ def _truncate_row(path: Path) -> None:
     ("summary.json", lambda p: p.write_text('{"reported_model": "private"'), "not valid JSON"),
     ("summary.json", lambda p: p.write_text("{}"), "has no 'reported_model'"),
     ("summary.json", lambda p: p.write_text('{"reported_model": "teacher"}'),
-     "no test accuracy of model 'teacher'"),
+     "reported_model 'teacher' is none of the engine's models"),
     ("config.yaml", lambda p: p.write_text("algorithm: [proxyfl\n"), "line 2 expected ','"),
     ("config.yaml", lambda p: p.write_text("- proxyfl\n"), "expected a mapping of keys"),
     ("config.yaml", lambda p: p.write_text("algorithm: teleport\n"),
@@ -210,9 +217,7 @@ def test_a_missing_or_garbled_file_is_a_one_line_error_naming_it(
     with pytest.raises(ReportError) as raised:
         write_report(tmp_path)
     message = str(raised.value)
-    # summary.json names the model; the error about a model it lacks is metrics.csv's.
-    named = "metrics.csv" if problem.startswith("no test accuracy") else file
-    assert message.startswith(str(run / named))
+    assert message.startswith(str(run / file))
     assert problem in message
     assert "\n" not in message
 
@@ -247,3 +252,24 @@ def test_joint_without_dp_is_reported_beside_dp_runs_but_dp_must_agree(tmp_path:
     _write_run(tmp_path / "other" / "seed_5", "proxyfl", 5, **{"dp.enabled": False})
     with pytest.raises(ReportError, match=r"has dp.enabled = True but .*other/seed_5 has False"):
         read_runs(tmp_path)
+
+
+def test_runs_whose_hospitals_kept_their_accuracy_say_not_shared(tmp_path: Path) -> None:
+    _write_benchmark(tmp_path, algorithms=("proxyfl", "fedavg"))
+    for seed in (0, 1):  # fedavg's hospitals shared nothing (report.shared_metrics: [])
+        path = tmp_path / "fedavg" / f"seed_{seed}" / "metrics.csv"
+        path.write_text(path.read_text().splitlines()[0] + "\n")
+    files = write_report(tmp_path, tmp_path / "report")
+    assert {p.name for p in files} == {"results.csv", "results.md", "accuracy.png",
+                                       "epsilon.png"}
+    table = _read_table(tmp_path / "report" / "results.csv")
+    assert table["fedavg"]["accuracy_mean"] == "" and table["proxyfl"]["accuracy_mean"] != ""
+    markdown = (tmp_path / "report" / "results.md").read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith("| fedavg"))
+    assert row.split(" | ")[2:4] == [NOT_SHARED, NOT_SHARED]
+    assert "Accuracy (non-private)" in markdown and NON_PRIVATE in markdown
+    for seed in (0, 1):
+        path = tmp_path / "proxyfl" / f"seed_{seed}" / "metrics.csv"
+        path.write_text(path.read_text().splitlines()[0] + "\n")
+    files = write_report(tmp_path, tmp_path / "none")
+    assert {p.name for p in files} == {"results.csv", "results.md", "epsilon.png"}

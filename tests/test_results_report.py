@@ -16,6 +16,7 @@ from PIL import Image
 
 from federation import run_files
 from federation.evaluation.metrics import METRICS
+from federation.report import NON_PRIVATE, NOT_SHARED
 from federation.results_report.render import write_results_report
 from slidefed.cli import main
 
@@ -170,3 +171,16 @@ def test_chromium_renders_every_picture_and_the_check_catches_a_broken_one(
     broken.write_text('<html><body><img alt="bad" src="data:image/png;base64,AAAA">'
                       f'<img alt="good" src="{read_page(dom).images[0]["src"]}"></body></html>')
     assert rendered_dom(chromium, broken, tmp_path)[1] == {"images": 2, "broken": ["bad"]}
+
+
+def test_shared_statistics_are_labelled_and_a_run_that_shared_none_says_so(tmp_path):
+    out = write_outputs(tmp_path / "results")
+    html = write_results_report(out).read_text()
+    assert html.count(NON_PRIVATE) >= 4  # training, ROC, slide-level metrics, cross-site
+    assert "training-not-shared" not in html
+    _csv(out / "federation" / "proxyfl" / run_files.METRICS, run_files.METRICS_COLUMNS, [])
+    html = write_results_report(out).read_text()  # the default: hospitals shared no metric
+    assert 'class="note training-not-shared"' in html and f"metrics {NOT_SHARED}" in html
+    alts = [image["alt"] for image in read_page(html).images]
+    assert not any(a.startswith("training curves") for a in alts)
+    assert any(a.startswith("privacy spent") for a in alts)  # ε: the DP release, always there

@@ -8,6 +8,7 @@ slide's several patches as one record (it raises NotImplementedError).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,9 +22,19 @@ from slide_bags import slide_config
 from federation import catalog
 from federation.algorithms import ALGORITHMS
 from federation.config import config_from_dict
-from federation.evaluation.metrics import METRICS
-from federation.evaluation.run import CROSS_SITE_COLUMNS, PREDICTION_COLUMNS, evaluate_run
+from federation.data.bags import BagReader
+from federation.evaluation.metrics import METRICS, choose_threshold
+from federation.evaluation.run import (
+    CROSS_SITE_COLUMNS,
+    PREDICTION_COLUMNS,
+    _Scorer,
+    evaluate_run,
+    hospital_slides,
+    open_run,
+    saved_models,
+)
 from federation.loop import run_federation
+from federation.model_files import decision_path
 from federation.run_files import PRIVACY_COLUMNS
 
 FAST = {"rounds": 2, "slides.patches_per_slide": 1}
@@ -57,6 +68,9 @@ def test_every_algorithm_trains_on_bags_and_its_run_evaluates(bag_cohort, tmp_pa
         for path in sorted((directory / "models").glob("*.pt")):
             card = torch.load(path, weights_only=True)
             assert (card["hospital"], card["data"]["patch_size"]) == (hospital, 32)
+            # no threshold or slide head chosen on its slides: those are the hospital's
+            # private decision card, beside the file
+            assert card["decision"] == {} and decision_path(path).is_file()
             models[card["model"]] = card["shared"]
             if card["privacy"]["dp"]:
                 private.add(card["model"])
@@ -110,6 +124,23 @@ def test_every_algorithm_trains_on_bags_and_its_run_evaluates(bag_cohort, tmp_pa
         assert {r["metric"] for r in own} == {"auc", "accuracy", "loss"} <= set(
             catalog.ROUND_METRICS)
     assert bool(private) == (algorithm not in ("regular", "joint"))  # no DP model
+
+
+def test_cross_site_chooses_the_threshold_at_the_testing_hospital(bag_cohort, tmp_path
+                                                                 ) -> None:
+    _, hospitals = bag_cohort
+    run_federation(_config(bag_cohort, tmp_path, rounds=1))
+    config, run, chosen = open_run(tmp_path, None)
+    scorer = _Scorer(BagReader(), config)
+    home, away = hospitals[0], hospitals[1]
+    proxy = next(m for m in saved_models(run, home) if m.name == "proxy")
+    foreign = dataclasses.replace(proxy, threshold=2.0)  # a home threshold no score reaches
+    slides = hospital_slides(config, run, away)
+    _, threshold, _ = scorer.away(foreign, away, slides)
+    validation = slides["validation"]
+    assert threshold == choose_threshold([b.label for b in validation],
+                                         [scorer.score(proxy, b) for b in validation]) != 2.0
+    assert scorer.away(foreign, home, hospital_slides(config, run, home))[1] == 2.0
 
 
 def test_patch_level_dp_is_labelled_patch(bag_cohort, tmp_path) -> None:

@@ -10,11 +10,12 @@
   on the hospital's own training slides while the CNN stays frozen. The head learns which
   patches to look at instead of trusting the k most confident ones.
 
-A fitted head is trained on a hospital's slides without DP, so it never travels: it is saved
-with that hospital's models, and a shared model (a proxy) scored at another hospital gets a
-head fitted there, on that hospital's own training slides (``slidefed evaluate``'s
-cross-site table). Every path that scores a slide — per-round validation excepted, which
-uses top-k to stay cheap — goes through :func:`calibrate` / :func:`aggregator_from_card`.
+A fitted head is trained on a hospital's slides without DP, so it never travels: it is saved in
+that hospital's private decision card beside the model file
+(``federation.model_files.save_decision``), and a shared model (a proxy) scored at another
+hospital gets a head fitted there, on that hospital's own training slides (``slidefed
+evaluate``'s cross-site table). Every path that scores a slide — per-round validation excepted,
+which uses top-k to stay cheap — goes through :func:`calibrate` / :func:`aggregator_from_card`.
 A new aggregation is a ``fit_<name>`` function here and a line in ``catalog.AGGREGATIONS``.
 """
 
@@ -228,11 +229,14 @@ def aggregator_from_card(card: dict[str, Any]) -> SlideAggregator:
     raise ValueError(f"unknown slide aggregation {card.get('method')!r}")
 
 
-def model_aggregator(document: dict[str, Any]) -> SlideAggregator:
-    """The aggregator of a model file's contents (``federation.model_files``): its
-    ``decision["aggregation"]``, or top-k with ``data["aggregation"]["k"]`` for files written
-    before fitted aggregations, which record top-k pooling only under ``data``."""
-    card = document["decision"].get("aggregation")
+def model_aggregator(document: dict[str, Any], decision: dict[str, Any] | None = None
+                     ) -> SlideAggregator:
+    """The aggregator of a model file's contents (``federation.model_files``) and its
+    ``decision`` (``read_decision``; default the file's own, as files written before decision
+    cards hold it): its ``aggregation``, or top-k with ``data["aggregation"]["k"]`` when there
+    is none (a shared model without its hospital's card, files written before fitted
+    aggregations)."""
+    card = (document["decision"] if decision is None else decision).get("aggregation")
     if card is None:
         card = {"method": "top_k", "k": document["data"]["aggregation"]["k"]}
     return aggregator_from_card(card)

@@ -3,8 +3,9 @@
 For each hospital (``data.hospitals`` of the run's ``config.yaml``) this reads the slides of
 its ``splits.csv`` from its own bags and scores its validation and test slides with each of
 its saved models (``hospitals/<h>/models/*.pt``), using the decision threshold each model
-chose on that hospital's validation slides at the end of training. It writes, per hospital
-(in that hospital's directory) and for the run:
+chose on that hospital's validation slides at the end of training, from the hospital's private
+decision card (``models/<model>.decision``, ``federation.model_files``). It writes, per
+hospital (in that hospital's directory) and for the run:
 
 - ``slide_predictions.csv``: ``hospital, slide_id, split, label, score, prediction, model``;
 - ``slide_metrics.json``: for every model name, the test-slide metrics of each hospital and
@@ -12,11 +13,17 @@ chose on that hospital's validation slides at the end of training. It writes, pe
   threshold), each metric with a bootstrap 95 % interval (``federation.evaluation.metrics``);
 - ``cross_site.csv`` (run level, when every hospital is evaluated): every hospital's shared
   models (the proxy, which travels anyway) on every hospital's test slides. Private models
-  are scored only at home: they never leave their hospital. A slide head fitted at home
-  (``slides.aggregation: attention_mil``) does not travel either: at another hospital the
-  proxy gets a head fitted there, on that hospital's training slides, and a threshold chosen
-  on its validation slides (``federation.evaluation.aggregation``). Top-k pooling needs no
-  fitting, so a top-k proxy keeps its home threshold.
+  are scored only at home: they never leave their hospital. Nor does a hospital's decision
+  card: at another hospital the proxy gets a threshold chosen there, on that hospital's
+  validation slides, and (``slides.aggregation: attention_mil``) a head fitted there, on its
+  training slides (``federation.evaluation.aggregation``); top-k pooling needs no fitting.
+
+Every number here is computed on the hospitals' slides and is not covered by DP. The run-level
+files pool every hospital's rows; the command writes them only when it evaluates every
+hospital, i.e. where one operator may read every hospital's directory (the demo's single
+machine). Across real sites, each hospital runs ``slidefed evaluate RUN_DIR --hospital H`` on
+its own directory, which writes only its own files, and publishes what it chooses
+(``federation.run_files``).
 """
 
 from __future__ import annotations
@@ -43,9 +50,14 @@ from federation.evaluation.aggregation import (
     calibrate,
     model_aggregator,
 )
-from federation.evaluation.metrics import METRICS, metrics_with_intervals, point_metrics
+from federation.evaluation.metrics import (
+    METRICS,
+    choose_threshold,
+    metrics_with_intervals,
+    point_metrics,
+)
 from federation.evaluation.scoring import scoring_threads
-from federation.model_files import load_model
+from federation.model_files import decision_threshold, load_model, read_decision
 from federation.outputs import RunDirectory
 from federation.run_files import (
     CROSS_SITE,
@@ -168,16 +180,25 @@ class _Scorer:
         return self._cache[key]
 
     def away(self, model: SavedModel, hospital: str, slides: dict[str, list[BagIndex]]
-             ) -> tuple[SlideAggregator, float]:
-        """The aggregator and threshold of a shared ``model`` used at ``hospital``: its own
-        when nothing was fitted, else fitted on ``hospital``'s training slides, with the
-        threshold chosen on its validation slides."""
-        if hospital == model.hospital or isinstance(model.aggregator, TopK):
-            return model.aggregator, model.threshold
-        return calibrate(self.config.slides, model.module, self.reader, slides["train"],
-                         slides["validation"],
-                         seed=derive_seed(self.config.seed, "aggregation", hospital),
-                         what=f"{model.hospital}'s {model.name} at {hospital}")
+             ) -> tuple[SlideAggregator, float, str]:
+        """The aggregator and threshold of a shared ``model`` used at ``hospital``, and where
+        its aggregator was fitted: at home its own decision card; elsewhere that hospital's
+        own choice, never the model's home threshold: the aggregator fitted on ``hospital``'s
+        training slides (top-k: its own, nothing to fit), and the threshold chosen on its
+        validation slides."""
+        if hospital == model.hospital:
+            return model.aggregator, model.threshold, model.hospital
+        what = f"{model.hospital}'s {model.name} at {hospital}"
+        if isinstance(model.aggregator, TopK):
+            validation = slides["validation"]
+            scores = [self.score(model, bag) for bag in validation]
+            return model.aggregator, choose_threshold([b.label for b in validation], scores,
+                                                      what=what), model.hospital
+        aggregator, threshold = calibrate(
+            self.config.slides, model.module, self.reader, slides["train"],
+            slides["validation"], seed=derive_seed(self.config.seed, "aggregation", hospital),
+            what=what)
+        return aggregator, threshold, hospital
 
 
 def hospital_slides(config: FederationConfig, run: RunDirectory, hospital: str
@@ -202,7 +223,8 @@ def hospital_slides(config: FederationConfig, run: RunDirectory, hospital: str
 
 
 def saved_models(run: RunDirectory, hospital: str) -> list[SavedModel]:
-    """The hospital's saved models (``hospitals/<h>/models/*.pt``), loaded."""
+    """The hospital's saved models (``hospitals/<h>/models/*.pt``), loaded, each with the
+    hospital's decision card."""
     paths = sorted((run.hospital_dir(hospital) / "models").glob("*.pt"))
     if not paths:
         raise EvaluationError(f"{run.hospital_dir(hospital) / 'models'}: no saved models; did "
@@ -210,9 +232,10 @@ def saved_models(run: RunDirectory, hospital: str) -> list[SavedModel]:
     models = []
     for path in paths:
         module, card = load_model(path)
+        decision = read_decision(path, card)
         models.append(SavedModel(hospital, card["model"], module,
-                                 float(card["decision"]["threshold"]), model_aggregator(card),
-                                 bool(card["shared"])))
+                                 decision_threshold(path, decision),
+                                 model_aggregator(card, decision), bool(card["shared"])))
     return models
 
 
@@ -247,9 +270,9 @@ def _write_cross_site(path: Path, models: dict[str, list[SavedModel]],
     for owner, saved in models.items():
         for model in (m for m in saved if m.shared):
             for hospital, by_split in slides.items():
-                aggregator, threshold = scorer.away(model, hospital, by_split)
+                aggregator, threshold, where = scorer.away(model, hospital, by_split)
                 test = by_split["test"]
-                scores = [scorer.score(model, bag, aggregator, hospital) for bag in test]
+                scores = [scorer.score(model, bag, aggregator, where) for bag in test]
                 metrics = point_metrics([b.label for b in test], scores, threshold)
                 rows.append({"model_hospital": owner, "model": model.name,
                              "data_hospital": hospital, "slides": len(test), **metrics})

@@ -14,6 +14,7 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from federation.evaluation.metrics import METRICS
+from federation.report import NON_PRIVATE, NOT_SHARED
 from federation.results_report import figures
 from federation.results_report.collect import CrossSite, Run, WorkflowResults, collect
 from federation.results_report.embed import data_uri, picture_uri
@@ -54,6 +55,7 @@ def context(results: WorkflowResults) -> dict[str, Any]:
     runs = results.runs
     return {
         "output_dir": str(results.output_dir),
+        "non_private": NON_PRIVATE, "not_shared": NOT_SHARED,
         "metric_names": [METRIC_NAMES[m] for m in METRICS],
         "cohort": [{
             "name": h.name, "slides": h.slides, "tumour_slides": h.tumour_slides,
@@ -74,7 +76,8 @@ def _run(run: Run) -> dict[str, Any]:
         final[row.client] = row.epsilon
     return {
         "algorithm": run.algorithm,
-        "training": data_uri(figures.training_curves(run)),
+        # What its hospitals shared by opt-in (report.shared_metrics); None: nothing.
+        "training": data_uri(figures.training_curves(run)) if run.metrics else None,
         "privacy": data_uri(privacy) if privacy else None,
         "final_epsilon": [{"hospital": h, "epsilon": _number(e)} for h, e in final.items()],
         "unit": " / ".join(sorted({r.unit for r in run.privacy})),
