@@ -102,7 +102,7 @@ def _private_step(
         num_units=len(dataset),
         batch_size=args.batch_size,
         settings=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, mechanism=mechanism),
-        seed=args.seed,
+        label=f"bench/{mechanism}",
     )
     inputs, labels = dataset.tensors
     batches = _endless(training.batch_sampler)
@@ -250,7 +250,7 @@ def _fixed_batch_private_step(
         num_units=records,  # sizes the sampling rate; the bench steps on one fixed batch
         batch_size=args.slides if per_slide else len(x),
         settings=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, mechanism=mechanism),
-        seed=args.seed,
+        label=f"bench/{mechanism}",
     )
 
     def step() -> None:

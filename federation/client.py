@@ -12,8 +12,12 @@ own optimizer, batch order and, for a model that leaves the client, its DP-SGD
   (private ↔ proxy, Kalra et al., Nat Commun 2023, arXiv 2111.11343, Algorithm 1) and FML
   (local ↔ meme, Shen et al., arXiv 2006.16765) both use it.
 
-Every random choice of a client comes from ``derive_seed(run seed, purpose, ..., client)``
-(numpy ``SeedSequence``), so a client draws the same numbers whichever process runs it.
+Random choices that no privacy guarantee rests on (initial weights, the batch order of a
+model without DP, which patches of a slide a step reads) come from ``derive_seed(run seed,
+purpose, ..., client)`` (numpy ``SeedSequence``), so a client draws the same numbers
+whichever process runs it. The draws DP rests on — which units a DP step samples and its
+noise — come from the model's secret stream (``federation.secret_randomness``), never from
+the seed.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +37,7 @@ from federation.config import DPConfig, FederationConfig
 from federation.data import Batch, ClientData
 from federation.flat import FlatParameters
 from federation.models import create_model, load_pretrained
-from federation.privacy import PrivateTraining
+from federation.privacy import PrivateTraining, dp_batch_size
 from federation.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,7 @@ class LocalModel:
         batch_size: int,
         seed: int,
         dp: DPConfig | None,
+        label: str,
     ) -> None:
         self.name = name
         self.module = module
@@ -87,14 +91,18 @@ class LocalModel:
         self.device = next(module.parameters()).device
         self.flat = FlatParameters(module, name)
         self.optimizer = optimizer(module.parameters(), lr, weight_decay)
-        self.batch_size = min(batch_size, data.num_units)
-        order_seed, dp_seed = np.random.SeedSequence(seed).generate_state(2)
-        self._order = torch.Generator().manual_seed(int(order_seed))
+        self.batch_size = (min(batch_size, data.num_units) if dp is None
+                           else dp_batch_size(batch_size, data.num_units, dp.max_sample_rate))
+        if dp is not None and self.batch_size < batch_size:
+            log.info("%s: %d expected units per DP step (optim.batch_size %d), so that its "
+                     "sampling rate stays at or below dp.max_sample_rate %g of its %d units",
+                     label, self.batch_size, batch_size, dp.max_sample_rate, data.num_units)
+        self._order = torch.Generator().manual_seed(seed)
         self.privacy = (
             None
             if dp is None
             else PrivateTraining(module, self.optimizer, num_units=data.num_units,
-                                 batch_size=self.batch_size, settings=dp, seed=int(dp_seed))
+                                 batch_size=self.batch_size, settings=dp, label=label)
         )
 
     @property
@@ -229,6 +237,7 @@ def build_model(
         batch_size=optim.batch_size,
         seed=derive_seed(config.seed, "training", name, client),
         dp=dp,
+        label=f"{config.client_name(client)}/{name}",
     )
 
 
@@ -325,8 +334,11 @@ def train_mutual(
 def _distil_step(student: LocalModel, teacher: LocalModel, weight: float, batch: Batch,
                  meter: _LossMeter) -> None:
     x, y, groups = batch
-    with torch.no_grad():
-        teacher_logits = teacher.module(x)
-    loss = distillation_loss(student.module(x), y, teacher_logits, weight)
+    if weight == 0:  # no distillation term: the student's loss does not involve the teacher
+        loss = F.cross_entropy(student.module(x), y, reduction="none")
+    else:
+        with torch.no_grad():
+            teacher_logits = teacher.module(x)
+        loss = distillation_loss(student.module(x), y, teacher_logits, weight)
     student.step(loss, groups)
     meter.add(loss)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from federation import benchmark
+from federation.privacy_statement import epsilon_label
 
 
 def run_federate(args: argparse.Namespace) -> int:
@@ -90,7 +91,8 @@ def _one_line(summary: dict, output_dir: str) -> str:
     if accuracy is not None:
         parts.append(f"{model} accuracy {accuracy['mean']:.4f} ± {accuracy['std']:.4f}")
     if summary["epsilon"] is not None:
-        parts.append(f"max epsilon {summary['epsilon']['max']:.3g}")
+        privacy = summary["epsilon"]
+        parts.append(f"max epsilon {privacy['max']:.3g} ({epsilon_label(privacy)})")
     parts.append(f"{summary['time']['wall_s']:.1f} s")
     return ", ".join(parts) + f" -> {output_dir}"
 

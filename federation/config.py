@@ -203,9 +203,12 @@ class DPConfig:
     noise_multiplier: σ, noise std in units of the clipping norm (ProxyFL images: 1.0). A
         configuration refuses 0 (ε = ∞); built in code, 0 is allowed (tests of clipping).
     max_grad_norm: C, the per-sample L2 clipping norm (ProxyFL images: 1.0).
-    delta: δ of the reported (ε, δ); null means 1/n for a client with n records. The
-        default 1e-5 is the ProxyFL Camelyon-17 value and well below 1/n for the
-        benchmarks' 1,000-3,000 records per client.
+    delta: δ of the reported (ε, δ); null (the default) means min(1e-5, 1/(10 n)) for a
+        client with n privacy units. A value above 1/(10 n) is warned about.
+    max_sample_rate: the largest Poisson sampling rate q = B / n a DP model trains with: a
+        client whose ``optim.batch_size`` would exceed it samples ⌊max_sample_rate · n⌋
+        units per step instead (at least one, with a warning when q stays above it).
+        Subsampling amplifies privacy only while q is well below 1.
     epsilon_budget: a client stops training its DP model before the first round that would
         take its ε past the budget (null: no budget); ε never exceeds it.
     mechanism: how per-sample clipping is computed, a name in ``federation.catalog.MECHANISMS``.
@@ -216,7 +219,8 @@ class DPConfig:
     enabled: bool = True
     noise_multiplier: float = _setting(1.0, _non_negative)
     max_grad_norm: float = _setting(1.0, _positive)
-    delta: float | None = _setting(1e-5, _open_unit)
+    delta: float | None = _setting(None, _open_unit)
+    max_sample_rate: float = _setting(0.25, _open_closed_unit)
     epsilon_budget: float | None = _setting(None, _positive)
     mechanism: str = _setting("bookkeeping", _one_of(catalog.MECHANISMS))
 
@@ -231,10 +235,19 @@ class DPConfig:
 @dataclass(frozen=True)
 class DMLConfig:
     """Deep-mutual-learning weights of the distillation terms: ``alpha`` in the private
-    (FML: local) model's loss, ``beta`` in the proxy's (FML: meme's)."""
+    (FML: local) model's loss, ``beta`` in the proxy's (FML: meme's).
+
+    ``beta`` 0 (the default) keeps the proxy's ε a theorem: its DP-SGD loss is its own
+    cross-entropy, so removing one unit moves each step's clipped sum by at most C. With
+    ``beta`` > 0 (the ProxyFL paper's 0.5) the proxy also distils from the private model,
+    trained without DP on the same units; one unit then changes the teacher and with it
+    every sampled unit's term, no sensitivity bound holds, and the ε reported covers the
+    DP-SGD steps only, labelled as not a guarantee. The private model learns from the proxy
+    either way (``alpha``): it never leaves, and the proxy is a DP release.
+    """
 
     alpha: float = _setting(0.5, _unit_interval)
-    beta: float = _setting(0.5, _unit_interval)
+    beta: float = _setting(0.0, _unit_interval)
 
 
 @dataclass(frozen=True)

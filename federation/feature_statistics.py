@@ -9,13 +9,14 @@ normalisation Tramèr & Boneh (ICLR 2021, arXiv 2011.11660) pay for from the pri
 
 Once, before the first round, each hospital sums over its training units (slides) the mean
 feature vector of the unit's patches, each clipped to L2 norm ``CLIP`` around the fixed
-``PRIOR``, adds Gaussian noise of std σ·``CLIP`` (σ = ``dp.noise_multiplier``) and
+``PRIOR`` (both public: from the features' range alone, ``scattering.feature_bounds``),
+adds Gaussian noise of std σ·``CLIP`` (σ = ``dp.noise_multiplier``) and
 contributes [noisy sum, unit count] to one sum over all hospitals; every hospital's model
 is then centred at PRIOR + Σ sums / Σ counts. Proxies are averaged, so all of them must use
 the same centre; pooling also divides the noise by the cohort's slides rather than one
 hospital's. Each hospital's accountant counts its release as one step at q = 1, so the ε
-it reports includes it. The count is not noised: it is public already, as n in DP-SGD's
-q = B / n and in FedAvg's weights (README, "What crosses a rank"). Without DP the sums are
+it reports includes it. The count is not noised: under the replace-one relation every ε is
+stated for (``federation.privacy_statement``) unit counts are public. Without DP the sums are
 exact. A model that never travels (private, or only released) is centred on its own sums,
 without communication. There is no scale: Adam rescales each coordinate; centring is what
 the conditioning needs.
@@ -30,15 +31,16 @@ import torch
 
 from federation.client import LocalModel
 from federation.comm import Communicator
-from federation.scattering import ScatteringLinear
+from federation.scattering import ScatteringLinear, feature_bounds
 
 log = logging.getLogger(__name__)
 
-# Public constants, as DP-SGD's clipping norm is: the prior sits inside the range of the
-# 42 log features (each in [log 1e-3, log log 255] = [-6.9, 1.7]); the per-slide means of the
-# demo cohort's training slides lie 5.9-13.1 from it, so CLIP = 13 clips almost none.
-PRIOR = -3.0
-CLIP = 13.0
+# Public constants, derived from the feature definition alone (``feature_bounds``), never
+# from anyone's data: the prior is the middle of every feature's range and CLIP the norm of
+# the half-ranges (25.5), so no slide's mean is ever clipped and the sensitivity is CLIP.
+_LOWER, _UPPER = feature_bounds()
+PRIOR = (_LOWER + _UPPER) / 2
+CLIP = float(((_UPPER - _LOWER) / 2).norm())
 
 
 def needs_centre(model: LocalModel) -> bool:
@@ -57,24 +59,21 @@ def _unit_means(model: LocalModel) -> torch.Tensor:
     return means * torch.clamp(CLIP / norms.clamp(min=1e-12), max=1.0)
 
 
-def release_centre(models: Mapping[int, LocalModel], comm: Communicator | None,
-                   generators: Mapping[int, torch.Generator]) -> None:
+def release_centre(models: Mapping[int, LocalModel], comm: Communicator | None) -> None:
     """Centre every model of ``models`` (client -> model, this process's clients).
 
     With ``comm`` the centre is pooled over all clients (a model that travels), and the call
     is collective: every process makes it once, in the same order; without, each client's
     model is centred at its own estimate (a model that never leaves, or is only released).
-    A DP model's sums are noised and its accountant charged; other models' are exact.
+    A DP model's sums are noised from its secret stream and its accountant charged
+    (``PrivateTraining.release_sum``); other models' are exact.
     """
     local = {}
     for c, model in models.items():
         clipped = _unit_means(model)
         total = clipped.sum(dim=0)
         if model.privacy is not None:
-            sigma = model.privacy.settings.noise_multiplier
-            total += sigma * CLIP * torch.randn(total.shape, dtype=torch.float64,
-                                                generator=generators[c])
-            model.privacy.record_release(sigma)
+            total = model.privacy.release_sum(total, CLIP)
         local[c] = torch.cat([total, torch.tensor([len(clipped)], dtype=torch.float64)])
     pooled = comm.allreduce_sum(local) if comm is not None else None
     for c, model in models.items():

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from federation import run_files
 from federation.algorithms import ALGORITHMS, Algorithm
+from federation.client import LocalModel
 from federation.comm import LAUNCH_HINT, Communicator, launched_processes, make_communicator
 from federation.config import ConfigError, FederationConfig
 from federation.cores import usable_cores
@@ -35,6 +36,7 @@ from federation.data import ClientData, load_client_data
 from federation.model_files import save_decision, save_model
 from federation.models import check_timm_names
 from federation.outputs import RunDirectory, agree_on_start
+from federation.privacy_statement import NOT_PRIVATE, RELATION
 from federation.report import NON_PRIVATE, NOT_SHARED
 
 log = logging.getLogger(__name__)
@@ -203,8 +205,17 @@ def _save_final_models(run: RunDirectory, algorithm: Algorithm, data: Mapping[in
                 hospital=data[c].name, model=name, algorithm=config.algorithm,
                 round=config.rounds, seed=config.seed, shared=role.leaves_client,
                 data=data[c].describe(), decision={},
-                privacy={"dp": model.is_private, "epsilon": model.epsilon(),
-                         "delta": model.delta, "unit": data[c].unit})
+                privacy=_privacy_card(model, data[c].unit, algorithm.guarantee))
+
+
+def _privacy_card(model: LocalModel, unit: str, guarantee: str) -> dict[str, Any]:
+    """What a model file says of its privacy: (ε, δ), the unit, the relation and whether ε
+    is a theorem for a DP model; "not private", and no ε, for a model trained without DP."""
+    if not model.is_private:
+        return {"dp": False, "epsilon": None, "delta": None, "unit": unit,
+                "guarantee": NOT_PRIVATE}
+    return {"dp": True, "epsilon": model.epsilon(), "delta": model.delta, "unit": unit,
+            "relation": RELATION, "guarantee": guarantee}
 
 
 def _metric_rows(
@@ -335,6 +346,9 @@ def _summary(
             "per_client": [privacy[c][0] for c in sorted(privacy)],
             "max": max(eps for eps, _ in privacy.values()),
             "delta": [privacy[c][1] for c in sorted(privacy)],
+            "unit": config.slides.privacy_unit if config.data.name == "bags" else "record",
+            "relation": RELATION,
+            "guarantee": algorithm.guarantee,
         },
         "time": {
             "wall_s": wall,

@@ -66,8 +66,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,12 +81,14 @@ from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipp
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
 
 from federation.config import DPConfig
+from federation.privacy_statement import RELATION
+from federation.secret_randomness import SecretStream
 
 log = logging.getLogger(__name__)
 
@@ -96,26 +99,52 @@ RDP_ORDERS = RDPAccountant.DEFAULT_ALPHAS
 _HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to"
 
 
+RELATIONS = (RELATION, "add_remove")  # add_remove: opacus' relation, kept for tests
+
+
 @functools.cache
-def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    return np.asarray(
-        rdp_analysis.compute_rdp(
-            q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS
-        )
-    )
+def _rdp_of_one_step(noise_multiplier: float, sample_rate: float, relation: str) -> np.ndarray:
+    """RDP ε(α) at ``RDP_ORDERS`` of one step of the sampled Gaussian mechanism (σ, q).
+
+    ``add_remove``: opacus' analysis (Mironov, Talwar & Zhang 2019, arXiv 1908.10530), which
+    bounds both directions of the divergence (their §3.3). ``substitution``: replacing a
+    unit is removing it and adding another, so by the weak triangle inequality of Rényi
+    divergence (Mironov, "Rényi differential privacy", CSF 2017, Proposition 11, p = q = 2)
+    ε_sub(α) ≤ (α − ½)/(α − 1)·ε_ar(2α) + ε_ar(2α − 1). For q = 1 (a sum over all units,
+    the Gaussian mechanism) the exact value is used instead: sensitivity 2C, ε(α) = 2α/σ².
+    """
+    orders = np.asarray(RDP_ORDERS, dtype=np.float64)
+
+    def add_remove(at: np.ndarray) -> np.ndarray:
+        return np.asarray(rdp_analysis.compute_rdp(
+            q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(at)))
+
+    if relation == "add_remove":
+        return add_remove(orders)
+    if relation != "substitution":
+        raise ValueError(f"unknown neighbouring relation {relation!r}; one of {RELATIONS}")
+    if noise_multiplier == 0:
+        return np.full_like(orders, np.inf)
+    if sample_rate == 1.0:
+        return 2.0 * orders / noise_multiplier**2
+    return (orders - 0.5) / (orders - 1.0) * add_remove(2 * orders) + add_remove(2 * orders - 1)
 
 
-def epsilon_from_history(history: list[tuple[float, float, int]], delta: float) -> float:
-    """ε of an opacus ``RDPAccountant.history`` [(σ, q, steps), ...] at ``delta``.
+def epsilon_from_history(history: list[tuple[float, float, int]], delta: float, *,
+                         relation: str = RELATION) -> float:
+    """ε at ``delta`` under ``relation`` of an opacus ``RDPAccountant.history``
+    [(σ, q, steps), ...].
 
-    The same numbers as ``RDPAccountant.get_epsilon`` (same orders, same conversion), but
-    the per-order RDP of one step of each (σ, q) is computed once per process and scaled by
-    the step count — RDP composes additively — instead of being re-derived in pure Python
-    on every call (~0.2 s each, more than a round of training a small proxy).
+    With ``relation="add_remove"`` the same numbers as ``RDPAccountant.get_epsilon`` (same
+    orders, same conversion, Balle et al. 2020). The per-order RDP of one step of each (σ, q)
+    is computed once per process and scaled by the step count — RDP composes additively,
+    adaptively chosen steps included (Mironov 2017, Proposition 1) — instead of being
+    re-derived in pure Python on every call (~0.2 s each, more than a round of training a
+    small proxy).
     """
     if not history:
         return 0.0
-    rdp = sum(steps * _rdp_of_one_step(sigma, q) for sigma, q, steps in history)
+    rdp = sum(steps * _rdp_of_one_step(sigma, q, relation) for sigma, q, steps in history)
     epsilon, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
     return float(epsilon)
 
@@ -448,6 +477,58 @@ MECHANISMS: dict[str, Mechanism] = {
 }
 
 
+def default_delta(num_units: int) -> float:
+    """δ when ``dp.delta`` is unset: min(1e-5, 1/(10 n)) for n privacy units — well below 1/n,
+    the δ at which a mechanism could publish one unit outright."""
+    return min(1e-5, 1.0 / (10 * num_units))
+
+
+def dp_batch_size(requested: int, num_units: int, max_sample_rate: float) -> int:
+    """The expected units per DP step for a client with ``num_units``: ``requested``, lowered
+    so that q = B / n stays at or below ``max_sample_rate`` (at least one unit per step).
+    Subsampling amplifies privacy only while q is well below 1: at q = 1 every step sees
+    every unit and the accountant's ε protects little."""
+    return max(1, min(requested, num_units, math.floor(max_sample_rate * num_units)))
+
+
+class PoissonSampler:
+    """Poisson sampling of ``num_units`` privacy units from a secret stream: each step every
+    unit joins independently with probability ``rate``; an epoch is ⌊1/rate⌋ steps. The
+    sampler opacus' ``UniformWithReplacementSampler`` implements and its accountant assumes,
+    drawing its coins from ``federation.secret_randomness`` instead of a seeded generator."""
+
+    def __init__(self, num_units: int, rate: float, secret: SecretStream) -> None:
+        self.num_units = num_units
+        self.rate = rate
+        self.steps = int(1 / rate)
+        self._secret = secret
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            mask = self._secret.poisson_mask("sampling", self.num_units, self.rate)
+            yield mask.nonzero().reshape(-1).tolist()
+
+
+def _with_secret_noise(optimizer_class: type[DPOptimizer]) -> type[DPOptimizer]:
+    """``optimizer_class`` with its Gaussian noise drawn from the optimizer's ``secret``
+    stream; clipping, scaling and the step are opacus' own."""
+
+    def add_noise(self: DPOptimizer) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = self.secret.normal("noise", p.summed_grad.shape, std,
+                                       dtype=p.summed_grad.dtype, device=p.summed_grad.device)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    return type(f"SecretNoise{optimizer_class.__name__}", (optimizer_class,),
+                {"add_noise": add_noise})
+
+
 class PrivateTraining:
     """DP-SGD for one model of one client: Poisson sampling, clipping + noise, RDP accounting.
 
@@ -458,10 +539,10 @@ class PrivateTraining:
     used only as a target must run under ``torch.no_grad()``. Put the model on its device
     before building this (the noise generator is created there).
 
-    ``seed`` fixes both the Poisson sampling and the noise, so a run is reproducible
-    (give each client its own seed). The noise comes from torch's PRNG: fine for research,
-    but not hardened against floating-point attacks on the Gaussian sampler (opacus'
-    ``secure_mode``, which needs torchcsprng).
+    The Poisson sampling and the noise come from a ``SecretStream`` with a fresh key from the
+    operating system's CSPRNG (``label``, e.g. ``"hospital_a/proxy"``, names it in logs), so
+    no peer can regenerate them from the shared configuration; ``state_dict`` carries the
+    key for the hospital's own resume.
 
     The client's data are ``num_units`` privacy units (images, or slides); each step takes
     the units of one batch of ``batch_sampler`` (Poisson, q = batch_size / num_units). Per
@@ -489,7 +570,7 @@ class PrivateTraining:
         num_units: int,
         batch_size: int,
         settings: DPConfig,
-        seed: int,
+        label: str,
     ) -> None:
         n = num_units
         if not 0 < batch_size <= n:
@@ -499,33 +580,34 @@ class PrivateTraining:
         self.settings = settings
         self.sample_rate = batch_size / n
         self.expected_batch_size = batch_size
-        self.delta = settings.delta if settings.delta is not None else 1.0 / n
-        if self.delta >= 1.0 / n:
-            log.warning("delta %.3g is not below 1/n = %.3g: a weak guarantee", self.delta, 1 / n)
+        self.delta = settings.delta if settings.delta is not None else default_delta(n)
+        if self.delta > 1.0 / (10 * n):
+            log.warning("%s: delta %.3g is above 1/(10 n) = %.3g for its n = %d units: a weak "
+                        "guarantee (leave dp.delta unset for min(1e-5, 1/(10 n)))",
+                        label, self.delta, 1 / (10 * n), n)
+        if self.sample_rate > settings.max_sample_rate:
+            log.warning("%s: sampling rate q = %.3g (B = %d of n = %d units) is above "
+                        "dp.max_sample_rate %.3g: subsampling barely amplifies privacy",
+                        label, self.sample_rate, batch_size, n, settings.max_sample_rate)
 
-        sampling_seed, noise_seed = np.random.SeedSequence(seed).generate_state(2)
-        device = next(model.parameters()).device
-        self._sampling_rng = torch.Generator().manual_seed(int(sampling_seed))
-        self._noise_rng = torch.Generator(device=device).manual_seed(int(noise_seed))
-        # Poisson sampling of the n privacy units: every unit joins a step with probability q,
-        # 1/q steps per epoch (opacus' sampler, the one its accountant assumes).
-        self.batch_sampler = UniformWithReplacementSampler(
-            num_samples=n, sample_rate=self.sample_rate, generator=self._sampling_rng
-        )
+        # Sampling and noise draw from this model's secret stream (federation.secret_randomness),
+        # never from the run's seed, which every peer knows.
+        self._secret = SecretStream.fresh(label)
+        self.batch_sampler = PoissonSampler(n, self.sample_rate, self._secret)
 
         self._mechanism = MECHANISMS[settings.mechanism]
         self._clipping = self._mechanism.attach(model, settings.max_grad_norm)
-        optimizer_class = get_optimizer_class(
+        optimizer_class = _with_secret_noise(get_optimizer_class(
             clipping="flat", distributed=False, grad_sample_mode=self._mechanism.optimizer_mode
-        )
+        ))
         self.optimizer: DPOptimizer = optimizer_class(
             optimizer,
             noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.max_grad_norm,
             expected_batch_size=batch_size,
             loss_reduction="mean",
-            generator=self._noise_rng,
         )
+        self.optimizer.secret = self._secret
         self._accountant = RDPAccountant()
         self.optimizer.attach_step_hook(
             self._accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate)
@@ -550,16 +632,27 @@ class PrivateTraining:
         )
 
     @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """What the accountant was fed: opacus' [(σ, q, steps), ...], DP-SGD steps and
+        releases (``release_sum``) alike."""
+        return list(self._accountant.history)
+
+    @property
     def steps_taken(self) -> int:
         """DP steps (and releases, ``record_release``) counted by the accountant so far."""
         return sum(steps for _, _, steps in self._accountant.history)
 
-    def record_release(self, noise_multiplier: float, releases: int = 1) -> None:
-        """Count ``releases`` Gaussian-mechanism releases of a sum over all units, each unit's
-        term clipped to norm C' and the noise's std σ'·C' (``noise_multiplier`` σ'): in RDP
-        one step of the sampled Gaussian mechanism at q = 1 (Mironov 2017, Proposition 7),
-        composed with the DP-SGD steps into the ε this model reports."""
-        self._accountant.history.append((noise_multiplier, 1.0, releases))
+    def release_sum(self, total: torch.Tensor, clip_norm: float) -> torch.Tensor:
+        """``total`` + N(0, (σ·``clip_norm``)²) per coordinate, from this model's secret stream,
+        charged to its accountant: the Gaussian mechanism (Dwork & Roth 2014, §3.5) on a sum
+        over all units whose terms are each clipped to norm ``clip_norm`` — in RDP one step of
+        the sampled Gaussian mechanism at q = 1 (Mironov 2017, Proposition 7), composed with
+        the DP-SGD steps into the ε this model reports. σ is ``settings.noise_multiplier``."""
+        sigma = self.settings.noise_multiplier
+        noise = self._secret.normal("release", total.shape, sigma * clip_norm,
+                                    dtype=total.dtype, device=total.device)
+        self._accountant.history.append((sigma, 1.0, 1))
+        return total + noise
 
     def backward(self, per_sample_loss: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         """Clipped gradients of ``per_sample_loss`` (one entry per batch row, any loss: CE,
@@ -619,19 +712,20 @@ class PrivateTraining:
         return budget is None or self.epsilon_after(steps) <= budget
 
     def state_dict(self) -> dict[str, Any]:
-        """Accountant history and RNG states, so a resumed run neither forgets spent ε nor
-        repeats its noise. (Model and optimizer states are checkpointed by their owners.)"""
-        return {
-            "accountant": self._accountant.state_dict(),
-            "sampling_rng": self._sampling_rng.get_state(),
-            "noise_rng": self._noise_rng.get_state(),
-        }
+        """Accountant history and the secret stream (its key and position), so a resumed run
+        neither forgets spent ε nor repeats its noise. The key is secret: this belongs in the
+        hospital's own checkpoint only. (Model and optimizer states are checkpointed by their
+        owners.)"""
+        return {"accountant": self._accountant.state_dict(), "secret": self._secret.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` saved."""
+        if "secret" not in state:
+            raise ValueError("this checkpoint was written by a slidefed whose DP noise came "
+                             "from the run's seed, which every peer knows; start the run "
+                             "afresh (--force)")
         self._accountant.load_state_dict(state["accountant"])
-        self._sampling_rng.set_state(state["sampling_rng"])
-        self._noise_rng.set_state(state["noise_rng"])
+        self._secret.load_state_dict(state["secret"])
         self._epsilon_cache = (0, 0.0)
 
     def close(self) -> None:

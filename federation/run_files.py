@@ -18,7 +18,10 @@ their files hold no decision of the hospital's (``federation.model_files``)::
                                  by default)
     privacy.csv                  round, client, epsilon, delta, unit (what ε protects:
                                  record, slide or patch), status (active; stopped once the
-                                 next round would pass dp.epsilon_budget: ε is final)
+                                 next round would pass dp.epsilon_budget: ε is final),
+                                 relation (substitution: replace one unit, counts public),
+                                 guarantee (theorem, or "DP-SGD steps only, not a
+                                 guarantee" when the DP model distils from a non-DP one)
     summary.json                 final results (shared metrics), ε, the coordinator's wall
                                  time and, by opt-in, where every process's time went;
                                  ``non_private`` labels the opt-in statistics, or says
@@ -88,7 +91,8 @@ CROSS_SITE = "cross_site.csv"
 HEATMAPS = "heatmaps.csv"
 
 METRICS_COLUMNS = ("round", "client", "model", "split", "metric", "value")
-PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit", "status")
+PRIVACY_COLUMNS = ("round", "client", "epsilon", "delta", "unit", "status", "relation",
+                   "guarantee")
 AUDIT_RECORDS = "audit_records.csv"  # inside a hospital's directory
 AUDIT_RECORDS_COLUMNS = ("hospital", "set", "record", "label", "membership")
 AUDIT_CSV = "audit.csv"

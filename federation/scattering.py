@@ -63,6 +63,31 @@ def morlet_filters(size: int = KERNEL, orientations: int = ORIENTATIONS
     return (torch.stack(real).reshape(shape).float(), torch.stack(imag).reshape(shape).float())
 
 
+def feature_bounds() -> tuple[torch.Tensor, torch.Tensor]:
+    """(lower, upper), each ``(NUM_FEATURES,)`` float64: the range every feature of
+    ``ScatteringFeatures`` lies in for any input, derived from the code, not from data.
+
+    Optical density lies in [0, D], D = log 255 (transmission is clamped to [1/255, 1]);
+    its mean in [0, D], its spread in [0, D/2]; a wavelet's response to values in [0, D]
+    is at most D times the larger of the sums of its positive and negative taps, per part,
+    and the modulus at most the hypotenuse of the two. The log's floor ``_EPS`` is the
+    lower end of every feature."""
+    density = -math.log(_MIN_TRANSMISSION)
+    real, imag = morlet_filters()
+
+    def reach(taps: torch.Tensor) -> torch.Tensor:  # (orientations,) largest |Σ k·x|
+        flat = taps.double().flatten(1)
+        return density * torch.maximum(flat.clamp(min=0).sum(1), (-flat).clamp(min=0).sum(1))
+
+    wavelet = torch.hypot(reach(real), reach(imag))
+    # in forward's order: means (3 channels), spreads (3), then per scale 3 channels x 4
+    upper = torch.cat([torch.full((3,), density, dtype=torch.float64),
+                       torch.full((3,), density / 2, dtype=torch.float64),
+                       *(wavelet.repeat(3) for _ in range(SCALES))])
+    upper = torch.log(upper + _EPS)
+    return torch.full_like(upper, math.log(_EPS)), upper
+
+
 class ScatteringFeatures(nn.Module):
     """The ``NUM_FEATURES`` (42) fixed features of a batch of model inputs ``(B, 3, P, P)``."""
 

@@ -63,7 +63,9 @@ def small_config(data_root: Path, output_dir: Path, **overrides: Any) -> dict[st
                  "p_major": 0.8, "samples_per_client": 96, "test_samples_per_client": 100},
         "model": {"private": "mlp", "proxy": "mlp"},
         "optim": {"batch_size": 32, "lr": 0.01},
-        "dp": {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-3},
+        "dp": {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-3,
+               # q = 32/96: three steps a round keep the runs short
+               "max_sample_rate": 0.5},
         # Opted in, as the benchmark configs: the tests read the run-level metrics and times.
         "report": dict(OPTED_IN_REPORT),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from torch.utils.data import TensorDataset
 
 from federation.config import DPConfig
 from federation.privacy import PrivateTraining
+from federation.secret_randomness import fixed_secrets_for_tests
 
 # per-row loss of the given rows of the batch, computed with the given model
 RowLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -78,12 +80,16 @@ def private_training(
     sigma: float = 0.0,
     clip: float = 1.0,
     batch_size: int = 8,
-    seed: int = 0,
+    secret_seed: int | None = 0,
     budget: float | None = None,
     delta: float | None = 1e-5,
     lr: float = 0.0,
 ) -> PrivateTraining:
-    """DP-SGD of ``model`` over the records of ``dataset`` (``poisson_batches`` reads them)."""
+    """DP-SGD of ``model`` over the records of ``dataset`` (``poisson_batches`` reads them).
+
+    ``secret_seed``: its sampling and noise are keyed by this test seed
+    (``fixed_secrets_for_tests``), so a test can repeat them; None: a fresh secret key, as
+    in a run."""
     settings = DPConfig(
         noise_multiplier=sigma,
         max_grad_norm=clip,
@@ -92,8 +98,10 @@ def private_training(
         delta=delta,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    training = PrivateTraining(model, optimizer, num_units=len(dataset), batch_size=batch_size,
-                               settings=settings, seed=seed)
+    secrets = nullcontext() if secret_seed is None else fixed_secrets_for_tests(secret_seed)
+    with secrets:
+        training = PrivateTraining(model, optimizer, num_units=len(dataset),
+                                   batch_size=batch_size, settings=settings, label="test")
     _DATASETS[training] = dataset
     return training
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from federation.comm import LocalCommunicator
 from federation.config import ConfigError, config_from_dict
 from federation.data import load_client_data
 from federation.loop import run_federation
+from federation.privacy import epsilon_from_history
+from federation.secret_randomness import fixed_secrets_for_tests
 from federation.topology import make_topology
 
 
@@ -216,9 +219,11 @@ def test_dp_changes_the_proxy_and_not_the_data_order(digits: Path, tmp_path: Pat
 
 def test_epsilon_budget_stops_a_client_before_the_round_that_would_pass_it(
         digits: Path, tmp_path: Path, caplog) -> None:
-    # At δ=1e-3 (q=1/3, σ=1, 3 steps a round) ε is 3.47 after round 1, 4.71 after round 2 and
-    # would be 5.69 after round 3: a budget of 5 allows two rounds, and round 3 never starts.
-    config = _config(digits, tmp_path, rounds=5, **{"dp.epsilon_budget": 5.0})
+    # q = 1/3, σ = 1, 3 steps a round: a budget between the ε of two rounds and that of
+    # three allows two rounds, and round 3 never starts.
+    two, three = (epsilon_from_history([(1.0, 1 / 3, 3 * rounds)], 1e-3) for rounds in (2, 3))
+    budget = (two + three) / 2
+    config = _config(digits, tmp_path, rounds=5, **{"dp.epsilon_budget": budget})
     with caplog.at_level(logging.WARNING, logger="federation.algorithms.base"):
         run_federation(config)
     rows = _rows(tmp_path / "privacy.csv")
@@ -229,7 +234,7 @@ def test_epsilon_budget_stops_a_client_before_the_round_that_would_pass_it(
     for c, spent in by_client.items():
         epsilons = [epsilon for epsilon, _ in spent]
         assert len(epsilons) == config.rounds
-        assert 4.5 < epsilons[1] <= 5.0, "budget chosen to allow exactly two rounds"
+        assert epsilons[1] == pytest.approx(two, rel=1e-9), "budget allows exactly two rounds"
         assert epsilons[2:] == [epsilons[1]] * (config.rounds - 2), f"client {c} kept training"
         # the row of round 2 says that ε is final: the next round would pass the budget
         assert [status for _, status in spent] == ["active"] + ["stopped"] * 4
@@ -246,21 +251,26 @@ def test_a_budget_below_one_round_is_refused_before_training(digits: Path,
                                                              tmp_path: Path) -> None:
     config = _config(digits, tmp_path / "run", **{"dp.epsilon_budget": 0.5})
     with pytest.raises(ConfigError, match=r"^dp.epsilon_budget = 0.5 is below the epsilon of "
-                                          r"one round \(3.47 for client 0's proxy\); raise"):
+                                          r"one round \(9.69 for client 0's proxy\); raise"):
         run_federation(config)
     assert not list((tmp_path / "run").glob("hospitals/*/checkpoints/round_*"))
     assert (tmp_path / "run" / "privacy.csv").read_text().count("\n") == 1  # the header only
 
 
-def test_same_seed_same_models_other_seed_different(digits: Path, tmp_path: Path) -> None:
-    def proxies(seed: int):
-        algorithm, _ = _algorithm(_config(digits, tmp_path, seed=seed))
+def test_the_same_seed_releases_other_proxies_unless_the_secrets_are_fixed(
+        digits: Path, tmp_path: Path) -> None:
+    def proxies(seed: int, secrets: int | None = None):
+        with nullcontext() if secrets is None else fixed_secrets_for_tests(secrets):
+            algorithm, _ = _algorithm(_config(digits, tmp_path, seed=seed))
         algorithm.run_round(0)
         return np.concatenate([c.models["proxy"].flat.pack().numpy().copy()
                                for c in algorithm.clients.values()])
 
-    assert np.array_equal(proxies(0), proxies(0))
-    assert not np.array_equal(proxies(0), proxies(1))
+    # Everything a peer knows (configuration, seed) does not fix the DP noise or sampling.
+    assert not np.array_equal(proxies(0), proxies(0))
+    # Given each hospital's secrets a run is reproducible, and the seed still matters.
+    assert np.array_equal(proxies(0, secrets=5), proxies(0, secrets=5))
+    assert not np.array_equal(proxies(0, secrets=5), proxies(1, secrets=5))
 
 
 def test_regular_dp_trains_alone_with_dp(digits: Path, tmp_path: Path) -> None:

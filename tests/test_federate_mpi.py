@@ -25,12 +25,14 @@ from test_messages import ROW_FIELDS
 
 from federation.config import config_from_dict
 from federation.loop import run_federation
+from federation.secret_randomness import fixed_secrets_for_tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
 FAILING = REPO / "tests" / "mpi_scripts" / "federate_failing_client.py"
 OWN_DISKS = REPO / "tests" / "mpi_scripts" / "federate_on_own_disks.py"
 HANGING = REPO / "tests" / "mpi_scripts" / "federate_hanging_client.py"
+FIXED_SECRETS = REPO / "tests" / "mpi_scripts" / "federate_with_fixed_secrets.py"
 TIMEOUT_S = 120
 
 
@@ -71,12 +73,13 @@ def test_mpi_run_writes_the_local_backends_files(
     overrides = {"algorithm": algorithm, "rounds": 3, "fedavg.client_fraction": 0.5,
                  "clients": clients}
     path = _write_config(digits, tmp_path, **overrides)
-    result, _ = _mpiexec(ranks, "-m", "slidefed", "-q", "federate", "--config", str(path),
+    result, _ = _mpiexec(ranks, str(FIXED_SECRETS), "-q", "federate", "--config", str(path),
                          "--backend", "mpi", "--set", f"output_dir={tmp_path / 'mpi'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith(f"{algorithm}: 3 rounds, {clients} clients")
 
-    run_federation(config_from_dict(small_config(digits, tmp_path / "local", **overrides)))
+    with fixed_secrets_for_tests(0):  # the hospitals' secrets the MPI run held
+        run_federation(config_from_dict(small_config(digits, tmp_path / "local", **overrides)))
     _assert_same_files(tmp_path / "mpi", tmp_path / "local", clients)
     if algorithm == "proxyfl":
         proxy = 8 * 8 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # the 64-200-200-10 MLP
@@ -89,14 +92,17 @@ def test_a_run_resumed_on_fewer_ranks_gives_the_uninterrupted_files(
 ) -> None:
     # 2 rounds on one rank per client, then round 3 with the 4 clients packed on 2 ranks.
     path = _write_config(digits, tmp_path, checkpoint_every=1)
-    command = ["-m", "slidefed", "-q", "federate", "--config", str(path), "--backend", "mpi",
+    command = ["-q", "federate", "--config", str(path), "--backend", "mpi",
                "--set", f"output_dir={tmp_path / 'mpi'}"]
-    result, _ = _mpiexec(4, *command, "--set", "rounds=2")
+    result, _ = _mpiexec(4, str(FIXED_SECRETS), *command, "--set", "rounds=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    result, _ = _mpiexec(2, *command, "--resume")
+    # The resumed ranks draw fresh keys and read each hospital's secret back from its
+    # checkpoint.
+    result, _ = _mpiexec(2, "-m", "slidefed", *command, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
-    run_federation(config_from_dict(small_config(digits, tmp_path / "local",
-                                                 checkpoint_every=1)))
+    with fixed_secrets_for_tests(0):
+        run_federation(config_from_dict(small_config(digits, tmp_path / "local",
+                                                     checkpoint_every=1)))
     _assert_same_files(tmp_path / "mpi", tmp_path / "local", 4)
 
 

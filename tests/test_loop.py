@@ -22,6 +22,7 @@ from federation.config import ConfigError, config_from_dict, load_config
 from federation.loop import configure_threads, resolve_backend, run_federation
 from federation.outputs import RunDirectory, StartFacts, agree_on_start
 from federation.run_files import METRICS_COLUMNS, PRIVACY_COLUMNS
+from federation.secret_randomness import fixed_secrets_for_tests
 from slidefed.cli import main
 
 
@@ -74,8 +75,10 @@ def test_outputs_have_the_promised_files_and_columns(digits: Path, tmp_path: Pat
 
     columns, privacy = _read(tmp_path / "privacy.csv")
     assert tuple(columns) == PRIVACY_COLUMNS == ("round", "client", "epsilon", "delta", "unit",
-                                                 "status")
+                                                 "status", "relation", "guarantee")
     assert {r["unit"] for r in privacy} == {"record"}  # an image is one record
+    # The default proxy learns from its own labels only: its ε is a theorem, replace-one.
+    assert {(r["relation"], r["guarantee"]) for r in privacy} == {("substitution", "theorem")}
     assert {r["status"] for r in privacy} == {"active"}  # no budget: never stopped
     assert len(privacy) == config.rounds * config.clients  # every round, not only evaluated ones
     for c in range(config.clients):
@@ -121,14 +124,16 @@ def test_resume_after_a_kill_gives_the_uninterrupted_files(
     overrides = {"algorithm": algorithm, "rounds": 4, "checkpoint_every": 2,
                  "fedavg.client_fraction": 0.5}
     whole = _config(digits, tmp_path / "whole", **overrides)
-    run_federation(whole)
-
     broken = _config(digits, tmp_path / "broken", **overrides)
-    run_killed_in_round(broken, monkeypatch)  # in round 4; the checkpoint is of round 2
+    with fixed_secrets_for_tests(0):  # both runs hold the same hospital secrets
+        run_federation(whole)
+        run_killed_in_round(broken, monkeypatch)  # in round 4; the checkpoint is of round 2
     _, rows = _read(tmp_path / "broken" / "hospitals" / "client_0" / "metrics.csv")
     assert max(int(r["round"]) for r in rows) == 3
     assert _checkpoint_files(tmp_path / "broken") == ["round_000002.pt"] * whole.clients
 
+    # The resumed processes draw fresh keys, then read each hospital's secret stream back
+    # from its own checkpoint: its noise continues exactly.
     summary = run_federation(broken, resume=True)
     for name in ("metrics.csv", "privacy.csv", *(f"hospitals/client_{c}/{f}" for c in range(4)
                                                  for f in ("metrics.csv", "privacy.csv"))):
@@ -148,7 +153,8 @@ def test_a_run_killed_while_hospitals_checkpoint_resumes_from_the_round_they_all
     digits: Path, tmp_path: Path, monkeypatch
 ) -> None:
     overrides = {"rounds": 4, "checkpoint_every": 2}
-    run_federation(_config(digits, tmp_path / "whole", **overrides))
+    with fixed_secrets_for_tests(0):
+        run_federation(_config(digits, tmp_path / "whole", **overrides))
     real_save = RunDirectory.save_client
 
     def killed_at_client_2(self, round, name, state):
@@ -158,7 +164,7 @@ def test_a_run_killed_while_hospitals_checkpoint_resumes_from_the_round_they_all
 
     monkeypatch.setattr(RunDirectory, "save_client", killed_at_client_2)
     broken = _config(digits, tmp_path / "broken", **overrides)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), fixed_secrets_for_tests(0):
         run_federation(broken)
     monkeypatch.undo()
     assert _checkpoint_files(tmp_path / "broken") == [
@@ -222,9 +228,10 @@ def test_processes_agree_on_where_to_start_or_all_refuse_alike() -> None:
 
 
 def test_resume_extends_a_finished_run(digits: Path, tmp_path: Path) -> None:
-    run_federation(_config(digits, tmp_path / "short", rounds=2))
+    with fixed_secrets_for_tests(0):
+        run_federation(_config(digits, tmp_path / "short", rounds=2))
+        run_federation(_config(digits, tmp_path / "long", rounds=4))
     summary = run_federation(_config(digits, tmp_path / "short", rounds=4), resume=True)
-    run_federation(_config(digits, tmp_path / "long", rounds=4))
     for name in ("metrics.csv", "privacy.csv"):
         assert (tmp_path / "short" / name).read_text() == (tmp_path / "long" / name).read_text()
     assert summary["rounds"] == 4

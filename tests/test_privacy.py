@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from privacy_reference import (
     clipped_sum,
     dml_loss,
@@ -23,7 +25,15 @@ from torch.utils.data import TensorDataset
 
 from federation.config import DPConfig
 from federation.models import create_model
-from federation.privacy import MECHANISMS, PrivateTraining, epsilon_from_history
+from federation.privacy import (
+    MECHANISMS,
+    RDP_ORDERS,
+    PrivateTraining,
+    _rdp_of_one_step,
+    default_delta,
+    dp_batch_size,
+    epsilon_from_history,
+)
 
 
 def _small_mlp() -> nn.Module:
@@ -89,7 +99,7 @@ def test_noise_is_added_with_std_sigma_c_over_b():
     for sigma in (0.0, 1.5):
         model = create_model("mlp", num_classes=10, seed=1)
         training = private_training(
-            model, images(64, 0), sigma=sigma, clip=0.5, batch_size=16, seed=3
+            model, images(64, 0), sigma=sigma, clip=0.5, batch_size=16, secret_seed=3
         )
         training.backward(F.cross_entropy(model(x), y, reduction="none"))
         training.step()
@@ -122,15 +132,81 @@ def test_epsilon_grows_per_round_and_equals_opacus_accountant():
     reference = RDPAccountant()
     for _ in range(training.steps_taken):
         reference.step(noise_multiplier=1.0, sample_rate=10 / 40)
-    assert training.epsilon() == pytest.approx(reference.get_epsilon(delta=1e-4), rel=1e-12)
+    # What the steps fed the accountant is opacus' history exactly; the ε reported is that
+    # history's under the replace-one relation.
+    assert training.history == reference.history
+    assert training.epsilon() == epsilon_from_history(reference.history, 1e-4,
+                                                      relation="substitution")
+    assert epsilon_from_history(training.history, 1e-4, relation="add_remove") == (
+        pytest.approx(reference.get_epsilon(delta=1e-4), rel=1e-12))
 
 
 def test_epsilon_from_history_equals_opacus_for_changing_settings():
     history = [(1.0, 0.25, 12), (1.4, 0.1, 30), (1.0, 0.25, 5)]
     reference = RDPAccountant()
     reference.history = list(history)
-    assert epsilon_from_history(history, 1e-5) == reference.get_epsilon(delta=1e-5)
+    assert epsilon_from_history(history, 1e-5, relation="add_remove") == (
+        reference.get_epsilon(delta=1e-5))
     assert epsilon_from_history([], 1e-5) == 0.0
+
+
+def _epsilon_of_rdp(rdp: np.ndarray, delta: float) -> float:
+    return float(rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)[0])
+
+
+def test_substitution_epsilon_is_the_weak_triangle_bound_over_opacus_rdp():
+    """Replace-one = remove one unit, then add another. Mironov (CSF 2017, Prop. 11, p = q = 2):
+    D_α(P‖R) ≤ (α − ½)/(α − 1)·D_2α(P‖Q) + D_(2α−1)(Q‖R), each term opacus' add/remove RDP."""
+    history = [(1.0, 0.25, 12), (1.4, 0.1, 30)]
+    orders = np.asarray(RDP_ORDERS)
+
+    def add_remove(at: np.ndarray, sigma: float, q: float) -> np.ndarray:
+        return np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                                   orders=list(at)))
+
+    rdp = sum(steps * ((orders - 0.5) / (orders - 1) * add_remove(2 * orders, sigma, q)
+                       + add_remove(2 * orders - 1, sigma, q))
+              for sigma, q, steps in history)
+    expected = _epsilon_of_rdp(rdp, 1e-5)
+    assert epsilon_from_history(history, 1e-5) == pytest.approx(expected, rel=1e-12)
+    assert expected > epsilon_from_history(history, 1e-5, relation="add_remove")
+
+
+@pytest.mark.parametrize("order", [2.0, 8.0, 32.0])
+def test_substitution_rdp_is_above_an_achievable_pair(order):
+    # Replacing a unit whose clipped gradient is +C by one whose gradient is −C is a real
+    # replace-one pair: one step releases (1−q)N(0,σ²) + qN(∓1,σ²) (in units of C). The bound
+    # must not be below their Rényi divergence, computed here by quadrature.
+    sigma, q = 1.0, 0.2
+    x = np.linspace(-30, 30, 600_001)
+
+    def log_mixture(mean: float) -> np.ndarray:
+        return np.logaddexp(np.log1p(-q) - x**2 / (2 * sigma**2),
+                            np.log(q) - (x - mean) ** 2 / (2 * sigma**2)) - 0.5 * np.log(
+            2 * np.pi * sigma**2)
+
+    log_p, log_q = log_mixture(-1.0), log_mixture(1.0)
+    integrand = np.exp(order * log_p + (1 - order) * log_q)
+    achieved = np.log(np.trapezoid(integrand, x)) / (order - 1)
+    index = RDP_ORDERS.index(order)
+    bound = _rdp_of_one_step(sigma, q, "substitution")[index]
+    assert achieved > _rdp_of_one_step(sigma, q, "add_remove")[index]  # add/remove is too low
+    assert bound >= achieved
+
+
+def test_substitution_epsilon_of_a_release_over_all_units_doubles_the_sensitivity():
+    # q = 1 is the Gaussian mechanism; replacing a unit moves the sum by up to 2C, the same
+    # as adding one at half the noise multiplier (RDP 2α/σ²), which opacus computes exactly.
+    sigma = 1.3
+    assert epsilon_from_history([(sigma, 1.0, 3)], 1e-5) == pytest.approx(
+        epsilon_from_history([(sigma / 2, 1.0, 3)], 1e-5, relation="add_remove"), rel=1e-12)
+
+
+def test_default_delta_and_the_largest_sampling_rate():
+    assert default_delta(40) == 1e-5 and default_delta(20_000) == 1 / 200_000
+    assert dp_batch_size(8, 20, 0.25) == 5  # q = 0.25, not 0.4
+    assert dp_batch_size(8, 100, 0.25) == 8
+    assert dp_batch_size(8, 3, 0.25) == 1  # at least one unit; the caller warns
 
 
 def test_mechanisms_account_identically():
@@ -161,11 +237,11 @@ def test_epsilon_after_a_round_is_known_before_it_and_bounds_the_budget():
     assert probe.fits_budget(10**6)  # no budget: always fits
 
 
-def test_same_seed_same_run_and_other_seed_differs():
-    def final_parameters(seed: int) -> tuple[torch.Tensor, list[int]]:
+def test_sampling_and_noise_are_secret_unless_a_test_fixes_them():
+    def final_parameters(secret_seed: int | None) -> tuple[torch.Tensor, list[int]]:
         model = _small_mlp()
         training = private_training(
-            model, images(60, 0), sigma=1.0, batch_size=15, seed=seed, lr=0.1
+            model, images(60, 0), sigma=1.0, batch_size=15, secret_seed=secret_seed, lr=0.1
         )
         sizes = []
         for x, y in poisson_batches(training):
@@ -174,6 +250,11 @@ def test_same_seed_same_run_and_other_seed_differs():
             training.step()
         return torch.cat([p.detach().flatten() for p in model.parameters()]), sizes
 
+    # Same model, data and settings (what every peer knows): fresh keys draw other batches
+    # and other noise, so nothing shared regenerates them.
+    secret_a, secret_b = final_parameters(None), final_parameters(None)
+    assert not torch.allclose(secret_a[0], secret_b[0])
+    # A test-fixed key repeats them exactly; another fixed key does not.
     params_a, sizes_a = final_parameters(7)
     params_b, sizes_b = final_parameters(7)
     params_c, _ = final_parameters(8)
@@ -183,7 +264,7 @@ def test_same_seed_same_run_and_other_seed_differs():
 
 def test_poisson_batches_vary_around_the_expected_size():
     model = _small_mlp()
-    training = private_training(model, images(200, 0), batch_size=20, seed=0)
+    training = private_training(model, images(200, 0), batch_size=20)
     sizes = [len(x) for _ in range(10) for x, _ in poisson_batches(training)]
     assert training.sample_rate == pytest.approx(0.1)
     assert len(set(sizes)) > 3
@@ -206,7 +287,8 @@ def test_empty_batch_is_a_noise_only_step(mechanism):
 def test_state_dict_resumes_accounting_and_noise():
     def fresh() -> tuple[nn.Module, PrivateTraining]:
         model = _small_mlp()
-        return model, private_training(model, images(40, 0), sigma=1.0, batch_size=10, seed=5)
+        return model, private_training(model, images(40, 0), sigma=1.0, batch_size=10,
+                                       secret_seed=5)
 
     model, training = fresh()
     _run_rounds(training, model, rounds=1)
@@ -272,10 +354,15 @@ def test_bookkeeping_gives_layers_the_forward_skipped_a_zero_gradient():
     assert torch.count_nonzero(model["used"].weight.grad) > 0
 
 
-def test_delta_defaults_to_one_over_n_when_none():
-    model = _small_mlp()
-    training = private_training(model, images(50, 0), batch_size=5, delta=None)
-    assert training.delta == pytest.approx(1 / 50)
+def test_delta_defaults_well_below_one_over_n_and_a_large_one_is_warned(caplog):
+    training = private_training(_small_mlp(), images(50, 0), batch_size=5, delta=None)
+    assert training.delta == 1e-5
+    assert "above 1/(10 n)" not in caplog.text
+    training = private_training(_small_mlp(), images(50, 0), batch_size=5, delta=1e-3)
+    assert training.delta == 1e-3
+    assert "delta 0.001 is above 1/(10 n) = 0.002" not in caplog.text  # 1e-3 < 1/500
+    private_training(_small_mlp(), images(50, 0), batch_size=5, delta=1e-2)
+    assert "delta 0.01 is above 1/(10 n) = 0.002 for its n = 50 units" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -215,7 +215,8 @@ def _three_steps(
     ``grouped`` 4 slides of 2 patches each."""
     model = create_model("mlp", num_classes=2, hidden=(16,), seed=1)
     training = private_training(
-        model, images(40, 0), mechanism=mechanism, sigma=sigma, clip=0.5, batch_size=4, seed=3
+        model, images(40, 0), mechanism=mechanism, sigma=sigma, clip=0.5, batch_size=4,
+            secret_seed=3
     )
     groups = torch.arange(8) // 2 if grouped else None
     grads = []

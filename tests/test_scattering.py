@@ -22,6 +22,7 @@ from federation.feature_statistics import CLIP, PRIOR
 from federation.models import create_model
 from federation.privacy import PrivateTraining, epsilon_from_history
 from federation.scattering import NUM_FEATURES, ScatteringFeatures, morlet_filters
+from federation.secret_randomness import fixed_secrets_for_tests
 
 HOSPITALS = ["h_a", "h_b"]
 
@@ -64,7 +65,7 @@ def test_the_model_starts_silent_trains_under_dp_and_saves_its_centre() -> None:
     assert set(model.state_dict()) == {"centre", "head.weight", "head.bias"}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     dp = PrivateTraining(model, optimizer, num_units=8, batch_size=4,
-                         settings=DPConfig(noise_multiplier=0.0, max_grad_norm=1.0), seed=0)
+                         settings=DPConfig(noise_multiplier=0.0, max_grad_norm=1.0), label="test")
     loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1] * 4),
                                              reduction="none")
     dp.backward(loss)
@@ -152,6 +153,14 @@ def test_with_dp_the_centre_is_noised_and_counted_in_epsilon(bag_cohort, tmp_pat
         assert proxy.epsilon() == pytest.approx(epsilon_from_history([(1.0, 1.0, 1)],
                                                                      proxy.delta))
         assert proxy.epsilon_after(1) > proxy.epsilon()  # the steps compose on top of it
+    # The same configuration and seed, what every peer holds, releases another centre: the
+    # noise is the hospitals' secret, so no peer can subtract it (it once came from the seed).
     again = _algorithm(bag_cohort, tmp_path / "again", "proxyfl")
     again.prepare()
-    torch.testing.assert_close(_centre(again, 0), centre)  # the noise comes from the run seed
+    assert not torch.allclose(_centre(again, 0), centre)
+    # Given the same secrets (a test-only key), the same centre.
+    with fixed_secrets_for_tests(1):
+        fixed = [_algorithm(bag_cohort, tmp_path / f"fixed{i}", "proxyfl") for i in range(2)]
+    for algorithm in fixed:
+        algorithm.prepare()
+    torch.testing.assert_close(_centre(fixed[0], 0), _centre(fixed[1], 0), rtol=0, atol=0)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from federation_synthetic import run_killed_in_round
-from mpi_launch import run_mpiexec
+from mpi_launch import REPO, run_mpiexec
 from slide_bags import slide_config
 
 from federation import catalog
@@ -36,8 +36,11 @@ from federation.evaluation.run import (
 from federation.loop import run_federation
 from federation.model_files import decision_path
 from federation.run_files import PRIVACY_COLUMNS
+from federation.secret_randomness import fixed_secrets_for_tests
 
 FAST = {"rounds": 2, "slides.patches_per_slide": 1}
+
+FIXED_SECRETS = REPO / "tests" / "mpi_scripts" / "federate_with_fixed_secrets.py"
 
 
 def _config(bag_cohort, out: Path, **overrides):
@@ -154,9 +157,10 @@ def test_patch_level_dp_is_labelled_patch(bag_cohort, tmp_path) -> None:
 def test_a_killed_slide_run_resumes_to_the_uninterrupted_files(bag_cohort, tmp_path,
                                                               monkeypatch) -> None:
     overrides = {"rounds": 4, "checkpoint_every": 2}
-    run_federation(_config(bag_cohort, tmp_path / "whole", **overrides))
     broken = _config(bag_cohort, tmp_path / "broken", **overrides)
-    run_killed_in_round(broken, monkeypatch)  # in round 4; the checkpoint is of round 2
+    with fixed_secrets_for_tests(0):  # the same hospital secrets in both runs
+        run_federation(_config(bag_cohort, tmp_path / "whole", **overrides))
+        run_killed_in_round(broken, monkeypatch)  # in round 4; the checkpoint is of round 2
     assert [p.name for p in (tmp_path / "broken/hospitals/h_b/checkpoints").glob("round_*")
             ] == ["round_000002.pt"]
     summary = run_federation(broken, resume=True)
@@ -172,10 +176,11 @@ def test_three_ranks_under_mpiexec_write_the_local_backends_files(bag_cohort, tm
     root, hospitals = bag_cohort
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(slide_config(root, tmp_path / "unused", hospitals, **FAST)))
-    result, _ = run_mpiexec(3, "-m", "slidefed", "-q", "federate", "--config", str(path),
+    result, _ = run_mpiexec(3, str(FIXED_SECRETS), "-q", "federate", "--config", str(path),
                             "--backend", "mpi", "--set", f"output_dir={tmp_path / 'mpi'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    run_federation(_config(bag_cohort, tmp_path / "local"))
+    with fixed_secrets_for_tests(0):  # the secrets the MPI ranks held
+        run_federation(_config(bag_cohort, tmp_path / "local"))
     for name in ("metrics.csv", "privacy.csv"):
         assert (tmp_path / "mpi" / name).read_text() == (tmp_path / "local" / name).read_text()
     for hospital in hospitals:

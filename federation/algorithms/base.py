@@ -48,7 +48,7 @@ from federation.config import ConfigError, FederationConfig
 from federation.data import ClientData
 from federation.devices import resolve_device
 from federation.feature_statistics import needs_centre, release_centre
-from federation.seeds import derive_seed
+from federation.privacy_statement import RELATION, STEPS_ONLY, THEOREM
 from federation.topology import Topology, make_topology
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,16 @@ Losses = dict[int, dict[str, float]]
 
 
 class Spent(NamedTuple):
-    """What a client's DP model has spent after a round: (ε, δ), and ``status``: ``active``
-    while it may train on, ``stopped`` once its next round would pass the ε budget."""
+    """What a client's DP model has spent after a round: (ε, δ); ``status``: ``active``
+    while it may train on, ``stopped`` once its next round would pass the ε budget;
+    ``relation``: the neighbouring relation ε is stated under; ``guarantee``: whether it is
+    a theorem (``federation.privacy.THEOREM``) or the DP-SGD steps' ε only."""
 
     epsilon: float
     delta: float
     status: str
+    relation: str
+    guarantee: str
 
 
 ALGORITHMS = catalog.ALGORITHMS
@@ -107,6 +111,17 @@ class Algorithm(ABC):
 
     roles: ClassVar[dict[str, ModelRole]]
     reported_model: ClassVar[str]
+    dp_model_teacher: ClassVar[str | None] = None
+    """The model whose predictions the DP model distils from with weight ``dml.beta`` (ProxyFL,
+    FML: the private model, trained without DP), or None."""
+
+    @property
+    def guarantee(self) -> str:
+        """``THEOREM`` unless the DP model distils from a model trained without DP, which
+        leaves its ε the DP-SGD steps' only (``federation.config.DMLConfig``)."""
+        if self.dp_model_teacher is not None and self.config.dml.beta > 0:
+            return STEPS_ONLY
+        return THEOREM
 
     def __init__(
         self,
@@ -150,10 +165,8 @@ class Algorithm(ABC):
             models = {c: client.models[name] for c, client in self.clients.items()}
             if not any(needs_centre(m) for m in models.values()):
                 continue
-            generators = {c: torch.Generator().manual_seed(
-                derive_seed(self.config.seed, "feature-centre", name, c)) for c in models}
             with self.stopwatch("training"):
-                release_centre(models, self.comm if role.leaves_client else None, generators)
+                release_centre(models, self.comm if role.leaves_client else None)
         self._check_budget()
 
     @abstractmethod
@@ -275,7 +288,8 @@ class Algorithm(ABC):
                 for model in client.models.values():
                     if model.is_private:
                         status = "active" if model.fits_budget(epochs) else "stopped"
-                        report[c] = Spent(model.epsilon(), float(model.delta), status)
+                        report[c] = Spent(model.epsilon(), float(model.delta), status,
+                                          RELATION, self.guarantee)
         return report
 
     def state_dict(self, client: int) -> dict[str, Any]:

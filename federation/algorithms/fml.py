@@ -24,7 +24,8 @@ class FederatedMutualLearning(Algorithm):
     then m ← Σ_k n_k m_k / Σ_k n_k over all clients (n_k: client k's training-set size),
     which every client adopts as its meme for the next round.
 
-    Parameters: ``dml.alpha`` 0.5, ``dml.beta`` 0.5, ``optim.*``, ``dp.*``; the local model is
+    Parameters: ``dml.alpha`` 0.5, ``dml.beta`` 0 (the paper: 0.5; β > 0 leaves the meme's ε
+    the DP-SGD steps' only, as in ``ProxyFL``), ``optim.*``, ``dp.*``; the local model is
     ``model.private``, the meme ``model.proxy``. Every client takes part in every round.
     """
 
@@ -33,6 +34,7 @@ class FederatedMutualLearning(Algorithm):
         "shared": ModelRole("proxy", leaves_client=True, common_init=True),
     }
     reported_model = "private"
+    dp_model_teacher = "private"
 
     def run_round(self, round: int) -> Losses:
         losses = self.train_mutually("private", "shared")

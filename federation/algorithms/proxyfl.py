@@ -24,9 +24,16 @@ class ProxyFL(Algorithm):
     k + 2^(t mod ⌈log2 K⌉) of the exponential graph and set φ_k ← ½(φ_k + φ_j) for the proxy
     φ_j received.
 
-    Parameters: ``dml.alpha`` 0.5, ``dml.beta`` 0.5, ``topology`` (exponential), ``optim.*``,
-    ``dp.*`` (σ 1.0, C 1.0); models ``model.private`` (own weights per client) and
-    ``model.proxy`` (the same initial weights on every client).
+    Parameters: ``dml.alpha`` 0.5, ``dml.beta`` 0 (the paper: 0.5), ``topology``
+    (exponential), ``optim.*``, ``dp.*`` (σ 1.0, C 1.0); models ``model.private`` (own
+    weights per client) and ``model.proxy`` (the same initial weights on every client).
+
+    β = 0 is slidefed's default because it makes the proxy's ε a theorem: L_φ is then the
+    proxy's own cross-entropy, and φ depends on the client's data only through DP-SGD and
+    on its peers only through their DP proxies. The paper's β > 0 distils from θ, trained
+    without DP on the same records, so one record changes every sampled record's term of
+    L_φ and the sensitivity C that the accountant assumes no longer bounds a step; its ε is
+    then reported as covering the DP-SGD steps only (``Algorithm.guarantee``).
     """
 
     roles = {
@@ -34,6 +41,7 @@ class ProxyFL(Algorithm):
         "proxy": ModelRole("proxy", leaves_client=True, common_init=True),
     }
     reported_model = "private"
+    dp_model_teacher = "private"
 
     def run_round(self, round: int) -> Losses:
         losses = self.train_mutually("private", "proxy")
