@@ -66,7 +66,8 @@ def write_outputs(out: Path) -> Path:
          [(r, c, m, "validation", metric, 0.5 + 0.1 * r) for r in (1, 2, 3)
           for c in range(2) for m in MODELS for metric in ("accuracy", "auc")])
     _csv(run / run_files.PRIVACY, run_files.PRIVACY_COLUMNS,
-         [(r, c, 1.5 * r + c, 1e-3, "slide", "active") for r in (1, 2, 3) for c in range(2)])
+         [(r, c, 1.5 * r + c, 1e-3, "slide", "active", "substitution", "theorem")
+          for r in (1, 2, 3) for c in range(2)])
     _csv(run / run_files.SLIDE_PREDICTIONS, run_files.PREDICTION_COLUMNS,
          [(h, f"{h}_{s}", "test", s % 2, 0.2 + 0.2 * s, int(s >= 2), m)
           for h in HOSPITALS for m in MODELS for s in range(SLIDES)])
@@ -133,6 +134,8 @@ def test_the_tables_hold_each_hospital_and_the_failure_reason(report):
     final_epsilon = dict(tables["final-epsilon:proxyfl"])
     assert final_epsilon == {"hospital_a": ["hospital_a", "4.500"],
                              "hospital_b": ["hospital_b", "5.500"]}
+    # what the ε means, in words, beside it
+    assert "What this ε is: (ε, δ)-DP per slide, replace-one." in report.read_text()
 
 
 def test_a_run_not_yet_evaluated_is_one_line_naming_the_file(tmp_path, capsys):

@@ -70,6 +70,8 @@ class PrivacyRow:
     epsilon: float
     delta: float
     unit: str
+    relation: str
+    guarantee: str
 
 
 @dataclass(frozen=True)
@@ -184,10 +186,10 @@ def read_run(directory: Path) -> Run:
         metrics=_rows(directory / run_files.METRICS, run_files.METRICS_COLUMNS,
                       lambda r: MetricRow(int(r["round"]), hospital(r["client"]), r["model"],
                                           r["split"], r["metric"], _number(r["value"]))),
-        privacy=_rows(directory / run_files.PRIVACY, run_files.PRIVACY_COLUMNS[:5],
+        privacy=_rows(directory / run_files.PRIVACY, run_files.PRIVACY_COLUMNS,
                       lambda r: PrivacyRow(int(r["round"]), hospital(r["client"]),
                                            _number(r["epsilon"]), _number(r["delta"]),
-                                           r["unit"])),
+                                           r["unit"], r["relation"], r["guarantee"])),
         predictions=_rows(directory / run_files.SLIDE_PREDICTIONS, run_files.PREDICTION_COLUMNS,
                           lambda r: Prediction(r["hospital"], r["slide_id"], r["split"],
                                                int(r["label"]), float(r["score"]), r["model"])),

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from federation.evaluation.metrics import METRICS
+from federation.privacy_statement import epsilon_label
 from federation.report import NON_PRIVATE, NOT_SHARED
 from federation.results_report import figures
 from federation.results_report.collect import CrossSite, Run, WorkflowResults, collect
@@ -81,6 +83,8 @@ def _run(run: Run) -> dict[str, Any]:
         "privacy": data_uri(privacy) if privacy else None,
         "final_epsilon": [{"hospital": h, "epsilon": _number(e)} for h, e in final.items()],
         "unit": " / ".join(sorted({r.unit for r in run.privacy})),
+        # what the ε means: a theorem (unit, replace-one) or the DP-SGD steps' ε only
+        "statement": " / ".join(sorted({epsilon_label(asdict(r)) for r in run.privacy})),
         "cross_site": _cross_site(run),
         "heatmaps": _heatmaps(run),
         "config": run.config_text,
