@@ -26,10 +26,10 @@ machine learning", USENIX Security 2023 (arXiv 2302.07956):
    (⟨release, e_j⟩: Nasr et al.'s statistic for Dirac canaries).
 4. The k highest scores are guessed members, the k lowest non-members, the rest abstain
    (k fixed before the run; ``guesses``). With r = 2k guesses of which v are right, the
-   bound is the largest ε that an (ε, δ)-DP mechanism makes this unlikely: Steinke et al.'s
-   main theorem for approximate DP (Theorem 3 of the paper; the form computed here is their
-   Appendix D's, a corollary of it) bounds, for S the canaries' coin flips and W the number
-   of correct guesses,
+   bound is the largest ε that an (ε, δ)-DP mechanism makes this unlikely. Steinke et al.'s
+   main theorem for approximate DP (Theorem 3 of arXiv 2305.08846v1, in the p-value form
+   that their Appendix D evaluates) bounds, over the canaries' coin flips, the number W of
+   correct guesses:
 
        P[W ≥ v] ≤ P[Bin(r, p) ≥ v] + 2mδ · max_{i=1..v} P[v − i ≤ Bin(r, p) < v] / i,
        p = e^ε / (1 + e^ε),
@@ -65,8 +65,8 @@ implementation or its accounting is broken: too little noise, noise an observer 
 predict (from a known seed), a sampling rate other than the accounted one, or a release
 that depends on a record through more than its own clipped gradient (a teacher trained
 without DP). What it does not prove: ε_lb below the claimed ε does not show the guarantee
-holds. The one-run bound is loose by design (a correct Gaussian mechanism at ε ≈ 2 gives
-ε_lb ≈ 0.2–0.5 here, and ε_lb cannot exceed ``epsilon_lb_max``); this attack is one
+holds. The one-run bound is loose by design (the tests' correct mechanism, accountant ε
+1.79, gets ε_lb 0–0.3, and ε_lb cannot exceed ``epsilon_lb_max``); this attack is one
 statistic of many; and it sees only the releases, so a leak outside them (the key in a
 checkpoint, a side channel, floating-point attacks on the noise sampler) is out of its
 view. A canary in a coordinate the data also move is still sound, only weaker.
