@@ -119,7 +119,9 @@ def _federate_command(config: Path, out: Path, rounds: int, threads: int,
                       *settings: str) -> list[str]:
     command = [sys.executable, "-m", "slidefed", "-q", "federate", "--config",
                str(config), "--set", f"rounds={rounds}", "--set", f"output_dir={out}",
-               "--set", f"threads={threads}", "--set", "checkpoint_every=0"]
+               "--set", f"threads={threads}", "--set", "checkpoint_every=0",
+               # the benchmark reads the run's timings, which hospitals share by opt-in only
+               "--set", "report.share_timings=true"]
     for setting in settings:
         command += ["--set", setting]
     return command

@@ -124,9 +124,10 @@ PER_PROCESS_KEYS = frozenset({"output_dir", "data.root", "device", "slides.worke
 RUNNER_KEYS = frozenset({"algorithm", "seed", "output_dir", "backend"})
 # RUN_ONLY_KEYS: what runs reported together may differ in (``report``): the algorithm and
 # seed being compared, how they executed, how often they were evaluated and where the data
-# lay, and which metrics their hospitals shared. They must agree on every other key.
+# lay, and which metrics and timings their hospitals shared. They must agree on every other key.
 RUN_ONLY_KEYS = EXECUTION_KEYS | RUNNER_KEYS | {"eval_every", "data.root",
-                                                 "report.shared_metrics"}
+                                                 "report.shared_metrics",
+                                                 "report.share_timings"}
 
 
 def checkpoint_file(round: int) -> str:

@@ -140,9 +140,11 @@ def test_an_unknown_backend_and_impossible_ranks_are_refused(
 @pytest.mark.slow
 @pytest.mark.mpi
 def test_mpi_runs_match_local_runs(config_path: Path, tmp_path: Path) -> None:
+    # Without DP: the runner's plumbing is what is compared here; runs with DP draw secret
+    # noise, and tests/test_federate_mpi.py compares them given fixed test secrets.
     for backend in ("mpi", "local"):
         run_benchmark(config_path, ["proxyfl"], [0], tmp_path / backend, backend=backend,
-                      overrides=["rounds=2"])
+                      overrides=["rounds=2", "dp.enabled=false"])
     mpi, local = tmp_path / "mpi" / "proxyfl" / "seed_0", tmp_path / "local" / "proxyfl" / "seed_0"
     # The 4 clients packed on one rank per core.
     assert f"mpiexec -n {default_ranks(4)} " in (mpi / "federate.log").read_text()
