@@ -39,12 +39,14 @@ import numpy as np
 
 from federation import catalog, run_files
 from federation.config import ConfigError, FederationConfig, config_to_dict, load_config
+from federation.privacy_statement import epsilon_label
 
 log = logging.getLogger(__name__)
 
 # How every number a hospital shared by opt-in is labelled where it is shown (summary.json,
 # results.md, the HTML report): computed on a hospital's own data, it is not covered by DP.
 NON_PRIVATE = "non-private statistic, shared by opt-in"
+UNSTATED = "relation and guarantee not stated (run written before slidefed stated them)"
 NOT_SHARED = "not shared"
 
 # Dashes as well as colours: algorithms with equal ε (same sampling, noise and steps) draw the
@@ -68,6 +70,7 @@ class RunResult:
     accuracy: dict[int, np.ndarray]
     epsilon: dict[int, np.ndarray]
     delta: float
+    statement: str = ""  # what its ε is (``privacy_statement.epsilon_label``); "" without DP
 
     @property
     def algorithm(self) -> str:
@@ -92,6 +95,7 @@ class AlgorithmResult:
     delta: float
     seeds: int
     rounds: int
+    statement: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,13 +138,16 @@ def read_run(directory: Path) -> RunResult:
     epsilon: dict[int, dict[int, float]] = {}
     deltas: set[float] = set()
     # the columns read here, so that runs written before privacy.csv had ``status`` still load
+    statements: set[str] = set()
     for line, row in _read_csv(privacy_path, ("round", "client", "epsilon", "delta")):
         round_, client = _round_and_client(privacy_path, line, row)
         epsilon.setdefault(round_, {})[client] = _number(privacy_path, line, row["epsilon"])
         deltas.add(_number(privacy_path, line, row["delta"]))
+        # runs written before privacy.csv stated its relation and guarantee say so
+        statements.add(epsilon_label(row) if row.get("guarantee") else UNSTATED)
 
     return RunResult(directory, config, model, _by_client(by_round), _by_client(epsilon),
-                     max(deltas) if deltas else math.nan)
+                     max(deltas) if deltas else math.nan, " / ".join(sorted(statements)))
 
 
 def read_runs(runs_dir: Path) -> list[RunResult]:
@@ -289,6 +296,7 @@ def summarize(runs: Iterable[RunResult]) -> list[AlgorithmResult]:
             delta=max(r.delta for r in dp) if dp else math.nan,
             seeds=len(group),
             rounds=max(r.config.rounds for r in group),
+            statement=" / ".join(sorted({r.statement for r in dp})),
         ))
     return results
 
@@ -337,6 +345,7 @@ def write_table(results: list[AlgorithmResult], out_dir: Path, caption: str) -> 
         ("ε (mean over clients)", lambda r: _significant(r.epsilon_mean)),
         ("ε (max)", lambda r: _significant(r.epsilon_max)),
         ("δ", lambda r: _significant(r.delta)),
+        ("What ε is", lambda r: r.statement or "—"),
         ("Seeds", lambda r: str(r.seeds)),
         ("Rounds", lambda r: str(r.rounds)),
     ]

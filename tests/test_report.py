@@ -37,6 +37,11 @@ KNOWN = {**ALGORITHMS, "joint": (("shared",), "shared", False)}
 TAB10 = {"C0": (31, 119, 180), "C1": (255, 127, 14), "C2": (44, 160, 44)}
 
 
+
+def _guarantee(algorithm: str) -> str:
+    """FML's runs here distil from a non-DP model (dml.beta > 0): their ε is the steps' only."""
+    return "DP-SGD steps only, not a guarantee" if algorithm == "fml" else "theorem"
+
 def _write_run(directory: Path, algorithm: str, seed: int, **config_changes) -> dict:
     """A finished run with random accuracies and ε; returns the values written:
     {"accuracy": {model: [round][client]}, "epsilon": [round][client] or None}."""
@@ -56,9 +61,10 @@ def _write_run(directory: Path, algorithm: str, seed: int, **config_changes) -> 
     epsilon = np.cumsum(rng.uniform(0.5, 1.5, size=(ROUNDS, CLIENTS)), axis=0) if dp else None
     with open(directory / "privacy.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["round", "client", "epsilon", "delta", "unit"])
+        writer.writerow(["round", "client", "epsilon", "delta", "unit", "relation", "guarantee"])
         if dp:
-            writer.writerows([t + 1, c, epsilon[t, c], DELTA, "record"]
+            writer.writerows([t + 1, c, epsilon[t, c], DELTA, "record", "substitution",
+                              _guarantee(algorithm)]
                              for t in range(ROUNDS) for c in range(CLIENTS))
     config = {"algorithm": algorithm, "rounds": ROUNDS, "seed": seed, "clients": CLIENTS,
               "backend": "local", "output_dir": str(directory),
@@ -115,9 +121,13 @@ def test_table_has_mean_and_std_over_seeds_of_the_reported_models_final_accuracy
                 statistics.fmean(statistics.fmean(e) for e in last_eps))
             assert float(row["epsilon_max"]) == pytest.approx(max(max(e) for e in last_eps))
             assert float(row["delta"]) == DELTA
+            # what the ε is, beside it
+            statement = ("DP-SGD steps only, not a guarantee" if _guarantee(algorithm) != "theorem"
+                         else "(ε, δ)-DP per record, replace-one")
+            assert row["statement"] == statement and f"| {statement} |" in md_row
         else:
             assert row["epsilon_mean"] == row["epsilon_max"] == row["delta"] == ""
-            assert md_row.count("—") == 3
+            assert md_row.count("—") == 4
 
 
 def test_curves_average_clients_then_seeds_at_every_round(tmp_path: Path) -> None:
@@ -186,7 +196,7 @@ def test_an_unfinished_run_is_left_out_with_a_warning(tmp_path: Path, caplog) ->
 
 def _truncate_row(path: Path) -> None:
     lines = path.read_text().splitlines()
-    lines[3] = lines[3].rsplit(",", 2)[0]  # drop delta (and unit)
+    lines[3] = ",".join(lines[3].split(",")[:3])  # drop delta and what follows it
     path.write_text("\n".join(lines) + "\n")
 
 
