@@ -1,6 +1,7 @@
-"""Federation subcommands: ``slidefed federate``, ``slidefed evaluate``, ``slidefed heatmap``,
-``slidefed audit`` and ``slidefed results-report`` here; ``slidefed bench algorithms`` and
-``slidefed report`` (the benchmark's tables of runs) come from ``federation.benchmark``.
+"""Federation subcommands: ``slidefed federate``, ``slidefed evaluate``, ``slidefed compare``,
+``slidefed heatmap``, ``slidefed audit`` and ``slidefed results-report`` here; ``slidefed bench
+algorithms`` and ``slidefed report`` (the benchmark's tables of runs) come from
+``federation.benchmark``.
 
 torch and mpi4py are imported inside the command, so registering it costs ``slidefed tile``
 nothing at start-up.
@@ -45,6 +46,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    from federation.evaluation.compare import compare_runs, format_table
+
+    result = compare_runs(args.run_a, args.run_b, args.model, args.model_b, output=args.output,
+                          n_bootstrap=args.bootstrap, seed=args.seed)
+    print(format_table(result))
+    if args.output is not None:
+        print(f"-> {args.output}")
+    return 0
+
+
 def run_heatmap(args: argparse.Namespace) -> int:
     from federation.evaluation.run_heatmaps import draw_run_heatmaps
 
@@ -64,7 +76,7 @@ def run_audit(args: argparse.Namespace) -> int:
         print(f"{row['hospital']} {row['model']} ({row['records']}): AUC {row['auc']:.3f}, "
               f"TPR at 1% FPR {row['tpr_at_fpr_0.01']:.3f}, epsilon_lb {row['epsilon_lb']:.2f} "
               f"of at most {row['epsilon_lb_max']:.2f} with these records "
-              f"(accountant {row['epsilon']:.3g})")
+              f"(accountant {row['epsilon']:.3g}: {row['guarantee']})")
     if not args.hospital:
         models = len({(row["hospital"], row["model"]) for row in rows})
         print(f"{models} models audited ({len(rows)} rows) -> "
@@ -131,6 +143,41 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap resamples for the 95%% intervals (default %(default)s)")
     p.set_defaults(run=run_evaluate)
+
+    p = commands.add_parser(
+        "compare",
+        help="two evaluated runs (or two models of one run) on the same test slides: per "
+             "hospital and overall, AUC difference (DeLong) and accuracy, sensitivity, "
+             "specificity differences (stratified paired bootstrap), each with a 95%% "
+             "interval and p-value",
+        description="Paired comparison of model A of RUN_A and model B of RUN_B on the same "
+                    "test slides (both runs evaluated by `slidefed evaluate`). Per hospital: "
+                    "each AUC, their difference with a DeLong 95%% interval and two-sided "
+                    "p-value, and the differences in accuracy, sensitivity and specificity at "
+                    "each model's own thresholds with a bootstrap resampling slides within "
+                    "hospital x label strata. Overall: the hospitals' AUCs and differences "
+                    "combined as slide-weighted means (scores are never pooled across "
+                    "hospitals). Refused unless both runs hold the same test slides with the "
+                    "same labels in every hospital. Intervals that cannot be computed (one "
+                    "class; DeLong variance 0, e.g. both AUCs 1.0) are marked so. Example: "
+                    "slidefed compare results/demo/federation/proxyfl "
+                    "results/demo/federation/fedavg --model private --model-b proxy "
+                    "-o proxyfl_vs_fedavg.json")
+    p.add_argument("run_a", type=Path, help="run A's output directory")
+    p.add_argument("run_b", type=Path, help="run B's output directory (may be RUN_A, to "
+                                            "compare two of its models)")
+    p.add_argument("--model", default=None,
+                   help="A's model, e.g. private or proxy (default: the run's reported model, "
+                        "or its only one)")
+    p.add_argument("--model-b", default=None,
+                   help="B's model (default: --model if given, else B's reported model)")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="also write the comparison as JSON here")
+    p.add_argument("--bootstrap", type=int, default=2000,
+                   help="paired bootstrap resamples (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the bootstrap's seed (default %(default)s)")
+    p.set_defaults(run=run_compare)
 
     p = commands.add_parser(
         "heatmap",

@@ -19,6 +19,7 @@ divisor)."""
 THEOREM = "theorem"
 STEPS_ONLY = "DP-SGD steps only, not a guarantee"
 NOT_PRIVATE = "not private"
+UNSTATED = "relation and guarantee not stated (written before slidefed stated them)"
 """How far an ε is a guarantee: ``THEOREM``, (ε, δ)-DP under ``RELATION`` for the stated unit;
 ``STEPS_ONLY``, the accountant's ε of a DP model that distils from a non-DP teacher
 (``dml.beta`` > 0), which bounds nothing; ``NOT_PRIVATE``, a model trained without DP."""

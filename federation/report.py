@@ -39,14 +39,13 @@ import numpy as np
 
 from federation import catalog, run_files
 from federation.config import ConfigError, FederationConfig, config_to_dict, load_config
-from federation.privacy_statement import epsilon_label
+from federation.privacy_statement import UNSTATED, epsilon_label
 
 log = logging.getLogger(__name__)
 
 # How every number a hospital shared by opt-in is labelled where it is shown (summary.json,
 # results.md, the HTML report): computed on a hospital's own data, it is not covered by DP.
 NON_PRIVATE = "non-private statistic, shared by opt-in"
-UNSTATED = "relation and guarantee not stated (run written before slidefed stated them)"
 NOT_SHARED = "not shared"
 
 # Dashes as well as colours: algorithms with equal ε (same sampling, noise and steps) draw the

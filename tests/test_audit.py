@@ -205,7 +205,7 @@ def test_a_memorising_model_leaks_and_the_members_are_its_training_images(digits
     for row in rows:
         assert float(row["auc"]) > 0.75
         assert float(row["epsilon_lb"]) > 0.5
-        assert math.isinf(float(row["epsilon"]))
+        assert math.isinf(float(row["epsilon"])) and row["guarantee"] == "not private"
         assert (row["members"], row["nonmembers"]) == ("100", "100")
     records = [read_audit_records(out / "hospitals" / f"client_{k}" / "audit_records.csv")
                for k in range(2)]
@@ -244,6 +244,7 @@ def test_a_model_trained_with_large_noise_stays_below_its_accountant_epsilon(dig
                for row, line in zip(rows, printed, strict=True))
     for row in rows:
         assert row["dp"] == "True"
+        assert row["guarantee"] == "(ε, δ)-DP per record, replace-one"
         assert abs(float(row["auc"]) - 0.5) < 0.1
         assert float(row["epsilon_lb"]) < float(row["epsilon"])
         # 50 members and 50 non-members in the counted half: the most any attack could show

@@ -70,6 +70,7 @@ from federation.evaluation.run import hospital_slides
 from federation.evaluation.scoring import evenly_spaced, patch_probabilities
 from federation.model_files import load_model
 from federation.outputs import RunDirectory
+from federation.privacy_statement import UNSTATED, epsilon_label
 from federation.run_files import (
     AUDIT_CSV,
     AUDIT_JSON,
@@ -86,7 +87,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("hospital", "model", "shared", "dp", "attack", "records", "unit", "members",
            "nonmembers", "auc", *(f"tpr_at_fpr_{f:g}" for f in LOW_FPRS), "epsilon_lb",
-           "epsilon_lb_max", "epsilon", "delta", "confidence", "threshold",
+           "epsilon_lb_max", "epsilon", "guarantee", "delta", "confidence", "threshold",
            "bound_true_positives", "bound_members", "bound_false_positives", "bound_nonmembers")
 
 
@@ -279,6 +280,8 @@ def _row(hospital: str, card: dict[str, Any], chosen: AuditSet, result: AttackRe
             **{f"tpr_at_fpr_{f:g}": t for f, t in result.tpr_at_fpr.items()},
             "epsilon_lb": bound.epsilon_lb, "epsilon_lb_max": result.epsilon_lb_max,
             "epsilon": float(privacy["epsilon"]) if privacy["dp"] else math.inf,
+            # what the accountant's ε is (model files before it was stated: not stated)
+            "guarantee": epsilon_label(privacy) if "guarantee" in privacy else UNSTATED,
             "delta": delta, "confidence": CONFIDENCE, "threshold": bound.threshold,
             "bound_true_positives": bound.true_positives, "bound_members": bound.members,
             "bound_false_positives": bound.false_positives,
