@@ -152,7 +152,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
              "interval and p-value",
         description="Paired comparison of model A of RUN_A and model B of RUN_B on the same "
                     "test slides (both runs evaluated by `slidefed evaluate`). Per hospital: "
-                    "each AUC, their difference with a DeLong 95%% interval and two-sided "
+                    "each AUC, their difference with a DeLong 95% interval and two-sided "
                     "p-value, and the differences in accuracy, sensitivity and specificity at "
                     "each model's own thresholds with a bootstrap resampling slides within "
                     "hospital x label strata. Overall: the hospitals' AUCs and differences "
