@@ -108,7 +108,7 @@ def test_p_values_are_uniform_under_the_null_and_small_under_an_alternative() ->
         null.append(delong_paired(labels, latent + rng.normal(size=60),
                                   latent + rng.normal(size=60)).p)
         alternative.append(delong_paired(labels, latent + 0.3 * rng.normal(size=60),
-                                         latent + 2.0 * rng.normal(size=60)).p)
+                                         latent + 3.0 * rng.normal(size=60)).p)
     null = np.array(null)
     assert 0.02 <= (null < 0.05).mean() <= 0.09
     assert kstest(null, "uniform").pvalue > 0.01
