@@ -45,9 +45,9 @@ from federation.config import (
 )
 from federation.cores import usable_cores
 from federation.report import write_report
+from formats.errors import one_line
 
 log = logging.getLogger(__name__)
-
 
 
 class BenchmarkError(ValueError):
@@ -151,7 +151,7 @@ def run_benchmark(
             except Exception as error:  # one failed run must not lose the others
                 log.error("%s failed: %s", run.name, error, exc_info=log.isEnabledFor(
                     logging.DEBUG))
-                failures.append(f"{run.name} ({_one_line(error)})")
+                failures.append(f"{run.name} ({one_line(error)})")
                 continue
             log.info("%s: done in %.0f s", run.name, time.perf_counter() - started)
     if failures:
@@ -182,13 +182,6 @@ def _is_finished(run: PlannedRun) -> bool:
         log.warning("%s: %s; running it again", run.name, error)
         return False
     return _comparable(earlier) == _comparable(run.config)
-
-
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ---------------------------------------------------------------------------- executors

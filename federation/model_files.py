@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from federation.models import create_model
-from slidefed.atomic import atomic_path
+from formats.atomic import atomic_path
 
 FORMAT_NAME = "slidefed-model"
 FORMAT_VERSION = 1

@@ -38,7 +38,7 @@ from federation.config import (
     dump_config,
     load_config,
 )
-from slidefed.atomic import atomic_path
+from formats.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

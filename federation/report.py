@@ -40,6 +40,7 @@ import numpy as np
 from federation import catalog, run_files
 from federation.config import ConfigError, FederationConfig, config_to_dict, load_config
 from federation.privacy_statement import UNSTATED, epsilon_label
+from formats.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, s
     except FileNotFoundError:
         raise ReportError(f"{path}: missing") from None
     except (csv.Error, UnicodeDecodeError) as error:
-        raise ReportError(f"{path}: not a readable CSV file ({_first_line(error)})") from None
+        raise ReportError(f"{path}: not a readable CSV file ({one_line(error)})") from None
     except ValueError as error:  # the header lacks a column
         raise ReportError(str(error)) from None
 
@@ -248,10 +249,6 @@ def _setting(config: FederationConfig) -> dict[str, Any]:
         {"dp.enabled"} if config.algorithm in catalog.WITHOUT_DP else set())
     return {key: value for key, value in run_files.flatten_config(config_to_dict(config)).items()
             if key not in ignored}
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 # ---------------------------------------------------------------------------- statistics

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from slidefed.atomic import atomic_path
+from formats.atomic import atomic_path
 from wsi.synthetic import (
     StainProfile,
     SyntheticSlide,

@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 from tqdm import tqdm
 
-from slidefed.atomic import atomic_path, make_directory
+from formats.atomic import atomic_path, make_directory
 from wsi.bag import (
     FORMAT_VERSION,
     BagError,

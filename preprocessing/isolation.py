@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Generic, TypeVar
 
+from formats.errors import one_line
+
 Job = TypeVar("Job")
 Result = TypeVar("Result")
 
@@ -24,12 +26,6 @@ class Outcome(Generic[Result]):
 
     result: Result | None = None
     error: str | None = None
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one line, for manifests and logs."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def _child(fn: Callable[[Job], Result], job: Job, conn: Connection) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from slidefed.atomic import atomic_path
-from slidefed.png import png_bytes
+from formats.atomic import atomic_path
+from formats.png import png_bytes
 from wsi.tissue import Overview
 
 # QC pictures are scaled to a long side in this range: big enough to judge, small to store.

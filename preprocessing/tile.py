@@ -19,7 +19,7 @@ import numpy as np
 from shapely import Polygon
 from tqdm import tqdm
 
-from slidefed.atomic import make_directory, remove_stale_partials
+from formats.atomic import make_directory, remove_stale_partials
 from wsi.annotations import read_tumour_annotation, tumour_fractions
 from wsi.bag import (
     BagAttributes,

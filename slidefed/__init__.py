@@ -1,13 +1,12 @@
-"""The neutral package of slidefed: the console script and one shared file helper.
+"""The roof of slidefed: the console script, ``predict``, and the workflow's helpers.
 
 - ``slidefed.cli``: the ``slidefed`` console script (``python -m slidefed``). It is the one
   place that composes ``wsi``, ``preprocessing`` and ``federation``, so it sits above all
-  three in the import graph and none of them imports another to be launched.
-- ``slidefed.atomic``: atomic file writes, which ``wsi``, ``preprocessing`` and
-  ``federation`` all use; it sits below them and imports only the standard library, so the
-  engine need not import ``wsi`` for it.
+  three in the import graph and none of them imports it (``tests/test_layout.py``).
+- ``slidefed.predict``: ``slidefed predict``, slides to calls with a saved model.
 - ``slidefed.workflow``: the Snakemake workflow's config checks and the command-line options
-  its rules pass; like the console script it sits above the three packages.
+  its rules pass.
 
-Nothing else belongs here; importing this package imports none of these modules.
+What every floor shares (atomic writes, PNG, the one-line error rule) lives in ``formats``,
+below them all. Importing this package imports none of these modules.
 """

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from federation import commands as federation_commands
+from formats.errors import one_line
 from preprocessing import commands as preprocessing_commands
 from slidefed import commands as slidefed_commands
 
@@ -70,13 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
-
-
-def one_line(exc: ValueError | OSError) -> str:
-    """An error as one line; an OS error as ``<file>: <reason>``, like every other error."""
-    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}"
-    return " ".join(str(exc).split())
 
 
 def console_main() -> NoReturn:

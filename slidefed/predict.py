@@ -31,10 +31,10 @@ from federation.evaluation.heatmap import heatmap_title, read_patch_map, write_h
 from federation.evaluation.regions import tumour_regions, write_regions
 from federation.evaluation.scoring import SCORING_BATCH, scoring_threads
 from federation.model_files import decision_threshold, load_model, read_decision
+from formats.atomic import atomic_path, make_directory
+from formats.errors import one_line
 from preprocessing.options import TilingOptions
 from preprocessing.tile import tile_slide
-from slidefed.atomic import atomic_path, make_directory
-from slidefed.cli import one_line
 from wsi.annotations import read_tumour_annotation
 from wsi.resolution import MPP_TOLERANCE
 from wsi.slide import open_slide

@@ -106,7 +106,8 @@ def test_a_failed_run_does_not_stop_the_others_and_is_named(
         run_benchmark(config_path, ["fedavg", "cwt"], [0, 1], tmp_path / "out",
                       overrides=["rounds=7"])
     assert attempted == [(f"{a}/seed_{s}", False, 7) for a in ("fedavg", "cwt") for s in (0, 1)]
-    assert str(raised.value).startswith("1 of 4 runs failed: fedavg/seed_1 (disk full)")
+    # one line, by the rule every error follows (formats.errors.one_line)
+    assert str(raised.value).startswith("1 of 4 runs failed: fedavg/seed_1 (disk full second line)")
     assert "\n" not in str(raised.value)
 
 

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from slidefed.png import png_bytes
+from formats.png import png_bytes
 
 
 def test_png_decodes_to_the_picture():

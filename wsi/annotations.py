@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from formats.errors import one_line
+
 if TYPE_CHECKING:
     import shapely
 
@@ -95,10 +97,6 @@ def _features(path: Path, document: object) -> list:
                                 f"(type {kind!r})")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def _classification(properties: dict) -> str | None:
     value = properties.get("classification")
     if isinstance(value, dict):
@@ -124,7 +122,7 @@ def read_tumour_annotation(path: str | Path, rules: AnnotationRules | None = Non
     except FileNotFoundError:
         raise AnnotationError(path, "annotation file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnnotationError(path, f"not valid JSON ({_one_line(exc)})") from None
+        raise AnnotationError(path, f"not valid JSON ({one_line(exc)})") from None
     features = _features(path, document)
     skipped: Counter[str] = Counter()
     polygons: list[shapely.Geometry] = []
@@ -173,7 +171,7 @@ def _polygonal(path: Path, index: int, geometry: dict) -> shapely.Geometry:
     except (ValueError, TypeError, IndexError, AttributeError, KeyError,
             shapely.errors.ShapelyError) as exc:
         raise AnnotationError(path, f"feature {index}: malformed {geometry.get('type')} "
-                                    f"coordinates ({_one_line(exc)})") from None
+                                    f"coordinates ({one_line(exc)})") from None
     if not np.isfinite(shapely.get_coordinates(polygon)).all():
         raise AnnotationError(path, f"feature {index}: coordinates are not finite numbers")
     if not polygon.is_valid:

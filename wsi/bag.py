@@ -57,7 +57,8 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from slidefed.atomic import partial_path
+from formats.atomic import partial_path
+from formats.errors import one_line
 
 # PIL loads its JPEG and PNG plugins on the first encode; do it at import, so the processes a
 # preprocessing job forks for its slides inherit them.
@@ -287,10 +288,6 @@ def _small_dataset(f: h5py.File, name: str, data: np.ndarray) -> h5py.Dataset:
     return f.create_dataset(name, data=data, fletcher32=True)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def _read(ds: h5py.Dataset, selection: int | tuple = ()) -> np.ndarray:
     """``ds[selection]``, with HDF5's read errors (a failed Fletcher-32 check among them) as a
     :class:`BagError` naming the dataset."""
@@ -298,7 +295,7 @@ def _read(ds: h5py.Dataset, selection: int | tuple = ()) -> np.ndarray:
         return ds[selection]
     except OSError as exc:
         raise BagError(ds.file.filename,
-                       f"{ds.name.lstrip('/')} is damaged ({_one_line(exc)})") from None
+                       f"{ds.name.lstrip('/')} is damaged ({one_line(exc)})") from None
 
 
 def bag_version(f: h5py.File) -> int:
@@ -329,13 +326,13 @@ def read_patches(f: h5py.File, indices: Sequence[int] | np.ndarray) -> np.ndarra
         try:
             data = codec.stored(ds, i)
         except OSError as exc:
-            raise BagError(f.filename, f"patch {i} is unreadable ({_one_line(exc)})") from None
+            raise BagError(f.filename, f"patch {i} is unreadable ({one_line(exc)})") from None
         if sums is not None and checksum(data) != int(_read(sums, i)):
             raise BagError(f.filename, f"patch {i} is corrupt (checksum mismatch)")
         try:
             patch = codec.decode(data, size)
         except (OSError, ValueError, zlib.error) as exc:  # PIL raises OSError subclasses
-            raise BagError(f.filename, f"patch {i} does not decode ({_one_line(exc)})") from None
+            raise BagError(f.filename, f"patch {i} does not decode ({one_line(exc)})") from None
         if patch.shape != (size, size, 3):
             raise BagError(f.filename, f"patch {i} does not decode to {size}x{size} RGB")
         out[k] = patch
@@ -469,7 +466,7 @@ def check_bag(path: str | Path, deep: bool = False) -> int:
     except BagError:
         raise
     except (OSError, KeyError, ValueError) as exc:
-        raise BagError(path, f"unreadable bag ({_one_line(exc)})") from exc
+        raise BagError(path, f"unreadable bag ({one_line(exc)})") from exc
 
 
 def _check_open_bag(path: Path, f: h5py.File, deep: bool) -> int:

@@ -36,7 +36,7 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
-from slidefed.atomic import atomic_path
+from formats.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from federation.run_files import AUDIT_RECORDS_COLUMNS, read_rows
-from slidefed.atomic import atomic_path
+from formats.atomic import atomic_path
 
 MEMBERSHIPS = ("member", "nonmember")
 SETS = ("holdout", "canary")

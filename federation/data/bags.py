@@ -35,6 +35,8 @@ import imagecodecs
 import numpy as np
 import torch
 
+from formats.errors import one_line
+
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "slidefed-bag"
@@ -68,10 +70,6 @@ class BagIndex:
     target_mpp: float
     patch_labels: np.ndarray
     label_source: str
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 def index_bag(path: str | Path, label: int | None) -> BagIndex:
@@ -197,7 +195,7 @@ class BagReader:
             checksums = handle["checksums"][()] if "checksums" in handle else None
         except OSError as error:  # HDF5's Fletcher-32 check of the checksums themselves
             handle.close()
-            raise BagFormatError(path, f"checksums are damaged ({_one_line(error)})") from None
+            raise BagFormatError(path, f"checksums are damaged ({one_line(error)})") from None
         bag = _OpenBag(handle, patches, str(patches.attrs["encoding"]),
                        int(patches.attrs["patch_size"]), checksums)
         self._files[path] = bag
@@ -257,10 +255,10 @@ class BagReader:
                 imagecodecs.jpeg8_decode(data, out=pixels[row])
             except imagecodecs.Jpeg8Error as error:
                 raise BagFormatError(path, f"patch {index} does not decode "
-                                           f"({_one_line(error)})") from None
+                                           f"({one_line(error)})") from None
             except ValueError as error:  # imagecodecs: the image is not the out's shape
                 raise BagFormatError(path, f"patch {index} is not {size}x{size} RGB "
-                                           f"({_one_line(error)})") from None
+                                           f"({one_line(error)})") from None
         return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slidefed.atomic import atomic_path
+from formats.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

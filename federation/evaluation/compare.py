@@ -50,7 +50,7 @@ from federation.evaluation.paired import (
     delong_paired,
     paired_bootstrap,
 )
-from slidefed.atomic import atomic_path
+from formats.atomic import atomic_path
 
 TEST = "test"
 

@@ -20,8 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from federation.data.bags import BagFormatError
-from slidefed.atomic import atomic_path
-from slidefed.png import png_bytes
+from formats.atomic import atomic_path
+from formats.png import png_bytes
 
 # The figure's long side in inches at DPI: about 1600 px, like the QC pictures.
 FIGURE_INCHES, DPI = 8.0, 200

@@ -18,7 +18,7 @@ import shapely
 from shapely.geometry import box, mapping
 
 from federation.evaluation.heatmap import PatchMap
-from slidefed.atomic import atomic_path
+from formats.atomic import atomic_path
 
 CLASSIFICATION = {"name": "Tumor", "color": [200, 0, 0]}
 

@@ -67,7 +67,7 @@ from federation.run_files import (
     SLIDE_PREDICTIONS,
 )
 from federation.seeds import derive_seed
-from slidefed.atomic import atomic_path
+from formats.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from federation.evaluation.regions import merged_patches
 from federation.evaluation.run import SPLITS, SavedModel, hospital_slides, open_run, saved_models
 from federation.evaluation.scoring import scoring_threads
 from federation.run_files import HEATMAP_COLUMNS, HEATMAPS
-from slidefed.atomic import atomic_path
+from formats.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from federation.results_report import figures
 from federation.results_report.collect import CrossSite, Run, WorkflowResults, collect
 from federation.results_report.embed import data_uri, picture_uri
 from federation.results_report.versions import software_versions
-from slidefed.atomic import atomic_path
+from formats.atomic import atomic_path
 
 REPORT = "report.html"
 TEMPLATE = "report.html.j2"
