@@ -36,7 +36,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from federation.config import DPConfig
 from federation.models import create_model
-from federation.privacy import MECHANISMS, PrivateTraining, epsilon_from_history
+from federation.privacy.accounting import epsilon_from_history
+from federation.privacy.clipping import MECHANISMS
+from federation.privacy.training import PrivateTraining
 
 # a slide-level client for the per-slide case: slides held, of which a batch is the expected
 # number per step (the sampling rate changes the noise, not the cost)

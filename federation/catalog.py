@@ -12,8 +12,9 @@ object of the right kind.
 The engine's registries are these objects: ``federation.algorithms.ALGORITHMS``,
 ``federation.data.DATASETS`` and ``PARTITIONERS``, ``federation.client.OPTIMIZERS``,
 ``federation.models.create_model`` and ``federation.topology.make_topology`` look names up
-here. The DP mechanisms are the one exception: their table is ``federation.privacy.MECHANISMS``
-and the lines below point into it, so a new mechanism is a line there and a line here.
+here. The DP mechanisms are the one exception: their table is
+``federation.privacy.clipping.MECHANISMS`` and the lines below point into it, so a new
+mechanism is a line there and a line here.
 """
 
 from __future__ import annotations
@@ -103,9 +104,9 @@ OPTIMIZERS = Registry("optimizer", {
 })
 
 MECHANISMS = Registry("DP mechanism", {
-    "bookkeeping": "federation.privacy:MECHANISMS.bookkeeping",
-    "ghost": "federation.privacy:MECHANISMS.ghost",
-    "hooks": "federation.privacy:MECHANISMS.hooks",
+    "bookkeeping": "federation.privacy.clipping:MECHANISMS.bookkeeping",
+    "ghost": "federation.privacy.clipping:MECHANISMS.ghost",
+    "hooks": "federation.privacy.clipping:MECHANISMS.hooks",
 })
 
 TOPOLOGIES = Registry("topology", {

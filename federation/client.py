@@ -3,7 +3,7 @@ that every algorithm shares.
 
 A client owns one or more ``LocalModel`` s (``private``, ``proxy``, ``shared``), each with its
 own optimizer, batch order and, for a model that leaves the client, its DP-SGD
-(``federation.privacy.PrivateTraining``). The two local training procedures live here once:
+(``federation.privacy.training.PrivateTraining``). The two local training procedures live here once:
 
 - ``train_cross_entropy``: plain local epochs of one model.
 - ``train_mutual``: deep mutual learning of two models, each on its own batches (Zhang, Xiang,
@@ -16,7 +16,7 @@ Random choices that no privacy guarantee rests on (initial weights, the batch or
 model without DP, which patches of a slide a step reads) come from ``derive_seed(run seed,
 purpose, ..., client)`` (numpy ``SeedSequence``), so a client draws the same numbers
 whichever process runs it. The draws DP rests on — which units a DP step samples and its
-noise — come from the model's secret stream (``federation.secret_randomness``), never from
+noise — come from the model's secret stream (``federation.privacy.randomness``), never from
 the seed.
 """
 
@@ -37,7 +37,7 @@ from federation.config import DPConfig, FederationConfig
 from federation.data import Batch, ClientData
 from federation.flat import FlatParameters
 from federation.models import create_model, load_pretrained
-from federation.privacy import PrivateTraining, dp_batch_size
+from federation.privacy.training import PrivateTraining, dp_batch_size
 from federation.seeds import derive_seed
 
 log = logging.getLogger(__name__)

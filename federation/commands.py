@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from federation import benchmark
-from federation.privacy_statement import epsilon_label
+from federation.privacy.statement import epsilon_label
 
 
 def run_federate(args: argparse.Namespace) -> int:

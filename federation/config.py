@@ -198,7 +198,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class DPConfig:
     """DP-SGD of every model that leaves a client (ProxyFL's proxy, the baselines' shared
-    model); ``federation.privacy.PrivateTraining`` takes it as its settings.
+    model); ``federation.privacy.training.PrivateTraining`` takes it as its settings.
 
     noise_multiplier: σ, noise std in units of the clipping norm (ProxyFL images: 1.0). A
         configuration refuses 0 (ε = ∞); built in code, 0 is allowed (tests of clipping).

@@ -16,7 +16,7 @@ is then centred at PRIOR + Σ sums / Σ counts. Proxies are averaged, so all of 
 the same centre; pooling also divides the noise by the cohort's slides rather than one
 hospital's. Each hospital's accountant counts its release as one step at q = 1, so the ε
 it reports includes it. The count is not noised: under the replace-one relation every ε is
-stated for (``federation.privacy_statement``) unit counts are public. Without DP the sums are
+stated for (``federation.privacy.statement``) unit counts are public. Without DP the sums are
 exact. A model that never travels (private, or only released) is centred on its own sums,
 without communication. There is no scale: Adam rescales each coordinate; centring is what
 the conditioning needs.

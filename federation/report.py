@@ -39,7 +39,7 @@ import numpy as np
 
 from federation import catalog, run_files
 from federation.config import ConfigError, FederationConfig, config_to_dict, load_config
-from federation.privacy_statement import UNSTATED, epsilon_label
+from federation.privacy.statement import UNSTATED, epsilon_label
 from formats.errors import one_line
 
 log = logging.getLogger(__name__)

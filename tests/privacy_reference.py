@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from federation.config import DPConfig
-from federation.privacy import PrivateTraining
-from federation.secret_randomness import fixed_secrets_for_tests
+from federation.privacy.randomness import fixed_secrets_for_tests
+from federation.privacy.training import PrivateTraining
 
 # per-row loss of the given rows of the batch, computed with the given model
 RowLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]

@@ -23,8 +23,8 @@ from federation.comm import LocalCommunicator
 from federation.config import ConfigError, config_from_dict
 from federation.data import load_client_data
 from federation.loop import run_federation
-from federation.privacy import epsilon_from_history
-from federation.secret_randomness import fixed_secrets_for_tests
+from federation.privacy.accounting import epsilon_from_history
+from federation.privacy.randomness import fixed_secrets_for_tests
 from federation.topology import make_topology
 
 

@@ -45,8 +45,8 @@ from federation.audit.canaries import (
     score_guesses,
 )
 from federation.config import DPConfig
-from federation.privacy import PrivateTraining
-from federation.secret_randomness import SecretStream, fixed_secrets_for_tests
+from federation.privacy.randomness import SecretStream, fixed_secrets_for_tests
+from federation.privacy.training import PrivateTraining
 
 SIGMA, RATE, STEPS, CLIP, DELTA = 5.0, 0.1, 100, 1.0, 1e-5
 CANARIES, GUESSES = 1000, 200

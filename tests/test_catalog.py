@@ -17,7 +17,7 @@ from federation.client import OPTIMIZERS
 from federation.data import DATASETS, PARTITIONERS
 from federation.data.images import DatasetSpec
 from federation.models import create_model
-from federation.privacy import MECHANISMS, Mechanism
+from federation.privacy.clipping import MECHANISMS, Mechanism
 from federation.topology import Topology
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from test_messages import ROW_FIELDS
 
 from federation.config import config_from_dict
 from federation.loop import run_federation
-from federation.secret_randomness import fixed_secrets_for_tests
+from federation.privacy.randomness import fixed_secrets_for_tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 

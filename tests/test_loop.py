@@ -21,8 +21,8 @@ from federation.comm import LocalCommunicator
 from federation.config import ConfigError, config_from_dict, load_config
 from federation.loop import configure_threads, resolve_backend, run_federation
 from federation.outputs import RunDirectory, StartFacts, agree_on_start
+from federation.privacy.randomness import fixed_secrets_for_tests
 from federation.run_files import METRICS_COLUMNS, PRIVACY_COLUMNS
-from federation.secret_randomness import fixed_secrets_for_tests
 from slidefed.cli import main
 
 

@@ -37,7 +37,7 @@ ROW_FIELDS = {
     "process": {"file", "elements_sent"},
 }
 TIMINGS = {"wall_s", "seconds"}
-# What the privacy rows say of their ε (``federation.privacy_statement``), where the engine
+# What the privacy rows say of their ε (``federation.privacy.statement``), where the engine
 # labels them.
 PRIVACY_LABELS = {"relation", "guarantee"}
 

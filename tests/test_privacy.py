@@ -25,15 +25,14 @@ from torch.utils.data import TensorDataset
 
 from federation.config import DPConfig
 from federation.models import create_model
-from federation.privacy import (
-    MECHANISMS,
+from federation.privacy.accounting import (
     RDP_ORDERS,
-    PrivateTraining,
     _rdp_of_one_step,
     default_delta,
-    dp_batch_size,
     epsilon_from_history,
 )
+from federation.privacy.clipping import MECHANISMS
+from federation.privacy.training import PrivateTraining, dp_batch_size
 
 
 def _small_mlp() -> nn.Module:

@@ -17,7 +17,8 @@ from privacy_reference import (
 from torch import nn
 
 from federation.models import create_model
-from federation.privacy import MECHANISMS, PrivateTraining
+from federation.privacy.clipping import MECHANISMS
+from federation.privacy.training import PrivateTraining
 
 GROUPING = sorted(name for name, mechanism in MECHANISMS.items() if mechanism.clips_groups)
 

@@ -20,9 +20,10 @@ from federation.data.patches import to_model_input
 from federation.data.slides import load_slide_clients
 from federation.feature_statistics import CLIP, PRIOR
 from federation.models import create_model
-from federation.privacy import PrivateTraining, epsilon_from_history
+from federation.privacy.accounting import epsilon_from_history
+from federation.privacy.randomness import fixed_secrets_for_tests
+from federation.privacy.training import PrivateTraining
 from federation.scattering import NUM_FEATURES, ScatteringFeatures, morlet_filters
-from federation.secret_randomness import fixed_secrets_for_tests
 
 HOSPITALS = ["h_a", "h_b"]
 

@@ -19,7 +19,7 @@ from test_messages import RecordingCommunicator
 
 from federation.config import config_from_dict
 from federation.loop import run_federation
-from federation.secret_randomness import SecretStream, fixed_secrets_for_tests
+from federation.privacy.randomness import SecretStream, fixed_secrets_for_tests
 
 
 def test_uniforms_and_normals_have_their_distributions() -> None:

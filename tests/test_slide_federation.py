@@ -35,8 +35,8 @@ from federation.evaluation.run import (
 )
 from federation.loop import run_federation
 from federation.model_files import decision_path
+from federation.privacy.randomness import fixed_secrets_for_tests
 from federation.run_files import PRIVACY_COLUMNS
-from federation.secret_randomness import fixed_secrets_for_tests
 
 FAST = {"rounds": 2, "slides.patches_per_slide": 1}
 

@@ -48,7 +48,7 @@ from federation.config import ConfigError, FederationConfig
 from federation.data import ClientData
 from federation.devices import resolve_device
 from federation.feature_statistics import needs_centre, release_centre
-from federation.privacy_statement import RELATION, STEPS_ONLY, THEOREM
+from federation.privacy.statement import RELATION, STEPS_ONLY, THEOREM
 from federation.topology import Topology, make_topology
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Spent(NamedTuple):
     """What a client's DP model has spent after a round: (ε, δ); ``status``: ``active``
     while it may train on, ``stopped`` once its next round would pass the ε budget;
     ``relation``: the neighbouring relation ε is stated under; ``guarantee``: whether it is
-    a theorem (``federation.privacy.THEOREM``) or the DP-SGD steps' ε only."""
+    a theorem (``federation.privacy.statement.THEOREM``) or the DP-SGD steps' ε only."""
 
     epsilon: float
     delta: float

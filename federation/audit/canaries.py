@@ -52,7 +52,7 @@ Threat model. The auditor is the strongest adversary DP-SGD's guarantee is state
 against: it inserts the canaries (it chooses their gradients and knows which are members),
 and it sees every privatized gradient the mechanism releases, each step's noisy sum. It
 does not see the mechanism's secret randomness (the Poisson coins and the noise, drawn from
-``federation.secret_randomness``), nor the data's clipped sum. The canaries enter between
+``federation.privacy.randomness``), nor the data's clipped sum. The canaries enter between
 ``PrivateTraining.backward`` and the noise, through the optimizer's ``add_noise``
 (wrapped on the optimizer instance for the duration of the audit: ``privacy.py`` is not
 changed); the records of the training and its accounting are otherwise untouched, so the
@@ -85,10 +85,10 @@ import torch
 from scipy.stats import binom
 
 from federation.audit.metrics import CONFIDENCE
-from federation.privacy import PrivateTraining
+from federation.privacy.training import PrivateTraining
 
 if TYPE_CHECKING:
-    from federation.secret_randomness import SecretStream
+    from federation.privacy.randomness import SecretStream
 
 # per-sample loss of the given units (one row per unit), as PrivateTraining.backward takes it
 UnitLoss = Callable[[list[int]], torch.Tensor]

@@ -70,7 +70,7 @@ from federation.evaluation.run import hospital_slides
 from federation.evaluation.scoring import evenly_spaced, patch_probabilities
 from federation.model_files import load_model
 from federation.outputs import RunDirectory
-from federation.privacy_statement import UNSTATED, epsilon_label
+from federation.privacy.statement import UNSTATED, epsilon_label
 from federation.run_files import (
     AUDIT_CSV,
     AUDIT_JSON,

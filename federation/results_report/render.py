@@ -15,7 +15,7 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from federation.evaluation.metrics import METRICS
-from federation.privacy_statement import epsilon_label
+from federation.privacy.statement import epsilon_label
 from federation.report import NON_PRIVATE, NOT_SHARED
 from federation.results_report import figures
 from federation.results_report.collect import CrossSite, Run, WorkflowResults, collect

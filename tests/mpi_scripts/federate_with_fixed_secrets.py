@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from federation.secret_randomness import fixed_secrets_for_tests
+from federation.privacy.randomness import fixed_secrets_for_tests
 from slidefed.cli import main
 
 if __name__ == "__main__":
