@@ -16,7 +16,7 @@ previous rank's, end to end from model to model:
 Times are the slowest rank's per exchange, summarised over repeats as median and best.
 
 ``polling`` measures what the engine's interruptible waits cost (``MPICommunicator._wait``
-polls non-blocking requests, see ``federation.comm``), each against MPI's blocking call on
+polls non-blocking requests, see ``federation.transport.comm``), each against MPI's blocking call on
 the same buffers in the same run: ``Sendrecv`` against polled ``Isend``/``Irecv``,
 ``Allreduce`` against polled ``Iallreduce``, and the collectives' numel/dtype check as a
 4-integer ``Allreduce`` against the point-to-point check that can name a missing rank.
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from federation.comm import MPICommunicator, run_guarded
-from federation.flat import FlatParameters
-from federation.topology import make_topology
+from federation.transport.comm import MPICommunicator, run_guarded
+from federation.transport.flat import FlatParameters
+from federation.transport.topology import make_topology
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ object of the right kind.
 
 The engine's registries are these objects: ``federation.algorithms.ALGORITHMS``,
 ``federation.data.DATASETS`` and ``PARTITIONERS``, ``federation.client.OPTIMIZERS``,
-``federation.models.create_model`` and ``federation.topology.make_topology`` look names up
+``federation.models.create_model`` and ``federation.transport.topology.make_topology`` look names up
 here. The DP mechanisms are the one exception: their table is
 ``federation.privacy.clipping.MECHANISMS`` and the lines below point into it, so a new
 mechanism is a line there and a line here.
@@ -110,9 +110,9 @@ MECHANISMS = Registry("DP mechanism", {
 })
 
 TOPOLOGIES = Registry("topology", {
-    "exponential": "federation.topology:ExponentialGraph",
-    "ring": "federation.topology:Ring",
-    "full": "federation.topology:FullyConnected",
+    "exponential": "federation.transport.topology:ExponentialGraph",
+    "ring": "federation.transport.topology:Ring",
+    "full": "federation.transport.topology:FullyConnected",
 })
 
 AGGREGATIONS = Registry("slide aggregation", {
@@ -121,14 +121,14 @@ AGGREGATIONS = Registry("slide aggregation", {
 })
 
 MODELS = Registry("model", {
-    "mlp": "federation.models:mlp",
-    "lenet5": "federation.models:lenet5",
-    "cnn1": "federation.models:cnn1",
-    "cnn2": "federation.models:cnn2",
-    "patch_cnn": "federation.models:patch_cnn",
-    "patch_cnn_small": "federation.models:patch_cnn_small",
-    "scattering_linear": "federation.scattering:scattering_linear",
-    "attention_mil": "federation.models:attention_mil",
+    "mlp": "federation.models.images:mlp",
+    "lenet5": "federation.models.images:lenet5",
+    "cnn1": "federation.models.images:cnn1",
+    "cnn2": "federation.models.images:cnn2",
+    "patch_cnn": "federation.models.images:patch_cnn",
+    "patch_cnn_small": "federation.models.images:patch_cnn_small",
+    "scattering_linear": "federation.models.scattering:scattering_linear",
+    "attention_mil": "federation.models.mil:attention_mil",
 })
 
 

@@ -35,10 +35,10 @@ from torch import nn
 from federation import catalog
 from federation.config import DPConfig, FederationConfig
 from federation.data import Batch, ClientData
-from federation.flat import FlatParameters
 from federation.models import create_model, load_pretrained
 from federation.privacy.training import PrivateTraining, dp_batch_size
 from federation.seeds import derive_seed
+from federation.transport.flat import FlatParameters
 
 log = logging.getLogger(__name__)
 

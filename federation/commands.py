@@ -19,9 +19,9 @@ from federation.privacy.statement import epsilon_label
 
 
 def run_federate(args: argparse.Namespace) -> int:
-    from federation.comm import make_communicator, run_guarded
     from federation.config import load_config
     from federation.loop import resolve_backend, run_federation
+    from federation.transport.comm import make_communicator, run_guarded
 
     config = load_config(args.config, args.set)
     if args.backend is not None:

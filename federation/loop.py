@@ -29,7 +29,6 @@ from tqdm import tqdm
 from federation import run_files
 from federation.algorithms import ALGORITHMS, Algorithm
 from federation.client import LocalModel
-from federation.comm import LAUNCH_HINT, Communicator, launched_processes, make_communicator
 from federation.config import ConfigError, FederationConfig
 from federation.cores import usable_cores
 from federation.data import ClientData, load_client_data
@@ -38,6 +37,12 @@ from federation.models import check_timm_names
 from federation.outputs import RunDirectory, agree_on_start
 from federation.privacy.statement import NOT_PRIVATE, RELATION
 from federation.report import NON_PRIVATE, NOT_SHARED
+from federation.transport.comm import (
+    LAUNCH_HINT,
+    Communicator,
+    launched_processes,
+    make_communicator,
+)
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ from federation.algorithms import ALGORITHMS
 from federation.algorithms.fedavg import FedAvg
 from federation.algorithms.joint import Joint
 from federation.client import distillation_loss
-from federation.comm import LocalCommunicator
 from federation.config import ConfigError, config_from_dict
 from federation.data import load_client_data
 from federation.loop import run_federation
 from federation.privacy.accounting import epsilon_from_history
 from federation.privacy.randomness import fixed_secrets_for_tests
-from federation.topology import make_topology
+from federation.transport.comm import LocalCommunicator
+from federation.transport.topology import make_topology
 
 
 @pytest.fixture(scope="module")

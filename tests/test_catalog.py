@@ -18,7 +18,7 @@ from federation.data import DATASETS, PARTITIONERS
 from federation.data.images import DatasetSpec
 from federation.models import create_model
 from federation.privacy.clipping import MECHANISMS, Mechanism
-from federation.topology import Topology
+from federation.transport.topology import Topology
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_the_mechanism_table_of_privacy_has_exactly_the_catalogued_names():
 
 
 def test_unknown_names_and_names_added_twice():
-    registry = catalog.Registry("thing", {"a": "federation.topology:Ring"})
+    registry = catalog.Registry("thing", {"a": "federation.transport.topology:Ring"})
     assert "a" in registry and "b" not in registry
     with pytest.raises(KeyError):
         registry["b"]

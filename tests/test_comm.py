@@ -5,14 +5,14 @@ import sys
 import pytest
 import torch
 
-from federation.comm import (
+from federation.transport.comm import (
     LocalCommunicator,
     Transfer,
     make_communicator,
     rank_blocks,
     run_guarded,
 )
-from federation.topology import make_topology
+from federation.transport.topology import make_topology
 
 
 def _buffers(k: int, n: int = 4) -> dict[int, torch.Tensor]:

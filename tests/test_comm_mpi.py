@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mpi_launch import REPO, run_mpiexec
 
-from federation.comm import LocalCommunicator
+from federation.transport.comm import LocalCommunicator
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 

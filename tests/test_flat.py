@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from federation.flat import FlatParameters
-from federation.scattering import ScatteringLinear
+from federation.models.scattering import ScatteringLinear
+from federation.transport.flat import FlatParameters
 
 
 def _mlp(seed: int) -> nn.Module:
@@ -116,7 +116,7 @@ def test_buffers_stay_local_and_are_reported(caplog: pytest.LogCaptureFixture) -
     model.train()
     model(torch.randn(8, 4))  # moves the running statistics away from their initial values
     running_mean = model[1].running_mean.clone()
-    with caplog.at_level(logging.WARNING, logger="federation.flat"):
+    with caplog.at_level(logging.WARNING, logger="federation.transport.flat"):
         flat = FlatParameters(model, name="bn")
     # running mean and variance (3 + 3); the integer batch counter is not a float buffer
     assert "bn: 6 floating-point buffer elements" in caplog.text
@@ -169,6 +169,6 @@ def test_checkpoints_of_a_bound_model_stay_compact(tmp_path) -> None:
 
 def test_constants_and_buffers_set_alike_are_not_reported(caplog: pytest.LogCaptureFixture
                                                           ) -> None:
-    with caplog.at_level(logging.WARNING, logger="federation.flat"):
+    with caplog.at_level(logging.WARNING, logger="federation.transport.flat"):
         flat = FlatParameters(ScatteringLinear(num_classes=2), name="scattering")
     assert flat.numel == 86 and "buffer" not in caplog.text

@@ -17,12 +17,12 @@ import yaml
 from federation_synthetic import run_killed_in_round, small_config, write_synthetic_digits
 
 from federation.algorithms import ALGORITHMS
-from federation.comm import LocalCommunicator
 from federation.config import ConfigError, config_from_dict, load_config
 from federation.loop import configure_threads, resolve_backend, run_federation
 from federation.outputs import RunDirectory, StartFacts, agree_on_start
 from federation.privacy.randomness import fixed_secrets_for_tests
 from federation.run_files import METRICS_COLUMNS, PRIVACY_COLUMNS
+from federation.transport.comm import LocalCommunicator
 from slidefed.cli import main
 
 

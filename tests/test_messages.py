@@ -22,12 +22,12 @@ from federation_synthetic import small_config, write_synthetic_digits
 from slide_bags import slide_config
 
 from federation.algorithms import ALGORITHMS, Algorithm
-from federation.comm import LocalCommunicator
 from federation.config import config_from_dict
 from federation.loop import run_federation
+from federation.models.scattering import NUM_FEATURES
 from federation.outputs import StartFacts
 from federation.report import NON_PRIVATE, NOT_SHARED
-from federation.scattering import NUM_FEATURES
+from federation.transport.comm import LocalCommunicator
 
 # The fields of each kind of pickled row (``federation.loop``), as the README lists them; a
 # run that opts in to sharing its timings (report.share_timings) adds them to "process".

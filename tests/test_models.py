@@ -7,14 +7,16 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from federation.catalog import available_models
 from federation.models import (
-    FreshOutput,
     ModelOptionsError,
     UnknownModelError,
-    available_models,
     create_model,
-    group_norm_groups,
     load_pretrained,
+)
+from federation.models.group_norm import (
+    FreshOutput,
+    group_norm_groups,
     replace_batchnorm_with_groupnorm,
 )
 

@@ -24,7 +24,8 @@ from federation.model_files import (
     save_decision,
     save_model,
 )
-from federation.models import GatedAttentionMIL, create_model
+from federation.models import create_model
+from federation.models.mil import GatedAttentionMIL
 from preprocessing.options import TilingOptions
 from preprocessing.tile import tile_slide
 from slidefed.bench_predict import bench_predict

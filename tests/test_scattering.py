@@ -12,18 +12,18 @@ from slide_bags import slide_config
 from torch.utils.data import TensorDataset
 
 from federation.algorithms import ALGORITHMS
-from federation.comm import LocalCommunicator
+from federation.algorithms.feature_centre import CLIP, PRIOR
 from federation.config import ConfigError, DPConfig, config_from_dict
 from federation.data.bags import BagReader
 from federation.data.image_clients import ImageClientData
 from federation.data.patches import to_model_input
 from federation.data.slides import load_slide_clients
-from federation.feature_statistics import CLIP, PRIOR
 from federation.models import create_model
+from federation.models.scattering import NUM_FEATURES, ScatteringFeatures, morlet_filters
 from federation.privacy.accounting import epsilon_from_history
 from federation.privacy.randomness import fixed_secrets_for_tests
 from federation.privacy.training import PrivateTraining
-from federation.scattering import NUM_FEATURES, ScatteringFeatures, morlet_filters
+from federation.transport.comm import LocalCommunicator
 
 HOSPITALS = ["h_a", "h_b"]
 

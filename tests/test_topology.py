@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from federation.topology import make_topology
+from federation.transport.topology import make_topology
 
 NAMES = ["exponential", "ring", "full"]
 SIZES = [1, 2, 3, 4, 5, 7, 8, 9, 16]

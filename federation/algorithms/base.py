@@ -36,6 +36,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 import torch
 
 from federation import catalog
+from federation.algorithms.feature_centre import needs_centre, release_centre
 from federation.client import (
     Client,
     ModelRole,
@@ -43,13 +44,12 @@ from federation.client import (
     train_cross_entropy,
     train_mutual,
 )
-from federation.comm import Communicator
 from federation.config import ConfigError, FederationConfig
 from federation.data import ClientData
 from federation.devices import resolve_device
-from federation.feature_statistics import needs_centre, release_centre
 from federation.privacy.statement import RELATION, STEPS_ONLY, THEOREM
-from federation.topology import Topology, make_topology
+from federation.transport.comm import Communicator
+from federation.transport.topology import Topology, make_topology
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class Algorithm(ABC):
     def prepare(self) -> None:
         """What models need of the data before the first round of a fresh run (not again on
         resume: a checkpoint holds the result): the feature centre of fixed-feature models
-        (``federation.feature_statistics``), pooled over all clients for a model that
+        (``federation.algorithms.feature_centre``), pooled over all clients for a model that
         travels. Collective; its ε is counted before the budget is checked again."""
         for name, role in sorted(self.roles.items()):
             models = {c: client.models[name] for c, client in self.clients.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from federation.algorithms.base import Algorithm, Losses
 from federation.client import ModelRole
-from federation.topology import make_topology
+from federation.transport.topology import make_topology
 
 
 class CyclicWeightTransfer(Algorithm):

@@ -16,9 +16,9 @@ from torch import nn
 
 from federation.algorithms.base import Algorithm, Losses
 from federation.client import ModelRole
-from federation.comm import Communicator
 from federation.config import FederationConfig
 from federation.data import Batch, ClientData
+from federation.transport.comm import Communicator
 
 
 class Joint(Algorithm):

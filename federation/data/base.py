@@ -80,7 +80,7 @@ class ClientData(ABC):
 
     def unit_inputs(self) -> Iterator[torch.Tensor]:
         """The model input of each training unit in turn, without augmentation: what a DP
-        statistic over units (``federation.feature_statistics``) reads. Not every kind of
+        statistic over units (``federation.algorithms.feature_centre``) reads. Not every kind of
         data offers it: the others refuse with a ``ConfigError``."""
         raise ConfigError(f"{self.name}: a fixed-feature model (scattering_linear) needs each "
                           f"training unit's patches, which {type(self).__name__} does not give; "

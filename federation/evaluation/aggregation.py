@@ -5,7 +5,7 @@
 - ``top_k`` (default): the mean of the ``k`` highest patch tumour probabilities
   (``federation.evaluation.scoring.top_k_score``). Nothing is fitted.
 - ``attention_mil``: a gated attention-MIL head (Ilse, Tomczak & Welling, ICML 2018,
-  arXiv 1802.04712, ``federation.models.GatedAttentionMIL``) over the trained CNN's patch
+  arXiv 1802.04712, ``federation.models.mil.GatedAttentionMIL``) over the trained CNN's patch
   features (the input of its final linear layer), fitted after training with slide labels
   on the hospital's own training slides while the CNN stays frozen. The head learns which
   patches to look at instead of trusting the k most confident ones.
@@ -40,7 +40,7 @@ from federation.evaluation.scoring import (
     top_k_score,
     tumour_probabilities,
 )
-from federation.models import GatedAttentionMIL
+from federation.models.mil import GatedAttentionMIL
 
 # The head's sizes and fit, fixed so a run needs no extra settings: small, because a hospital
 # has tens to hundreds of training slides.

@@ -233,7 +233,7 @@ class BookkeepingClipping:
     So one DP backward costs about one ordinary backward plus the norms, where ghost
     clipping runs two full backward passes. A layer output modified in place after the
     layer ran (``x += shortcut``) would corrupt step 1 and is refused (see
-    ``federation.models.make_inplace_safe``); so is a layer run twice in one forward.
+    ``federation.models.group_norm.make_inplace_safe``); so is a layer run twice in one forward.
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
@@ -270,7 +270,7 @@ class BookkeepingClipping:
             if record.output._version != record.version:
                 raise RuntimeError(
                     f"BookkeepingClipping: the output of {type(record.module).__name__} was "
-                    "modified in place; see federation.models.make_inplace_safe"
+                    "modified in place; see federation.models.group_norm.make_inplace_safe"
                 )
         output_grads = torch.autograd.grad(
             per_sample_loss.sum(),

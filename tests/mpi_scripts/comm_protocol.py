@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from federation.comm import Communicator, make_communicator, run_guarded
-from federation.topology import make_topology
+from federation.transport.comm import Communicator, make_communicator, run_guarded
+from federation.transport.topology import make_topology
 
 ROUNDS = 3
 

@@ -23,9 +23,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' helpers
 from federation_synthetic import small_config  # noqa: E402
 
-from federation.comm import TAGS, MPICommunicator  # noqa: E402
 from federation.config import ConfigError, config_from_dict  # noqa: E402
 from federation.loop import run_federation  # noqa: E402
+from federation.transport.comm import TAGS, MPICommunicator  # noqa: E402
 
 
 class RecordingComm:

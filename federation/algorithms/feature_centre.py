@@ -1,6 +1,6 @@
 """A DP estimate of the centre that fixed-feature models subtract from their features.
 
-A ``scattering_linear`` model (``federation.scattering``) learns well only on centred
+A ``scattering_linear`` model (``federation.models.scattering``) learns well only on centred
 features, and the centre is a statistic of the data: set from the data without noise, it
 would leak through every model that leaves a hospital, outside what DP-SGD accounts for.
 So it is released like everything else that leaves: with the Gaussian mechanism (Dwork &
@@ -30,8 +30,8 @@ from collections.abc import Mapping
 import torch
 
 from federation.client import LocalModel
-from federation.comm import Communicator
-from federation.scattering import ScatteringLinear, feature_bounds
+from federation.models.scattering import ScatteringLinear, feature_bounds
+from federation.transport.comm import Communicator
 
 log = logging.getLogger(__name__)
 

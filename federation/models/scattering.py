@@ -16,7 +16,7 @@ the noise (a 6,210-parameter CNN stays at chance on the demo, at any learning ra
 - **Centring**: the features are shifted by a centre held as a buffer. Left at zero the head
   would learn slowly (the log features sit far from zero with a small spread, an
   ill-conditioned problem for any optimizer); the federation sets it once, from a DP estimate
-  pooled over the hospitals (``federation.feature_statistics``). They are not rescaled: Adam
+  pooled over the hospitals (``federation.algorithms.feature_centre``). They are not rescaled: Adam
   rescales each coordinate itself.
 - **Head**: one linear layer, zero-initialised: 86 parameters for 2 classes.
 """
@@ -121,7 +121,7 @@ class ScatteringFeatures(nn.Module):
 class ScatteringLinear(nn.Module):
     """``ScatteringFeatures`` → minus the buffer ``centre`` → linear."""
 
-    # Set once, alike on every client that shares the model (federation.feature_statistics),
+    # Set once, alike on every client that shares the model (federation.algorithms.feature_centre),
     # and saved with it; never exchanged.
     buffers_set_alike = ("centre",)
 
