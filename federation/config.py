@@ -266,7 +266,7 @@ class ReportConfig:
     Nothing by default: a metric is computed on a hospital's own data (its validation or
     test records, or its training loss) and a timing grows with its data, and neither is
     covered by DP, so each is a non-private statistic that a consortium shares only by
-    choosing to (the README's "What crosses a rank"); the run's files label what was shared.
+    choosing to (docs/privacy.md, "What crosses a rank"); the run's files label what was shared.
 
     ``shared_metrics``: ``model/split/metric`` patterns, ``*`` matching any part; a round's
     metric row is sent when one matches. Default: none. ``slidefed report`` and the run

@@ -70,7 +70,7 @@ class RunResult:
     accuracy: dict[int, np.ndarray]
     epsilon: dict[int, np.ndarray]
     delta: float
-    statement: str = ""  # what its ε is (``privacy_statement.epsilon_label``); "" without DP
+    statement: str = ""  # what its ε is (``privacy.statement.epsilon_label``); "" without DP
 
     @property
     def algorithm(self) -> str:

@@ -195,7 +195,7 @@ def test_hospitals_on_disks_of_their_own_send_only_the_listed_messages(
     digits: Path, tmp_path: Path, clients: int
 ) -> None:
     """Two ranks, each with its own output_dir: each writes only its hospitals' files, a
-    resume agrees, every mpi4py call is one the README lists, and a hospital that lost its
+    resume agrees, every mpi4py call is one docs/privacy.md lists, and a hospital that lost its
     checkpoint stops the next resume with the same line on both ranks."""
     result, _ = _mpiexec(2, str(OWN_DISKS), str(digits), str(tmp_path), str(clients))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,5 +1,5 @@
-"""Everything that crosses from one client to another, checked against the list in the README's
-privacy section ("What crosses a rank").
+"""Everything that crosses from one client to another, checked against the list in
+docs/privacy.md ("What crosses a rank").
 
 A recording communicator (the local backend, through the same public methods the MPI
 backend implements) logs every tensor and every pickled object each client hands it; every
@@ -29,7 +29,7 @@ from federation.outputs import StartFacts
 from federation.report import NON_PRIVATE, NOT_SHARED
 from federation.transport.comm import LocalCommunicator
 
-# The fields of each kind of pickled row (``federation.loop``), as the README lists them; a
+# The fields of each kind of pickled row (``federation.loop``), as docs/privacy.md lists them; a
 # run that opts in to sharing its timings (report.share_timings) adds them to "process".
 ROW_FIELDS = {
     "privacy": {"file", "round", "client", "epsilon", "delta", "unit", "status"},
@@ -43,14 +43,14 @@ PRIVACY_LABELS = {"relation", "guarantee"}
 
 
 def _fields_as_listed(row: dict[str, Any], share_timings: bool) -> bool:
-    """Whether ``row`` has the fields the README lists for its kind."""
+    """Whether ``row`` has the fields docs/privacy.md lists for its kind."""
     listed = ROW_FIELDS[row["file"]]
     if row["file"] == "process" and share_timings:
         listed = listed | TIMINGS
     if row["file"] == "privacy":
         return set(row) in (listed, listed | PRIVACY_LABELS)
     return set(row) == listed
-# The tensors each algorithm sends, as the README lists them: (operation, what it is).
+# The tensors each algorithm sends, as docs/privacy.md lists them: (operation, what it is).
 TENSORS = {
     "regular": set(),
     "regular_dp": set(),

@@ -1,6 +1,6 @@
 """The engine's reader of patch bags (HDF5, format versions 1 and 2), with h5py alone.
 
-The bag format is owned by ``wsi/bag.py`` (README, "The patch bag"); the engine never
+The bag format is owned by ``wsi/bag.py`` (docs/bag-format.md); the engine never
 imports ``wsi/`` (it must not depend on the slide library), so this module reads the
 documented layout itself:
 

@@ -1,7 +1,7 @@
 """Secret randomness: the only source of the random draws a DP guarantee rests on.
 
 Differential privacy holds only if the adversary cannot predict the mechanism's randomness.
-slidefed's adversary is every other hospital and the coordinator (README, "Privacy"): they
+slidefed's adversary is every other hospital and the coordinator (docs/privacy.md): they
 hold the shared configuration, its seed included, so nothing derived from the seed may
 decide which slides a DP step samples or what noise it adds. Every DP mechanism of a
 hospital therefore draws from a ``SecretStream``: SHAKE-256 (FIPS 202, an extendable-output

@@ -12,7 +12,7 @@ contiguous CPU buffers through mpi4py's upper-case buffer methods (``Isend``/``I
 ``Ibcast``); nothing model-sized is pickled. Every
 tensor a client sends is recorded in ``Communicator.sent_log`` so tests can assert what left a
 client (e.g. only proxy-sized buffers under ProxyFL). Small records (metric rows, the state a
-run starts from) are pickled by ``gather_rows`` and ``allgather``; the README's privacy
+run starts from) are pickled by ``gather_rows`` and ``allgather``; docs/privacy.md's
 section lists every message, and ``tests/test_messages.py`` checks that list.
 
 Under MPI no call blocks inside MPI: every operation is non-blocking and polled from Python,
