@@ -35,8 +35,7 @@ from federation.data import ClientData, load_client_data
 from federation.model_files import save_decision, save_model
 from federation.models import check_timm_names
 from federation.outputs import RunDirectory, agree_on_start
-from federation.privacy.statement import NOT_PRIVATE, RELATION
-from federation.report import NON_PRIVATE, NOT_SHARED
+from federation.privacy.statement import NON_PRIVATE, NOT_PRIVATE, NOT_SHARED, RELATION
 from federation.transport.comm import (
     LAUNCH_HINT,
     Communicator,

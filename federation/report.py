@@ -39,15 +39,13 @@ import numpy as np
 
 from federation import catalog, run_files
 from federation.config import ConfigError, FederationConfig, config_to_dict, load_config
-from federation.privacy.statement import UNSTATED, epsilon_label
+from federation.privacy.statement import NON_PRIVATE, NOT_SHARED, UNSTATED, epsilon_label
 from formats.errors import one_line
 
 log = logging.getLogger(__name__)
 
 # How every number a hospital shared by opt-in is labelled where it is shown (summary.json,
 # results.md, the HTML report): computed on a hospital's own data, it is not covered by DP.
-NON_PRIVATE = "non-private statistic, shared by opt-in"
-NOT_SHARED = "not shared"
 
 # Dashes as well as colours: algorithms with equal ε (same sampling, noise and steps) draw the
 # same curve, and dashes let the one beneath show through.

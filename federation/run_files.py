@@ -65,7 +65,7 @@ their files hold no decision of the hospital's (``federation.model_files``)::
 ``federation.outputs`` writes them, ``federation.loop`` reads the CSV files back when it
 resumes a finished run, ``federation.report`` reads finished runs, ``federation.benchmark``
 decides which runs are finished, ``federation.evaluation`` writes the slide-level files and
-``federation.results_report`` reads them.
+``report`` reads them.
 """
 
 from __future__ import annotations

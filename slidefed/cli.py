@@ -18,6 +18,7 @@ from typing import NoReturn
 from federation import commands as federation_commands
 from formats.errors import one_line
 from preprocessing import commands as preprocessing_commands
+from report import commands as report_commands
 from slidefed import commands as slidefed_commands
 
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     preprocessing_commands.register(commands, bench_commands)
     federation_commands.register(commands, bench_commands)
     slidefed_commands.register(commands, bench_commands)
+    report_commands.register(commands)
     return parser
 
 

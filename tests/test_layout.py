@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("formats", "wsi", "preprocessing", "federation", "slidefed")
+PACKAGES = ("formats", "wsi", "preprocessing", "federation", "report", "slidefed")
 HEAVY = {"torch", "torchvision", "timm", "opacus", "mpi4py"}
 
 
@@ -38,13 +38,15 @@ def imported_modules(path: Path) -> set[str]:
 # What each floor may not import: the floors above it, and what its jobs must run without.
 FORBIDDEN = {
     # the bottom floor: file formats and helpers every floor shares
-    "formats": {"wsi", "preprocessing", "federation", "slidefed", *HEAVY},
+    "formats": {"wsi", "preprocessing", "federation", "report", "slidefed", *HEAVY},
     # reading slides: a hospital's preprocessing job needs no torch or MPI
-    "wsi": {"preprocessing", "federation", "slidefed", *HEAVY},
+    "wsi": {"preprocessing", "federation", "report", "slidefed", *HEAVY},
     # per-hospital jobs: trains nothing
-    "preprocessing": {"federation", "slidefed", "opacus", "mpi4py"},
+    "preprocessing": {"federation", "report", "slidefed", "opacus", "mpi4py"},
     # the engine reads bags, never slides, and is launched by the console script
-    "federation": {"wsi", "preprocessing", "slidefed"},
+    "federation": {"wsi", "preprocessing", "report", "slidefed"},
+    # the workflow's HTML page reads run files; it never loads a model
+    "report": {"wsi", "preprocessing", "slidefed", *HEAVY},
 }
 
 

@@ -26,7 +26,7 @@ from federation.config import config_from_dict
 from federation.loop import run_federation
 from federation.models.scattering import NUM_FEATURES
 from federation.outputs import StartFacts
-from federation.report import NON_PRIVATE, NOT_SHARED
+from federation.privacy.statement import NON_PRIVATE, NOT_SHARED
 from federation.transport.comm import LocalCommunicator
 
 # The fields of each kind of pickled row (``federation.loop``), as docs/privacy.md lists them; a

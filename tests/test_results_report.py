@@ -16,8 +16,8 @@ from PIL import Image
 
 from federation import run_files
 from federation.evaluation.metrics import METRICS
-from federation.report import NON_PRIVATE, NOT_SHARED
-from federation.results_report.render import write_results_report
+from federation.privacy.statement import NON_PRIVATE, NOT_SHARED
+from report.render import write_results_report
 from slidefed.cli import main
 
 HOSPITALS = ("hospital_a", "hospital_b")

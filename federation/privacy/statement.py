@@ -20,6 +20,12 @@ THEOREM = "theorem"
 STEPS_ONLY = "DP-SGD steps only, not a guarantee"
 NOT_PRIVATE = "not private"
 UNSTATED = "relation and guarantee not stated (written before slidefed stated them)"
+
+NON_PRIVATE = "non-private statistic, shared by opt-in"
+NOT_SHARED = "not shared"
+"""How a number computed on a hospital's data without DP (a metric, a timing) is labelled
+where it appears: shared with the coordinator only by opt-in (``report.shared_metrics``,
+``report.share_timings``), and "not shared" where the hospitals kept it."""
 """How far an ε is a guarantee: ``THEOREM``, (ε, δ)-DP under ``RELATION`` for the stated unit;
 ``STEPS_ONLY``, the accountant's ε of a DP model that distils from a non-DP teacher
 (``dml.beta`` > 0), which bounds nothing; ``NOT_PRIVATE``, a model trained without DP."""

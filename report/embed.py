@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from federation.results_report.collect import ReportInputError
+from report.collect import ReportInputError
 
 JPEG_QUALITY = 85
 

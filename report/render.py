@@ -15,13 +15,12 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from federation.evaluation.metrics import METRICS
-from federation.privacy.statement import epsilon_label
-from federation.report import NON_PRIVATE, NOT_SHARED
-from federation.results_report import figures
-from federation.results_report.collect import CrossSite, Run, WorkflowResults, collect
-from federation.results_report.embed import data_uri, picture_uri
-from federation.results_report.versions import software_versions
+from federation.privacy.statement import NON_PRIVATE, NOT_SHARED, epsilon_label
 from formats.atomic import atomic_path
+from report import figures
+from report.collect import CrossSite, Run, WorkflowResults, collect
+from report.embed import data_uri, picture_uri
+from report.versions import software_versions
 
 REPORT = "report.html"
 TEMPLATE = "report.html.j2"

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from federation.results_report.collect import Prediction, Run
+from report.collect import Prediction, Run
 
 DPI = 100
 PANEL_INCHES = (4.2, 3.2)
