@@ -1,7 +1,7 @@
 """Federation subcommands: ``slidefed federate``, ``slidefed evaluate``, ``slidefed compare``,
 ``slidefed heatmap``, ``slidefed audit`` and ``slidefed results-report`` here; ``slidefed bench
 algorithms`` and ``slidefed report`` (the benchmark's tables of runs) come from
-``federation.benchmark``.
+``benchmarks.algorithms``.
 
 torch and mpi4py are imported inside the command, so registering it costs ``slidefed tile``
 nothing at start-up.
@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from federation import benchmark
 from federation.privacy.statement import epsilon_label
 
 
@@ -98,7 +97,6 @@ def _one_line(summary: dict, output_dir: str) -> str:
 
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the ``slidefed`` parser."""
-    benchmark.register(commands, bench)  # slidefed bench algorithms, slidefed report
     p = commands.add_parser(
         "federate",
         help="train a federation (its clients split over the ranks of mpiexec, or all in one "

@@ -63,7 +63,7 @@ their files hold no decision of the hospital's (``federation.model_files``)::
                                  ``hospitals/<name>/heatmaps/<model>/<slide_id>.png``
 
 ``federation.outputs`` writes them, ``federation.loop`` reads the CSV files back when it
-resumes a finished run, ``federation.report`` reads finished runs, ``federation.benchmark``
+resumes a finished run, ``benchmarks.table`` reads finished runs, ``benchmarks.algorithms``
 decides which runs are finished, ``federation.evaluation`` writes the slide-level files and
 ``report`` reads them.
 """

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from pathlib import Path
@@ -159,21 +158,6 @@ def run_validate(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def run_bench_tiling(args: argparse.Namespace) -> int:
-    from .bench import bench_tiling
-
-    print(json.dumps(bench_tiling(args.slide, tiling_options(args), workers=args.workers)))
-    return 0
-
-
-def run_bench_encodings(args: argparse.Namespace) -> int:
-    from .bench import bench_encodings
-
-    for row in bench_encodings(args.slide, tiling_options(args)):
-        print(json.dumps(row))
-    return 0
-
-
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the ``slidefed`` parser."""
     p = commands.add_parser("tile", help="cut one slide into a patch bag")
@@ -241,15 +225,3 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--deep", action="store_true",
                    help="verify the checksum of every patch and decode it")
     p.set_defaults(run=run_validate)
-
-    p = bench.add_parser("tiling", help="slidefed tile vs bare OpenSlide read_region")
-    p.add_argument("slide", type=Path, help="slide file")
-    p.add_argument("--workers", type=positive_int, default=2,
-                   help="workers for the speed-up measurement (default 2)")
-    add_tiling_arguments(p)
-    p.set_defaults(run=run_bench_tiling)
-
-    p = bench.add_parser("encodings", help="size, speed and error of each patch encoding")
-    p.add_argument("slide", type=Path, help="slide file")
-    add_tiling_arguments(p)
-    p.set_defaults(run=run_bench_encodings)

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from benchmarks import commands as benchmark_commands
 from federation import commands as federation_commands
 from formats.errors import one_line
 from preprocessing import commands as preprocessing_commands
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     federation_commands.register(commands, bench_commands)
     slidefed_commands.register(commands, bench_commands)
     report_commands.register(commands)
+    benchmark_commands.register(commands, bench_commands)
     return parser
 
 

@@ -8,7 +8,6 @@ nothing at start-up.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,17 +30,6 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"{len(predictions)} of {len(args.inputs)} slides scored -> "
               f"{args.output / 'predictions.csv'}")
     return 0 if predictions else 1
-
-
-def run_bench_predict(args: argparse.Namespace) -> int:
-    from federation.evaluation.scoring import SCORING_BATCH
-    from slidefed.bench_predict import bench_predict
-
-    print(json.dumps(bench_predict(args.model, args.slides, device=args.device,
-                                   batch_size=args.batch_size or SCORING_BATCH,
-                                   workers=args.workers, readers=args.readers,
-                                   repeats=args.repeats)))
-    return 0
 
 
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -75,20 +63,3 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                         "(OUTDIR/regions/<slide>.geojson)")
     p.add_argument("--no-heatmap", action="store_true", help="skip the heatmap PNGs")
     p.set_defaults(run=run_predict)
-
-    p = bench.add_parser("predict", help="slidefed predict's throughput vs the bare forward pass")
-    p.add_argument("--model", type=Path, required=True, help="model file")
-    p.add_argument("slides", type=Path, nargs="+", metavar="SLIDE", help="slide files")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
-                   help="where the model runs (default %(default)s)")
-    p.add_argument("--batch-size", type=positive_int,
-                   help="patches per forward pass (default: as slidefed evaluate)")
-    p.add_argument("--workers", type=positive_int, default=1,
-                   help="tiling processes of the predict variants (default %(default)s)")
-    p.add_argument("--readers", type=positive_int,
-                   help="threads that read and decode the next batches while the model runs "
-                        "(default: one per core, at most 4)")
-    p.add_argument("--repeats", type=positive_int, default=5,
-                   help="interleaved repeats; the best and the median are reported "
-                        "(default %(default)s)")
-    p.set_defaults(run=run_bench_predict)

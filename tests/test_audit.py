@@ -17,6 +17,7 @@ from scipy.stats import binom, norm
 from slide_bags import slide_config, write_cohort
 from torch.utils.data import TensorDataset
 
+from benchmarks.table import read_runs
 from federation.audit.lira import lira_scores, logit_confidence
 from federation.audit.metrics import (
     clopper_pearson_lower,
@@ -34,7 +35,6 @@ from federation.data.image_clients import load_image_clients
 from federation.data.images import load_images
 from federation.data.partition import holdout_indices, partition
 from federation.loop import run_federation
-from federation.report import read_runs
 from slidefed.cli import main
 
 # ---------------------------------------------------------------------------- the statistics

@@ -1,10 +1,10 @@
-"""``python -m federation.bench_bags`` at a tiny size: it runs and prints the promised JSON."""
+"""``python -m benchmarks.bags`` at a tiny size: it runs and prints the promised JSON."""
 
 from __future__ import annotations
 
 import json
 
-from federation.bench_bags import main
+from benchmarks.bags import main
 
 
 def test_bench_bags_prints_each_variants_rate_and_the_ratios(bag_cohort, capsys) -> None:

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from federation_synthetic import small_config, write_synthetic_digits
 
-from federation import benchmark
-from federation.benchmark import BenchmarkError, default_ranks, run_benchmark
+from benchmarks import algorithms as runner
+from benchmarks.algorithms import BenchmarkError, default_ranks, run_benchmark
 from federation.config import ConfigError
 from slidefed.cli import main
 
@@ -70,7 +70,7 @@ def test_runs_every_algorithm_and_seed_then_skips_or_resumes_them(
     # Again: every run is finished, nothing runs, the report is written anew.
     (out / "results.csv").unlink()
     with monkeypatch.context() as patch:
-        patch.setitem(benchmark.EXECUTORS, "local", _refuse_to_run)
+        patch.setitem(runner.EXECUTORS, "local", _refuse_to_run)
         assert run_benchmark(config_path, ["proxyfl", "regular"], [0, 1], out,
                              overrides=["rounds=2"]) == dirs
     assert (out / "results.csv").is_file()
@@ -86,7 +86,7 @@ def test_runs_every_algorithm_and_seed_then_skips_or_resumes_them(
 
 def test_joint_is_planned_without_dp_beside_the_dp_algorithms(config_path: Path,
                                                                tmp_path: Path) -> None:
-    plan = benchmark.plan_runs(config_path, ["joint", "proxyfl"], [0], tmp_path, "local")
+    plan = runner.plan_runs(config_path, ["joint", "proxyfl"], [0], tmp_path, "local")
     assert [(run.config.algorithm, run.config.dp.enabled) for run in plan] == [
         ("joint", False), ("proxyfl", True)]
 
@@ -101,7 +101,7 @@ def test_a_failed_run_does_not_stop_the_others_and_is_named(
         if run.name == "fedavg/seed_1":
             raise OSError("disk full\nsecond line")
 
-    monkeypatch.setitem(benchmark.EXECUTORS, "local", fail_fedavg_seed_1)
+    monkeypatch.setitem(runner.EXECUTORS, "local", fail_fedavg_seed_1)
     with pytest.raises(BenchmarkError) as raised:
         run_benchmark(config_path, ["fedavg", "cwt"], [0, 1], tmp_path / "out",
                       overrides=["rounds=7"])
@@ -121,7 +121,7 @@ def test_a_failed_run_does_not_stop_the_others_and_is_named(
 def test_a_bad_plan_fails_before_anything_runs(
     config_path: Path, tmp_path: Path, monkeypatch, algorithms, seeds, overrides, error, message
 ) -> None:
-    monkeypatch.setitem(benchmark.EXECUTORS, "local", _refuse_to_run)
+    monkeypatch.setitem(runner.EXECUTORS, "local", _refuse_to_run)
     with pytest.raises(error, match=message):
         run_benchmark(config_path, algorithms, seeds, tmp_path / "out", overrides=overrides)
     assert not (tmp_path / "out").exists()
@@ -166,3 +166,12 @@ def test_command_line_runs_the_benchmark_and_the_report(
     capsys.readouterr()
     assert main(["-q", "report", str(tmp_path / "nothing")]) == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'nothing'}: no such directory\n"
+
+
+def test_the_launchers_options_name_the_benchmarks_models() -> None:
+    # benchmarks.options is torch-free so the slidefed parser imports no benchmark; its copy
+    # of the comm benchmark's models must stay the models that benchmark builds.
+    from benchmarks.comm import BENCH_MODELS
+    from benchmarks.options import COMM_MODELS
+
+    assert set(COMM_MODELS) == set(BENCH_MODELS)

@@ -119,7 +119,7 @@ def test_mpi_backend_refuses_more_ranks_than_clients() -> None:
 
 
 def test_the_benchmark_cli_reports_both_paths_for_the_mlp() -> None:
-    result, _ = run_mpiexec(2, "-m", "federation.bench_comm", "--models", "mlp", "--repeats", "5")
+    result, _ = run_mpiexec(2, "-m", "benchmarks.comm", "--models", "mlp", "--repeats", "5")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     mlp = report["models"]["mlp"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("formats", "wsi", "preprocessing", "federation", "report", "slidefed")
+PACKAGES = ("formats", "wsi", "preprocessing", "federation", "report", "benchmarks", "slidefed")
 HEAVY = {"torch", "torchvision", "timm", "opacus", "mpi4py"}
 
 
@@ -38,15 +38,18 @@ def imported_modules(path: Path) -> set[str]:
 # What each floor may not import: the floors above it, and what its jobs must run without.
 FORBIDDEN = {
     # the bottom floor: file formats and helpers every floor shares
-    "formats": {"wsi", "preprocessing", "federation", "report", "slidefed", *HEAVY},
+    "formats": {"wsi", "preprocessing", "federation", "report", "benchmarks", "slidefed", *HEAVY},
     # reading slides: a hospital's preprocessing job needs no torch or MPI
-    "wsi": {"preprocessing", "federation", "report", "slidefed", *HEAVY},
+    "wsi": {"preprocessing", "federation", "report", "benchmarks", "slidefed", *HEAVY},
     # per-hospital jobs: trains nothing
-    "preprocessing": {"federation", "report", "slidefed", "opacus", "mpi4py"},
+    "preprocessing": {"federation", "report", "benchmarks", "slidefed", "opacus", "mpi4py"},
     # the engine reads bags, never slides, and is launched by the console script
-    "federation": {"wsi", "preprocessing", "report", "slidefed"},
+    "federation": {"wsi", "preprocessing", "report", "benchmarks", "slidefed"},
     # the workflow's HTML page reads run files; it never loads a model
-    "report": {"wsi", "preprocessing", "slidefed", *HEAVY},
+    "report": {"wsi", "preprocessing", "benchmarks", "slidefed", *HEAVY},
+    # benchmarks measure every floor, predict (slidefed.predict) included; like everything
+    # they never import the console script (test_nothing_imports_the_console_script)
+    "benchmarks": {"report"},
 }
 
 

@@ -11,6 +11,7 @@ import shapely
 import torch
 from shapely.geometry import box, shape
 
+from benchmarks.predict import bench_predict
 from federation.data.bags import BagReader, index_bag
 from federation.evaluation.aggregation import AttentionHead, feature_layers, model_aggregator
 from federation.evaluation.heatmap import heatmap_figure, read_patch_map
@@ -28,7 +29,6 @@ from federation.models import create_model
 from federation.models.mil import GatedAttentionMIL
 from preprocessing.options import TilingOptions
 from preprocessing.tile import tile_slide
-from slidefed.bench_predict import bench_predict
 from slidefed.cli import main
 from slidefed.predict import predict_slides
 from wsi.synthetic import SyntheticSlideSpec, tumour_geojson, write_synthetic_slide

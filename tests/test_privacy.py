@@ -390,7 +390,7 @@ def test_backward_rejects_a_reduced_loss_and_oversized_batches():
 
 
 def _bench(run, **args):
-    """``run(args)`` of federation.bench_dp, restoring torch's thread count afterwards."""
+    """``run(args)`` of benchmarks.dp, restoring torch's thread count afterwards."""
     threads = torch.get_num_threads()
     try:
         return run(argparse.Namespace(**args))
@@ -399,7 +399,7 @@ def _bench(run, **args):
 
 
 def test_bench_reports_every_mechanism():
-    from federation.bench_dp import run
+    from benchmarks.dp import run
 
     report = _bench(
         run,
@@ -424,7 +424,7 @@ def test_bench_reports_every_mechanism():
 
 
 def test_bench_reports_slide_level_clipping():
-    from federation.bench_dp import run_slides
+    from benchmarks.dp import run_slides
 
     report = _bench(
         run_slides,

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from federation.report import (
+from benchmarks.table import (
     NON_PRIVATE,
     NOT_SHARED,
     ReportError,
@@ -187,7 +187,7 @@ def test_an_unfinished_run_is_left_out_with_a_warning(tmp_path: Path, caplog) ->
     _write_benchmark(tmp_path)
     unfinished = tmp_path / "fedavg" / "seed_1"
     (unfinished / "summary.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="federation.report"):
+    with caplog.at_level(logging.WARNING, logger="benchmarks.table"):
         write_report(tmp_path)
     assert str(unfinished) in caplog.text
     table = _read_table(tmp_path / "results.csv")

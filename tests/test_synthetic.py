@@ -296,7 +296,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
 # report its parent's size.
 BIG_SLIDE_SCRIPT = textwrap.dedent("""
     import sys
-    from preprocessing.bench import peak_rss_mb
+    from benchmarks.tiling import peak_rss_mb
     from wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
     side = int(sys.argv[2])
     write_synthetic_slide(sys.argv[1], SyntheticSlideSpec(side, side, tumour_regions=2, seed=1))

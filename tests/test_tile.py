@@ -178,7 +178,7 @@ def test_weak_labels_no_labels_and_overridden_mpp(tumour_slide, tmp_path):
 
 
 def test_bench_tiling_reports_the_per_slide_overhead(real_slide):
-    from preprocessing.bench import bench_tiling
+    from benchmarks.tiling import bench_tiling
 
     row = bench_tiling(real_slide, TilingOptions(), workers=2)  # 38 patches: no pool
     assert row["n_patches"] > 0 and row["workers_used"] == 1

@@ -18,7 +18,7 @@ All three produce the same clipped sum Σ_i min(1, C/(‖g_i‖ + 1e-6))·g_i (t
 float64 against a brute-force per-record loop), hand it to the same opacus ``DPOptimizer``
 noise step, and feed the accountant the same (σ, q) per step, so they give the same
 (ε, δ) guarantee. They differ only in cost: measured with ``python -m
-federation.bench_dp`` (MLP, batch 250, one thread), bookkeeping takes ~1.5× the time of a
+benchmarks.dp`` (MLP, batch 250, one thread), bookkeeping takes ~1.5× the time of a
 non-private step, ghost ~2×, hooks ~40× (CPU time, median of three runs).
 
 Per-slide clipping (``backward(loss, groups)``). A slide gives many patches, and DP-SGD

@@ -1,7 +1,7 @@
 """Benchmark runner: several algorithms × seeds of one configuration, then the report.
 
 ``run_benchmark`` runs ``slidefed federate``'s engine once per (algorithm, seed) into
-``<out_dir>/<algorithm>/seed_<seed>/`` and writes the report of ``federation.report``
+``<out_dir>/<algorithm>/seed_<seed>/`` and writes the report of ``benchmarks.table``
 (``results.csv``, ``results.md``, ``accuracy.png``, ``epsilon.png``) into ``out_dir``: the
 comparison of ProxyFL's Fig. 3 (Kalra et al., Nature Communications 2023, arXiv 2111.11343).
 
@@ -35,6 +35,7 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from benchmarks.table import write_report
 from federation import catalog, run_files
 from federation.config import (
     ConfigError,
@@ -44,7 +45,6 @@ from federation.config import (
     parse_override,
 )
 from federation.cores import usable_cores
-from federation.report import write_report
 from formats.errors import one_line
 
 log = logging.getLogger(__name__)

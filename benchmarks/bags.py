@@ -20,7 +20,7 @@ variant to memory, and for the in-process variants the same per second of the tr
 thread's CPU time, which other processes' load inflates far less (loader workers' CPU time
 is not the training thread's, so they have no CPU rate).
 
-Run ``python -m federation.bench_bags``.
+Run ``python -m benchmarks.bags``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.options import add_bags_arguments
 from federation.config import SlidesConfig
 from federation.data.bags import BagIndex, BagReader, index_bag
 from federation.data.slides import SlideClientData, read_manifest
@@ -149,29 +150,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def _workers(text: str) -> list[int]:
-    return [int(w) for w in text.split(",")]
+
+def command(args: argparse.Namespace) -> int:
+    """``slidefed bench bags``: print the timings as JSON."""
+    print(json.dumps(run(args), indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cohort", help="a hospital's preprocessing output (default: build "
-                                         "a synthetic one)")
-    parser.add_argument("--slides", type=int, default=8, help="slides of the built cohort")
-    parser.add_argument("--size", type=int, default=4096, help="side of each built slide, px")
-    parser.add_argument("--workers", type=_workers, default=[0, 2],
-                        help="DataLoader workers of each bag variant (default 0,2)")
-    parser.add_argument("--slides-per-step", type=int, default=8)
-    parser.add_argument("--patches-per-slide", type=int, default=16)
-    parser.add_argument("--augment", choices=("hed", "none"), default="none",
-                        help="stain augmentation, the same in every variant (default none: "
-                             "time the data path alone)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    print(json.dumps(run(parser.parse_args(argv)), indent=2))
+    add_bags_arguments(parser)
+    command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

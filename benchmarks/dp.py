@@ -6,7 +6,7 @@ batch 250, Adam (lr 1e-3, weight decay 1e-4), σ = 1, C = 1. Data are random ten
 shape (timing does not depend on pixel values). Every variant iterates its data loader,
 so loading is part of the step: a shuffled loader without DP, Poisson-sampled indices with DP.
 
-Run ``python -m federation.bench_dp``; it prints one JSON object: milliseconds per step
+Run ``python -m benchmarks.dp``; it prints one JSON object: milliseconds per step
 without DP and with each mechanism of ``federation.privacy`` (each repeat times ``--steps``
 steps; median and minimum over repeats; wall-clock time, and this thread's CPU time, which
 other processes' load inflates far less), their ratios to no DP, and the cost of one ε evaluation
@@ -17,7 +17,7 @@ With ``--slides S`` it times slide-level DP instead: one batch of S slides × k 
 (``--patches-per-slide``), each step on that same batch (the slide loader is not part of
 the timing), without DP, with per-patch clipping (``groups=None``) for every mechanism, and
 with per-slide clipping (``groups`` = each patch's slide) for every mechanism that clips
-groups. The patch-classifier setting: ``python -m federation.bench_dp --slides 8
+groups. The patch-classifier setting: ``python -m benchmarks.dp --slides 8
 --patches-per-slide 16 --model cnn1 --in-channels 3 --image-size 64 --classes 2``.
 """
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.options import add_dp_arguments
 from federation.config import DPConfig
 from federation.models import create_model
 from federation.privacy.accounting import epsilon_from_history
@@ -294,26 +295,16 @@ def run_slides(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def command(args: argparse.Namespace) -> int:
+    """``slidefed bench dp``: print the timings as JSON."""
+    print(json.dumps(run_slides(args) if args.slides else run(args), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mlp")
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--in-channels", type=int, default=1)
-    parser.add_argument("--image-size", type=int, default=28)
-    parser.add_argument("--records", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=300, help="run length for the ε timing")
-    parser.add_argument("--epsilon-calls", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--slides", type=int, default=0, help="time slide-level DP instead")
-    parser.add_argument("--patches-per-slide", type=int, default=16)
-    args = parser.parse_args(argv)
-    print(json.dumps(run_slides(args) if args.slides else run(args), indent=2))
+    add_dp_arguments(parser)
+    command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ In ProxyFL's Fashion-MNIST setting (``configs/benchmarks/fashion_mnist.yaml``: 8
    set-up, training, evaluation, communication, accounting), and whether both wrote the same
    metrics.
 
-Run ``python -m federation.bench_federation [--rounds 30] [--only packing]``; it prints one
+Run ``python -m benchmarks.federation_speed [--rounds 30] [--only packing]``; it prints one
 JSON object. Both runs of a pair use the same torch thread count (``--threads``, default 1).
 """
 
@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from benchmarks.algorithms import default_ranks
+from benchmarks.options import FEDERATION_BENCHMARKS, add_federation_arguments
 from federation import run_files
-from federation.benchmark import default_ranks
 from federation.config import FederationConfig, load_config
 from federation.data import load_client_data
 from federation.data.image_clients import ImageClientData
@@ -52,7 +53,6 @@ from federation.models import create_model
 from federation.seeds import derive_seed
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "benchmarks" / "fashion_mnist.yaml"
 
 
 def plain_fedavg(
@@ -220,23 +220,13 @@ def bench_packing(config: Path, rounds: int, ranks: int, threads: int,
     return result
 
 
-BENCHMARKS = ("fedavg_vs_plain", "proxyfl_mpi", "packing")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--ranks", type=int, default=None,
-                        help="ranks the clients are packed on in 'packing' (default: the "
-                             "cores this process may use, at most one per client)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", action="append", choices=BENCHMARKS,
-                        help="run only this benchmark (repeatable; default: all)")
-    args = parser.parse_args()
+def command(args: argparse.Namespace) -> int:
+    """``slidefed bench federation``: run the chosen benchmarks, print their JSON."""
     clients = load_config(args.config).clients
     ranks = args.ranks or default_ranks(clients)
-    chosen = args.only or BENCHMARKS
+    chosen = args.only or FEDERATION_BENCHMARKS
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         report: dict[str, object] = {"rounds": args.rounds, "threads": args.threads}
@@ -250,6 +240,13 @@ def main() -> None:
             report["packing"] = bench_packing(args.config, args.rounds, ranks, args.threads,
                                               work)
     print(json.dumps(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_federation_arguments(parser)
+    command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run under MPI with two (or more) ranks; rank 0 prints one JSON object::
 
-    .venv/bin/mpiexec -n 2 .venv/bin/python -m federation.bench_comm
+    .venv/bin/mpiexec -n 2 .venv/bin/python -m benchmarks.comm
 
 For each model every rank passes its parameters to the next rank on a ring and receives the
 previous rank's, end to end from model to model:
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.options import add_comm_arguments
 from federation.transport.comm import MPICommunicator, run_guarded
 from federation.transport.flat import FlatParameters
 from federation.transport.topology import make_topology
@@ -177,23 +178,31 @@ def _summary(milliseconds: np.ndarray) -> dict[str, float]:
             "best": round(float(milliseconds.min()), 3)}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: run ``bench_exchange`` and print its result as JSON on rank 0."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(BENCH_MODELS),
-                        choices=sorted(BENCH_MODELS))
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args(argv)
-    # One thread per rank: the ranks already share the cores, extra threads only contend.
-    torch.set_num_threads(1)
-    results = bench_exchange(args.models, repeats=args.repeats)
-    from mpi4py import MPI
+def command(args: argparse.Namespace) -> int:
+    """``mpiexec -n R slidefed bench comm``: run ``bench_exchange`` and print its result as
+    JSON on rank 0; a failure on one rank ends every rank (``run_guarded``)."""
 
-    if MPI.COMM_WORLD.rank == 0:
-        world = {"ranks": MPI.COMM_WORLD.size, "mpi": MPI.Get_library_version().splitlines()[0]}
-        print(json.dumps({**world, "models": results}, indent=2))
-    return 0
+    def exchange() -> int:
+        # One thread per rank: the ranks already share the cores, extra threads only contend.
+        torch.set_num_threads(1)
+        results = bench_exchange(args.models, repeats=args.repeats)
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            world = {"ranks": MPI.COMM_WORLD.size,
+                     "mpi": MPI.Get_library_version().splitlines()[0]}
+            print(json.dumps({**world, "models": results}, indent=2))
+        return 0
+
+    return run_guarded(exchange)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of ``python -m benchmarks.comm``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_comm_arguments(parser)
+    return command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(run_guarded(main))
+    sys.exit(main())
