@@ -2,7 +2,7 @@
 
 ``run_federation(config)`` is what ``slidefed federate`` runs on every process (one per MPI
 rank, or one for all clients on the local backend). Before any data are read, the processes
-agree on where to start (``federation.outputs.agree_on_start``). Per round: the algorithm
+agree on where to start (``federation.run_directory.agree_on_start``). Per round: the algorithm
 trains and communicates; each DP model's ε is computed once; every ``eval_every`` rounds (and
 after the last) each model of each client is scored on that client's test set; each hospital
 appends all its rows to its own ``hospitals/<h>/metrics.csv`` / ``privacy.csv`` and sends the
@@ -34,8 +34,8 @@ from federation.cores import usable_cores
 from federation.data import ClientData, load_client_data
 from federation.model_files import save_decision, save_model
 from federation.models import check_timm_names
-from federation.outputs import RunDirectory, agree_on_start
 from federation.privacy.statement import NON_PRIVATE, NOT_PRIVATE, NOT_SHARED, RELATION
+from federation.run_directory import RunDirectory, agree_on_start
 from federation.transport.comm import (
     LAUNCH_HINT,
     Communicator,

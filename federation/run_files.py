@@ -62,7 +62,7 @@ their files hold no decision of the hospital's (``federation.model_files``)::
     heatmaps.csv                 ``slidefed heatmap``: the heatmaps it drew last, each a
                                  ``hospitals/<name>/heatmaps/<model>/<slide_id>.png``
 
-``federation.outputs`` writes them, ``federation.loop`` reads the CSV files back when it
+``federation.run_directory`` writes them, ``federation.loop`` reads the CSV files back when it
 resumes a finished run, ``benchmarks.table`` reads finished runs, ``benchmarks.algorithms``
 decides which runs are finished, ``federation.evaluation`` writes the slide-level files and
 ``report`` reads them.
@@ -117,7 +117,7 @@ EXECUTION_KEYS = frozenset({"backend", "threads", "device", "checkpoint_every", 
 RESUMABLE_CHANGES = (EXECUTION_KEYS - {"output_dir", "threads"}) | {"rounds"}
 # PER_PROCESS_KEYS: what the processes of one run may set each for itself, as hospitals with
 # their own machines do: where its files and data lie, its hardware, how it was launched.
-# Every other key must agree across the processes (``federation.outputs.agree_on_start``).
+# Every other key must agree across the processes (``federation.run_directory.agree_on_start``).
 PER_PROCESS_KEYS = frozenset({"output_dir", "data.root", "device", "slides.workers", "backend"})
 # RUNNER_KEYS: what the benchmark runner sets per run; an override of one would contradict
 # its --algorithms, --seeds, -o or --backend.

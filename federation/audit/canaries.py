@@ -37,7 +37,7 @@ machine learning", USENIX Security 2023 (arXiv 2302.07956):
    and ε_lb is the largest ε at which this p-value is below 1 − confidence (0.95:
    ``metrics.CONFIDENCE``). ``one_run_epsilon_lb`` computes it; it reproduces the two
    values the paper prints (m = 1000, r = 100, v = 75, δ = 1e-4: 0.673; m = 10⁵, r = 1510,
-   v = 1439, δ = 1e-5: 2.675; ``tests/test_audit_canaries.py``). With all r guesses right
+   v = 1439, δ = 1e-5: 2.675; ``tests/federation/test_audit_canaries.py``). With all r guesses right
    it gives the most this audit can show (``epsilon_lb_max``: 4.17 for m = 1000, r = 200,
    δ = 1e-5), which is reported beside every result, as in ``slidefed audit``.
 

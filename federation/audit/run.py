@@ -69,8 +69,8 @@ from federation.data.images import as_tensor_dataset, load_images
 from federation.evaluation.run import hospital_slides
 from federation.evaluation.scoring import evenly_spaced, patch_probabilities
 from federation.model_files import load_model
-from federation.outputs import RunDirectory
 from federation.privacy.statement import UNSTATED, epsilon_label
+from federation.run_directory import RunDirectory
 from federation.run_files import (
     AUDIT_CSV,
     AUDIT_JSON,

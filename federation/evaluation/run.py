@@ -58,7 +58,7 @@ from federation.evaluation.metrics import (
 )
 from federation.evaluation.scoring import scoring_threads
 from federation.model_files import decision_threshold, load_model, read_decision
-from federation.outputs import RunDirectory
+from federation.run_directory import RunDirectory
 from federation.run_files import (
     CROSS_SITE,
     CROSS_SITE_KEYS,

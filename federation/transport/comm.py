@@ -13,7 +13,7 @@ contiguous CPU buffers through mpi4py's upper-case buffer methods (``Isend``/``I
 tensor a client sends is recorded in ``Communicator.sent_log`` so tests can assert what left a
 client (e.g. only proxy-sized buffers under ProxyFL). Small records (metric rows, the state a
 run starts from) are pickled by ``gather_rows`` and ``allgather``; docs/privacy.md's
-section lists every message, and ``tests/test_messages.py`` checks that list.
+section lists every message, and ``tests/federation/test_messages.py`` checks that list.
 
 Under MPI no call blocks inside MPI: every operation is non-blocking and polled from Python,
 so a SIGTERM handler runs at once wherever a rank waits, and a peer that sends nothing for
@@ -630,7 +630,7 @@ def _abort_world(code: int, reason: str, details: str = "") -> None:
     sys.stderr.flush()
     # Abort makes hydra tear the job down at once, and what its proxy has not yet forwarded
     # from this rank's stderr pipe is lost: without a pause the message vanished in 3 of 23
-    # runs of tests/test_comm_mpi.py's mismatch case (0 of 20 with it).
+    # runs of tests/federation/test_comm_mpi.py's mismatch case (0 of 20 with it).
     time.sleep(_ABORT_GRACE_S)
     world.Abort(code)
     # MPICH's Abort can return while the process manager tears the job down; leave now rather

@@ -1,4 +1,5 @@
-"""Run by tests/test_comm_mpi.py under ``mpiexec -n R``: one communication scenario per call.
+"""Run by tests/federation/test_comm_mpi.py under ``mpiexec -n R``: one communication scenario
+per call.
 
     python comm_protocol.py protocol OUT.json K exchange/allreduce/broadcast of K clients over
                                                 the R ranks; root writes rows

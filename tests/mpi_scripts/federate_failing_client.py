@@ -1,5 +1,5 @@
-"""Run by tests/test_federate_mpi.py under ``mpiexec``: ``slidefed federate`` in which one
-client fails mid-run.
+"""Run by tests/federation/test_federate_mpi.py under ``mpiexec``: ``slidefed federate`` in
+which one client fails mid-run.
 
 It registers a test-only algorithm, ``regular_failing_on_client_2`` — Regular, except that
 client 2 raises in round 2 after writing the time to stderr — then hands its arguments to the

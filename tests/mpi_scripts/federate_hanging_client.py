@@ -1,5 +1,5 @@
-"""Run by tests/test_federate_mpi.py under ``mpiexec``: ``slidefed federate`` in which client 1
-stops answering mid-run.
+"""Run by tests/federation/test_federate_mpi.py under ``mpiexec``: ``slidefed federate`` in
+which client 1 stops answering mid-run.
 
 It registers test-only algorithms, ProxyFL and FedAvg except that in round 2 every client
 writes ``<pid> <time>`` to ``$HANG_DIR/client_<c>`` and client 1 then sleeps for an hour

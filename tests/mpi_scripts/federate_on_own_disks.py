@@ -1,4 +1,4 @@
-"""Run by tests/test_federate_mpi.py under ``mpiexec -n 2``: K hospitals on two disks of
+"""Run by tests/federation/test_federate_mpi.py under ``mpiexec -n 2``: K hospitals on two disks of
 their own (one rank each; K = 2, or 4 for two hospitals per rank), with every call into
 mpi4py recorded.
 
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))  # the tests' helpers
 from federation_synthetic import small_config  # noqa: E402
 
 from federation.config import ConfigError, config_from_dict  # noqa: E402

@@ -1,6 +1,6 @@
-"""Run by tests/test_federate_mpi.py under ``mpiexec``: the ``slidefed`` command line with every
-hospital's secret stream keyed by a test seed (``fixed_secrets_for_tests``), so that an MPI run
-and a local run draw the same DP noise and can be compared byte for byte.
+"""Run by tests/federation/test_federate_mpi.py under ``mpiexec``: the ``slidefed`` command
+line with every hospital's secret stream keyed by a test seed (``fixed_secrets_for_tests``), so
+that an MPI run and a local run draw the same DP noise and can be compared byte for byte.
 
     python federate_with_fixed_secrets.py SLIDEFED-ARGUMENTS...
 """

@@ -19,7 +19,7 @@ from federation.data.images import (
     load_images,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:

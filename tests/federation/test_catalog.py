@@ -20,7 +20,7 @@ from federation.models import create_model
 from federation.privacy.clipping import MECHANISMS, Mechanism
 from federation.transport.topology import Topology
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_engines_registries_are_the_catalog():

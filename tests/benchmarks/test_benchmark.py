@@ -142,7 +142,7 @@ def test_an_unknown_backend_and_impossible_ranks_are_refused(
 @pytest.mark.mpi
 def test_mpi_runs_match_local_runs(config_path: Path, tmp_path: Path) -> None:
     # Without DP: the runner's plumbing is what is compared here; runs with DP draw secret
-    # noise, and tests/test_federate_mpi.py compares them given fixed test secrets.
+    # noise, and tests/federation/test_federate_mpi.py compares them given fixed test secrets.
     for backend in ("mpi", "local"):
         run_benchmark(config_path, ["proxyfl"], [0], tmp_path / backend, backend=backend,
                       overrides=["rounds=2", "dp.enabled=false"])

@@ -17,7 +17,7 @@ from federation.config import (
 )
 from slidefed.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs" / "benchmarks").glob("*.yaml")) + [
     REPO / "configs" / "federation_demo.yaml"
 ]

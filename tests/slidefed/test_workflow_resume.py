@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 HOSPITALS = ("hospital_a", "hospital_b")
 ROUNDS = 40  # ~0.1 s each: stopped at round 2, resumed for the rest

@@ -4,7 +4,7 @@ docs/privacy.md ("What crosses a rank").
 A recording communicator (the local backend, through the same public methods the MPI
 backend implements) logs every tensor and every pickled object each client hands it; every
 message of a short run of each algorithm must be one the list names, and no private model or
-raw data may be among them. ``tests/test_federate_mpi.py`` checks the same under a real
+raw data may be among them. ``tests/federation/test_federate_mpi.py`` checks the same under a real
 ``mpiexec`` at the level of mpi4py's calls.
 """
 
@@ -25,8 +25,8 @@ from federation.algorithms import ALGORITHMS, Algorithm
 from federation.config import config_from_dict
 from federation.loop import run_federation
 from federation.models.scattering import NUM_FEATURES
-from federation.outputs import StartFacts
 from federation.privacy.statement import NON_PRIVATE, NOT_SHARED
+from federation.run_directory import StartFacts
 from federation.transport.comm import LocalCommunicator
 
 # The fields of each kind of pickled row (``federation.loop``), as docs/privacy.md lists them; a

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CLUSTER = REPO / "workflow" / "slurm" / "one_node.sh"
 RULES = {"demo_cohort": 1, "preprocess": 2, "federate": 2, "evaluate": 2, "heatmap": 2,

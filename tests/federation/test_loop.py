@@ -19,8 +19,8 @@ from federation_synthetic import run_killed_in_round, small_config, write_synthe
 from federation.algorithms import ALGORITHMS
 from federation.config import ConfigError, config_from_dict, load_config
 from federation.loop import configure_threads, resolve_backend, run_federation
-from federation.outputs import RunDirectory, StartFacts, agree_on_start
 from federation.privacy.randomness import fixed_secrets_for_tests
+from federation.run_directory import RunDirectory, StartFacts, agree_on_start
 from federation.run_files import METRICS_COLUMNS, PRIVACY_COLUMNS
 from federation.transport.comm import LocalCommunicator
 from slidefed.cli import main
@@ -364,7 +364,7 @@ def test_the_default_thread_count_is_the_same_on_both_backends(monkeypatch) -> N
 
 
 def test_slidefed_federate_runs_the_demo_config(digits: Path, tmp_path: Path, capsys) -> None:
-    demo = Path(__file__).resolve().parents[1] / "configs" / "federation_demo.yaml"
+    demo = Path(__file__).resolve().parents[2] / "configs" / "federation_demo.yaml"
     out = tmp_path / "run"
     code = main(["-q", "federate", "--config", str(demo), "--backend", "local",
                  "--set", f"output_dir={out}", "--set", "data.name=mnist",

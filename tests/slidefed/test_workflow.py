@@ -21,7 +21,7 @@ from PIL import Image, ImageStat
 
 from wsi.bag import check_bag, read_labels
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 
 

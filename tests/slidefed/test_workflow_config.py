@@ -13,7 +13,7 @@ import yaml
 
 from slidefed.workflow import preprocess_options, slide_files
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 
 
