@@ -55,6 +55,11 @@ _MODULES = {
     "federation": ("federation_speed",
                    "FedAvg against plain training, ProxyFL under MPI, and packing clients on "
                    "ranks", options.add_federation_arguments),
+    "guarantee-cost": ("guarantee_cost", "ProxyFL's guaranteed proxy (dml.beta 0) against the "
+                       "paper's (0.5) on the same test slides, paired, over seeds",
+                       options.add_guarantee_cost_arguments),
+    "demo-table": ("demo_table", "the demo's results table, from a finished workflow run",
+                   options.add_demo_table_arguments),
 }
 
 

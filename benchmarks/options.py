@@ -74,3 +74,22 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", action="append", choices=FEDERATION_BENCHMARKS,
                         help="run only this benchmark (repeatable; default: all)")
+
+
+def add_guarantee_cost_arguments(parser: argparse.ArgumentParser) -> None:
+    """``slidefed bench guarantee-cost``'s options."""
+    parser.add_argument("--config", type=Path, required=True,
+                        help="slide federation configuration (e.g. configs/slides_demo.yaml)")
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="comma-separated seeds (default %(default)s)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        help="override a config key in every run, e.g. "
+                             "--set data.root=results/demo/preprocessed (repeatable)")
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help="directory of the runs (beta_<β>/seed_<s>/) and of table.md")
+
+
+def add_demo_table_arguments(parser: argparse.ArgumentParser) -> None:
+    """``slidefed bench demo-table``'s options."""
+    parser.add_argument("out_dir", type=Path, help="a finished workflow's output_dir "
+                                                   "(e.g. results/demo)")
