@@ -26,6 +26,7 @@ import h5py
 from tqdm import tqdm
 
 from formats.atomic import atomic_path, make_directory
+from formats.hospital_dir import BAGS, MANIFEST_COLUMNS, bag_path, manifest_path
 from wsi.bag import (
     FORMAT_VERSION,
     BagError,
@@ -48,8 +49,6 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".mrxs", "
                     ".svslide")
 # Joins the folder names and file stem of a slide found below the cohort folder into its id.
 ID_SEPARATOR = "__"
-MANIFEST_COLUMNS = ("slide_id", "path", "label", "status", "n_patches", "mpp", "mpp_source",
-                    "error")
 
 
 class SlideListError(ValueError):
@@ -396,7 +395,7 @@ def _labels_current(entry: SlideEntry, options: TilingOptions,
 
 
 def _bag_path(out_dir: Path, entry: SlideEntry) -> Path:
-    return out_dir / "bags" / f"{entry.slide_id}.h5"
+    return bag_path(out_dir, entry.slide_id)
 
 
 def _qc_path(out_dir: Path, entry: SlideEntry) -> Path:
@@ -433,7 +432,7 @@ def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
     out_dir = Path(out_dir)
     options = options or TilingOptions()
     entries = read_slide_list(slides, annotations)
-    make_directory(out_dir / "bags")
+    make_directory(out_dir / BAGS)
     # Keyed by entry: two files of a directory can share a (failed) slide_id.
     rows: dict[SlideEntry, ManifestRow] = {}
     todo = []
@@ -460,8 +459,8 @@ def preprocess_hospital(hospital: str, slides: str | Path, out_dir: str | Path,
                                           result.n_patches, result.mpp, result.mpp_source, "")
             bar.update()
     ordered = [rows[e] for e in entries]
-    write_manifest(out_dir / "manifest.csv", ordered)
+    write_manifest(manifest_path(out_dir), ordered)
     n_ok = sum(r.status == "ok" for r in ordered)
     log.info("%s: %d slides ok (%d patches), %d failed; manifest %s", hospital, n_ok,
-             sum(r.n_patches for r in ordered), len(ordered) - n_ok, out_dir / "manifest.csv")
+             sum(r.n_patches for r in ordered), len(ordered) - n_ok, manifest_path(out_dir))
     return ordered

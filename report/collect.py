@@ -24,6 +24,8 @@ from federation import run_files
 from federation.evaluation.metrics import METRICS
 
 PREPROCESSED, FEDERATION = "preprocessed", "federation"
+# the manifest columns the report reads (all of formats.hospital_dir.MANIFEST_COLUMNS but
+# those it does not show)
 MANIFEST_COLUMNS = ("slide_id", "label", "status", "n_patches", "error")
 
 Row = TypeVar("Row")

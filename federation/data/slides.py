@@ -25,7 +25,6 @@ training process from the model's generator, so results do not depend on the wor
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -48,6 +47,7 @@ from federation.evaluation.aggregation import calibrate
 from federation.evaluation.metrics import point_metrics
 from federation.evaluation.scoring import evenly_spaced, patch_probabilities, top_k_score
 from federation.seeds import derive_seed
+from formats.hospital_dir import OK, ManifestError, bag_path, manifest_path, read_manifest_rows
 
 log = logging.getLogger(__name__)
 
@@ -275,26 +275,22 @@ def _draw(pool: np.ndarray, k: int, generator: torch.Generator) -> np.ndarray:
 
 def read_manifest(hospital_dir: Path) -> list[tuple[str, int, Path]]:
     """(slide_id, label, bag path) of every ``ok`` slide in ``hospital_dir/manifest.csv``."""
-    path = hospital_dir / "manifest.csv"
+    path = manifest_path(hospital_dir)
     if not path.is_file():
         raise CohortError(f"{path}: no manifest; run `slidefed preprocess` for this hospital")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in ("slide_id", "label", "status") if c not in (reader.fieldnames
-                                                                            or ())]
-        if missing:
-            raise CohortError(f"{path}: missing column(s) {', '.join(missing)}")
-        slides, failed = [], 0
-        for line, row in enumerate(reader, start=2):
-            if row["status"] != "ok":
+    slides, failed = [], 0
+    try:
+        for line, row in read_manifest_rows(path, ("slide_id", "label", "status")):
+            if row["status"] != OK:
                 failed += 1
                 continue
             label = (row["label"] or "").strip()
             if label not in ("0", "1"):
                 raise CohortError(f"{path}: line {line}: label {label!r} of slide "
                                   f"{row['slide_id']!r} is not 0 or 1")
-            slides.append((row["slide_id"], int(label),
-                           hospital_dir / "bags" / f"{row['slide_id']}.h5"))
+            slides.append((row["slide_id"], int(label), bag_path(hospital_dir, row["slide_id"])))
+    except ManifestError as error:
+        raise CohortError(str(error)) from None
     if failed:
         log.warning("%s: %d slides failed preprocessing and are left out", path, failed)
     if not slides:
@@ -309,7 +305,7 @@ def load_hospital(config: FederationConfig, hospital: str) -> SlideClientData:
     bags = []
     for slide_id, label, path in read_manifest(directory):
         if not path.is_file():
-            raise CohortError(f"{directory / 'manifest.csv'}: slide {slide_id!r} is listed as "
+            raise CohortError(f"{manifest_path(directory)}: slide {slide_id!r} is listed as "
                               f"ok but its bag {path} is missing")
         bag = index_bag(path, label)
         if bag.patch_size != settings.patch_size:

@@ -245,7 +245,7 @@ def test_mutual_learning_teaches_each_model_on_its_own_batches(bag_cohort) -> No
     def local(name: str, seed: int, batches: list) -> LocalModel:
         module = create_model("patch_cnn", num_classes=2, in_channels=3, seed=seed)
         model = LocalModel(name, module, data, optimizer=OPTIMIZERS["sgd"], lr=0.1,
-                           weight_decay=0.0, batch_size=2, seed=seed, dp=None)
+                           weight_decay=0.0, batch_size=2, seed=seed, dp=None, label=name)
         model.batches = lambda: iter(batches)
         return model
 

@@ -21,8 +21,7 @@ from PIL import Image
 
 from federation.data.bags import BagIndex, index_bag
 from federation.data.slides import read_manifest
-
-MANIFEST_COLUMNS = ("slide_id", "path", "label", "status", "n_patches", "mpp", "error")
+from formats.hospital_dir import MANIFEST_COLUMNS
 
 
 def synthetic_patches(rng: np.random.Generator, tumour: np.ndarray, size: int) -> np.ndarray:
@@ -95,7 +94,7 @@ def write_cohort(root: Path, hospitals: dict[str, int], *, patches: int = 12, si
                          "label": label, "status": "ok", "n_patches": patches, "mpp": 0.25,
                          "error": ""})
         with (directory / "manifest.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, restval="")
             writer.writeheader()
             writer.writerows(rows)
     return list(hospitals)
