@@ -8,11 +8,14 @@ the same test slides — and compares them on those slides with ``slidefed compa
 statistics (DeLong for AUC, per hospital and slide-weighted over hospitals): Δ = guaranteed −
 paper, for the private model and for the proxy, at every seed, and their mean over seeds.
 
-It needs an evaluated run's inputs: a slide configuration whose ``data.root`` holds the
-hospitals' bags (``--set data.root=... --set data.hospitals=[...]`` as the workflow passes
-them). Runs finished in ``-o`` (``beta_<β>/seed_<s>/slide_metrics.json``) are reused, so a
-table can be rewritten without training again. Each variant's DP noise is secret and fresh,
-so two seeds differ by both their splits and their noise.
+With a slide configuration (``data.name: bags``, its ``data.root`` holding the hospitals'
+bags: ``--set data.root=... --set data.hospitals=[...]`` as the workflow passes them) the
+runs are trained and evaluated into ``-o``/``beta_<β>/seed_<s>/``. With an image benchmark
+configuration (``configs/benchmarks/*.yaml``) they are ``slidefed bench algorithms`` runs of
+ProxyFL into ``-o``/``beta_<β>/proxyfl/seed_<s>/``, and the comparison is the private model's
+test accuracy, paired per client (each client's own test set) and averaged over clients.
+Finished runs are reused, so a table can be rewritten without training again. Each
+variant's DP noise is secret and fresh, so two seeds differ by their data draws and noise.
 """
 
 from __future__ import annotations
@@ -49,6 +52,33 @@ def run_variant(config: Path, out: Path, seed: int, beta: float, settings: list[
     return out
 
 
+def measure_images(config: Path, seeds: list[int], output: Path, settings: list[str]
+                   ) -> dict[str, Any]:
+    """ProxyFL's private model with either proxy, on an image benchmark: per seed the mean over
+    clients of (accuracy guaranteed − accuracy paper) on each client's own test set."""
+    from benchmarks.algorithms import run_benchmark
+
+    accuracy = {}
+    for name, beta in VARIANTS:
+        directory = output / f"beta_{beta}"
+        run_benchmark(config, ["proxyfl"], seeds, directory,
+                      overrides=[*settings, f"dml.beta={beta}"])
+        accuracy[name] = {seed: json.loads((directory / "proxyfl" / f"seed_{seed}" /
+                                            "summary.json").read_text())["final"]["private"]
+                          ["accuracy"]["per_client"] for seed in seeds}
+    rows = []
+    for seed in seeds:
+        a, b = accuracy["guaranteed"][seed], accuracy["paper"][seed]
+        differences = [x - y for x, y in zip(a, b, strict=True)]
+        rows.append({"seed": seed, "auc_guaranteed": statistics.fmean(a),
+                     "auc_paper": statistics.fmean(b), "delta": statistics.fmean(differences),
+                     "clients_better": sum(d > 0 for d in differences),
+                     "clients": len(differences)})
+    return {"config": str(config), "seeds": seeds, "settings": settings, "metric": "accuracy",
+            "variants": dict(VARIANTS), "models": {"private": rows},
+            "over_seeds": {"private": _over_seeds([r["delta"] for r in rows])}}
+
+
 def measure(config: Path, seeds: list[int], output: Path, settings: list[str]) -> dict[str, Any]:
     """Both variants at every seed, compared pairwise per model; the result as a dict."""
     rows: dict[str, list[dict[str, Any]]] = {"private": [], "proxy": []}
@@ -64,7 +94,7 @@ def measure(config: Path, seeds: list[int], output: Path, settings: list[str]) -
                                 "p": overall["p"],
                                 "hospitals": {h: r["auc"]["delta"]
                                               for h, r in result["hospitals"].items()}})
-    return {"config": str(config), "seeds": seeds, "settings": settings,
+    return {"config": str(config), "seeds": seeds, "settings": settings, "metric": "auc",
             "variants": dict(VARIANTS), "models": rows,
             "over_seeds": {m: _over_seeds([r["delta"] for r in rs]) for m, rs in rows.items()}}
 
@@ -80,13 +110,17 @@ def _over_seeds(deltas: list[float]) -> dict[str, float | None]:
 
 def table(result: dict[str, Any]) -> str:
     """The markdown table of ``measure``'s result."""
-    lines = ["| model | seed | AUC guaranteed (β 0) | AUC paper (β 0.5) | Δ [95 % CI] | p |",
-             "|---|---|---|---|---|---|"]
+    images = result["metric"] == "accuracy"
+    what = "accuracy, mean over clients" if images else "AUC"
+    lines = [f"| model | seed | {what}: guaranteed (β 0) | paper (β 0.5) | Δ "
+             + ("| clients better |" if images else "[95 % CI] | p |"), "|---|---|---|---|---|---|"]
     for model, rows in result["models"].items():
         for r in rows:
+            cells = (f"{r['clients_better']} of {r['clients']}" if images else
+                     f"[{r['low']:+.3f}, {r['high']:+.3f}] | {r['p']:.3f}")
             lines.append(f"| {model} | {r['seed']} | {r['auc_guaranteed']:.3f} | "
-                         f"{r['auc_paper']:.3f} | {r['delta']:+.3f} [{r['low']:+.3f}, "
-                         f"{r['high']:+.3f}] | {r['p']:.3f} |")
+                         f"{r['auc_paper']:.3f} | {r['delta']:+.3f} "
+                         + (f"| {cells} |" if images else f"{cells} |"))
         seeds = result["over_seeds"][model]
         spread = "" if seeds["sd"] is None else f" ± {seeds['sd']:.3f} (sd over seeds)"
         p = "" if seeds["p"] is None else f"{seeds['p']:.3f} (t over seeds)"
@@ -96,8 +130,11 @@ def table(result: dict[str, Any]) -> str:
 
 def command(args: argparse.Namespace) -> int:
     """Run (or reuse) both variants, print the table, write ``table.md`` and ``result.json``."""
+    from federation.config import load_config
+
     seeds = [int(s) for s in args.seeds.split(",")]
-    result = measure(args.config, seeds, args.output, args.set)
+    slides = load_config(args.config, args.set).data.name == "bags"
+    result = (measure if slides else measure_images)(args.config, seeds, args.output, args.set)
     text = table(result)
     (args.output / "table.md").write_text(text + "\n")
     (args.output / "result.json").write_text(json.dumps(result, indent=2))

@@ -84,3 +84,26 @@ def test_the_demo_table_is_written_from_the_run_files(tmp_path) -> None:
     assert "| proxyfl | private | 0.900 [0.800, 0.950] | 0.850 | 1.00 / 0.75 | — (never " in text
     assert "(ε, δ)-DP per slide, replace-one, δ = 1e-05" in text
     assert "federate_proxyfl 105 s" in text
+
+
+def test_guarantee_cost_on_images_pairs_each_clients_accuracy(tmp_path, monkeypatch) -> None:
+    accuracies = {0.0: {0: [0.9, 0.8, 0.7], 1: [0.95, 0.85, 0.75]},
+                  0.5: {0: [0.8, 0.8, 0.8], 1: [0.90, 0.90, 0.70]}}
+    for beta, by_seed in accuracies.items():
+        for seed, per_client in by_seed.items():
+            run = tmp_path / f"beta_{beta}" / "proxyfl" / f"seed_{seed}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps(
+                {"final": {"private": {"accuracy": {"per_client": per_client}}}}))
+    planned = []
+    monkeypatch.setattr("benchmarks.algorithms.run_benchmark",  # the runs are finished here
+                        lambda config, algorithms, seeds, out, overrides: planned.append(
+                            (algorithms, seeds, out.name, overrides)))
+    result = guarantee_cost.measure_images(Path("c.yaml"), [0, 1], tmp_path, ["threads=1"])
+    assert planned == [(["proxyfl"], [0, 1], "beta_0.0", ["threads=1", "dml.beta=0.0"]),
+                       (["proxyfl"], [0, 1], "beta_0.5", ["threads=1", "dml.beta=0.5"])]
+    rows = result["models"]["private"]
+    assert [r["delta"] for r in rows] == pytest.approx([0.0, 0.0166667], abs=1e-6)
+    assert [(r["clients_better"], r["clients"]) for r in rows] == [(1, 3), (2, 3)]
+    assert result["over_seeds"]["private"]["mean"] == pytest.approx(0.0083333, abs=1e-6)
+    assert "clients better" in guarantee_cost.table(result)
