@@ -32,23 +32,19 @@ from federation.transport.comm import LocalCommunicator
 # The fields of each kind of pickled row (``federation.loop``), as docs/privacy.md lists them; a
 # run that opts in to sharing its timings (report.share_timings) adds them to "process".
 ROW_FIELDS = {
-    "privacy": {"file", "round", "client", "epsilon", "delta", "unit", "status"},
+    "privacy": {"file", "round", "client", "epsilon", "delta", "unit", "status", "relation",
+                "guarantee"},
     "metrics": {"file", "round", "client", "model", "split", "metric", "value"},
     "process": {"file", "elements_sent"},
 }
 TIMINGS = {"wall_s", "seconds"}
-# What the privacy rows say of their ε (``federation.privacy.statement``), where the engine
-# labels them.
-PRIVACY_LABELS = {"relation", "guarantee"}
 
 
-def _fields_as_listed(row: dict[str, Any], share_timings: bool) -> bool:
+def fields_as_listed(row: dict[str, Any], share_timings: bool) -> bool:
     """Whether ``row`` has the fields docs/privacy.md lists for its kind."""
     listed = ROW_FIELDS[row["file"]]
     if row["file"] == "process" and share_timings:
         listed = listed | TIMINGS
-    if row["file"] == "privacy":
-        return set(row) in (listed, listed | PRIVACY_LABELS)
     return set(row) == listed
 # The tensors each algorithm sends, as docs/privacy.md lists them: (operation, what it is).
 TENSORS = {
@@ -198,7 +194,7 @@ def test_only_the_listed_messages_cross(digits: Path, tmp_path: Path, monkeypatc
                all(isinstance(v, str | tuple | type(None)) for v in m.payload) for m in starts)
     rows = [(m.src, row) for m in objects if m.op == "gather_rows" for row in m.payload]
     for src, row in rows:
-        assert _fields_as_listed(row, config.report.share_timings), row
+        assert fields_as_listed(row, config.report.share_timings), row
         assert all(isinstance(v, int | float | str | dict) for v in row.values()), row
         if row["file"] != "process":
             assert row["client"] == src  # a client sends only its own rows
@@ -248,7 +244,7 @@ def test_by_default_no_metric_and_no_timing_reaches_the_coordinator(
     assert {row["file"] for _, row in rows} == {"process"} | (
         {"privacy"} if name == "proxyfl" else set())  # ε: the DP release; regular has none
     for _, row in rows:
-        assert _fields_as_listed(row, share_timings=False), row  # no wall time, no seconds
+        assert fields_as_listed(row, share_timings=False), row  # no wall time, no seconds
     # The hospitals keep every row; the coordinator's files hold no metric and say so.
     own = (tmp_path / "hospitals" / "client_0" / "metrics.csv").read_text()
     assert all(f",{model},test,accuracy," in own for model in algorithm.clients[0].models)

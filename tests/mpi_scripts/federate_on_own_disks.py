@@ -25,6 +25,7 @@ from federation_synthetic import small_config  # noqa: E402
 
 from federation.config import ConfigError, config_from_dict  # noqa: E402
 from federation.loop import run_federation  # noqa: E402
+from federation.privacy.randomness import fixed_secrets_for_tests  # noqa: E402
 from federation.transport.comm import TAGS, MPICommunicator  # noqa: E402
 
 
@@ -76,7 +77,10 @@ def main(digits: Path, out: Path, clients: int) -> None:
 
     rank = MPI.COMM_WORLD.rank
     calls: dict[str, list] = {"proxyfl": [], "fedavg": []}
-    _federate(digits, out, "proxyfl", calls["proxyfl"], clients=clients, rounds=2)
+    # The first run's secrets are fixed, so the test can compare with a local run given the
+    # same; the resume reads each hospital's secret back from its own checkpoint.
+    with fixed_secrets_for_tests(0):
+        _federate(digits, out, "proxyfl", calls["proxyfl"], clients=clients, rounds=2)
     _federate(digits, out, "proxyfl", calls["proxyfl"], clients=clients, rounds=3, resume=True)
     _federate(digits, out, "fedavg", calls["fedavg"], clients=clients, rounds=2)
     (out / f"calls_{rank}.json").write_text(json.dumps(calls))
