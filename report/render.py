@@ -15,7 +15,7 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from federation.evaluation.metrics import METRICS
-from federation.privacy.statement import NON_PRIVATE, NOT_SHARED, epsilon_label
+from federation.privacy.statement import NON_PRIVATE, NOT_SHARED, UNSTATED, epsilon_label
 from formats.atomic import atomic_path
 from report import figures
 from report.collect import CrossSite, Run, WorkflowResults, collect
@@ -83,7 +83,8 @@ def _run(run: Run) -> dict[str, Any]:
         "final_epsilon": [{"hospital": h, "epsilon": _number(e)} for h, e in final.items()],
         "unit": " / ".join(sorted({r.unit for r in run.privacy})),
         # what the ε means: a theorem (unit, replace-one) or the DP-SGD steps' ε only
-        "statement": " / ".join(sorted({epsilon_label(asdict(r)) for r in run.privacy})),
+        "statement": " / ".join(sorted({epsilon_label(asdict(r)) if r.guarantee else UNSTATED
+                                        for r in run.privacy})),
         "cross_site": _cross_site(run),
         "heatmaps": _heatmaps(run),
         "config": run.config_text,
