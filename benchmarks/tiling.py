@@ -21,13 +21,12 @@ import h5py
 import numpy as np
 import openslide
 
+from preprocessing.isolation import run_isolated
+from preprocessing.qc import write_qc_picture
+from preprocessing.tile import TilingOptions, plan_layout, tile_slide, tiling_workers
 from wsi.bag import CODECS, PatchEncoding
 from wsi.patches import read_patch_run
 from wsi.slide import open_slide
-
-from .isolation import run_isolated
-from .qc import write_qc_picture
-from .tile import TilingOptions, plan_layout, tile_slide, tiling_workers
 
 # Levels compared besides each encoding's default.
 ENCODING_LEVELS_TO_COMPARE = {"jpeg": (80, 95), "deflate": (6,)}
