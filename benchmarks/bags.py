@@ -2,10 +2,9 @@
 
 The issue's requirement: the bag data set feeds training at least 0.8x as fast as in-memory
 tensors. The cohort is one hospital's preprocessing output (``manifest.csv``, ``bags/``):
-``--cohort DIR``, or by default a synthetic one built in a temporary directory with the
-``slidefed`` console script (``demo-cohort``, then ``preprocess`` at 1.0 µm/px and 64-px
-patches; the CLI is the one place that composes ``wsi/`` with the engine, which never
-imports it).
+``--cohort DIR``, or by default a synthetic one built in a temporary directory by
+``preprocessing`` (the demo cohort's slides, tiled at 1.0 µm/px into 64-px patches); a
+benchmark sits above both the engine and preprocessing, so it composes them directly.
 
 Every variant trains a fresh CNN1 (Adam, lr 1e-3) for the same steps, each step the same
 ``--slides-per-step`` slides with up to ``--patches-per-slide`` patches from each, drawn by
@@ -28,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,16 +57,16 @@ class MemoryReader(BagReader):
 
 
 def build_cohort(directory: Path, slides: int, size: int) -> Path:
-    """A synthetic hospital tiled at 1.0 µm/px into 64-px patches; returns its directory.
-    The commands' own output goes to stderr: stdout is the JSON."""
-    slidefed = [sys.executable, "-m", "slidefed", "-q"]
-    subprocess.run([*slidefed, "demo-cohort", "-o", str(directory / "slides"), "--hospitals",
-                    "1", "--slides-per-hospital", str(slides), "--size", str(size),
-                    "--workers", "2"], check=True, stdout=sys.stderr)
-    subprocess.run([*slidefed, "preprocess", "--hospital", "bench", "--slides",
-                    str(directory / "slides" / "hospital_a" / "labels.csv"), "-o",
-                    str(directory / "bench"), "--mpp", "1.0", "--patch-size", "64",
-                    "--workers", "2"], check=True, stdout=sys.stderr)
+    """A synthetic hospital tiled at 1.0 µm/px into 64-px patches; returns its directory."""
+    from preprocessing.demo_cohort import make_demo_cohort
+    from preprocessing.hospital import preprocess_hospital
+    from preprocessing.options import TilingOptions
+
+    (hospital,) = make_demo_cohort(directory / "slides", hospitals=1,
+                                   slides_per_hospital=[slides], size_um=size, workers=2)
+    preprocess_hospital("bench", hospital / "labels.csv", directory / "bench",
+                        TilingOptions(target_mpp=1.0, patch_size=64), workers=2,
+                        progress=False)
     return directory / "bench"
 
 
