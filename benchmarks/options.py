@@ -42,7 +42,8 @@ def add_bags_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cohort", help="a hospital's preprocessing output (default: build "
                                          "a synthetic one)")
     parser.add_argument("--slides", type=int, default=8, help="slides of the built cohort")
-    parser.add_argument("--size", type=int, default=4096, help="side of each built slide, µm (the demo cohort's size_um)")
+    parser.add_argument("--size", type=int, default=4096,
+                        help="side of each built slide, µm (the demo cohort's size_um)")
     parser.add_argument("--workers", type=_workers, default=[0, 2],
                         help="DataLoader workers of each bag variant (default 0,2)")
     parser.add_argument("--slides-per-step", type=int, default=8)
