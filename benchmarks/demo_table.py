@@ -36,13 +36,14 @@ def table(out_dir: Path) -> str:
     runs = sorted(p.parent for p in (out_dir / "federation").glob("*/slide_metrics.json"))
     lines = ["| run | model | pooled test AUC | balanced accuracy | AUC per hospital | ε per "
              "hospital |", "|---|---|---|---|---|---|"]
-    statements = set()
+    statements, hospitals = set(), set()
     for run in runs:
         metrics = json.loads((run / run_files.SLIDE_METRICS).read_text())
         epsilons, statement = _final_epsilons(run)
         for model, found in sorted(metrics.items()):
             pooled = found["pooled"]
             auc = pooled["auc"]
+            hospitals.update(found["hospitals"])
             per_hospital = " / ".join(f"{h['auc']['value']:.2f}"
                                       for _, h in sorted(found["hospitals"].items()))
             dp = bool(epsilons) and model in ("proxy", "shared")
@@ -52,9 +53,7 @@ def table(out_dir: Path) -> str:
                 f"{per_hospital} | {' / '.join(epsilons) if dp else '— (never leaves)'} |")
             if dp:
                 statements.add(statement)
-    hospitals = sorted(json.loads((runs[0] / run_files.SLIDE_METRICS).read_text()
-                                  ).popitem()[1]["hospitals"]) if runs else []
-    notes = [f"Hospitals in order: {', '.join(hospitals)}. ε: "
+    notes = [f"Hospitals in order: {', '.join(sorted(hospitals))}. ε: "
              + ("; ".join(sorted(statements)) or "no DP model") + "."]
     times = []
     for tsv in sorted((out_dir / "benchmarks").glob("*.tsv")):

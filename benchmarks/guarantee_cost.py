@@ -29,7 +29,9 @@ from typing import Any
 
 from scipy import stats
 
+from federation import run_files
 from federation.evaluation.compare import compare_runs
+from formats.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def run_variant(config: Path, out: Path, seed: int, beta: float, settings: list[
     from federation.evaluation.run import evaluate_run
     from federation.loop import run_federation
 
-    if (out / "slide_metrics.json").is_file():
+    if (out / run_files.SLIDE_METRICS).is_file():
         log.info("%s: evaluated already, reused", out)
         return out
     run_config = load_config(config, [*settings, f"seed={seed}", f"dml.beta={beta}",
@@ -70,8 +72,8 @@ def measure_images(config: Path, seeds: list[int], output: Path, settings: list[
     for seed in seeds:
         a, b = accuracy["guaranteed"][seed], accuracy["paper"][seed]
         differences = [x - y for x, y in zip(a, b, strict=True)]
-        rows.append({"seed": seed, "auc_guaranteed": statistics.fmean(a),
-                     "auc_paper": statistics.fmean(b), "delta": statistics.fmean(differences),
+        rows.append({"seed": seed, "guaranteed": statistics.fmean(a),
+                     "paper": statistics.fmean(b), "delta": statistics.fmean(differences),
                      "clients_better": sum(d > 0 for d in differences),
                      "clients": len(differences)})
     return {"config": str(config), "seeds": seeds, "settings": settings, "metric": "accuracy",
@@ -88,8 +90,8 @@ def measure(config: Path, seeds: list[int], output: Path, settings: list[str]) -
         for model in rows:
             result = compare_runs(runs["guaranteed"], runs["paper"], model)
             overall = result["overall"]["auc"]
-            rows[model].append({"seed": seed, "auc_guaranteed": overall["auc_a"],
-                                "auc_paper": overall["auc_b"], "delta": overall["delta"],
+            rows[model].append({"seed": seed, "guaranteed": overall["auc_a"],
+                                "paper": overall["auc_b"], "delta": overall["delta"],
                                 "low": overall["low"], "high": overall["high"],
                                 "p": overall["p"],
                                 "hospitals": {h: r["auc"]["delta"]
@@ -118,8 +120,8 @@ def table(result: dict[str, Any]) -> str:
         for r in rows:
             cells = (f"{r['clients_better']} of {r['clients']}" if images else
                      f"[{r['low']:+.3f}, {r['high']:+.3f}] | {r['p']:.3f}")
-            lines.append(f"| {model} | {r['seed']} | {r['auc_guaranteed']:.3f} | "
-                         f"{r['auc_paper']:.3f} | {r['delta']:+.3f} "
+            lines.append(f"| {model} | {r['seed']} | {r['guaranteed']:.3f} | "
+                         f"{r['paper']:.3f} | {r['delta']:+.3f} "
                          + (f"| {cells} |" if images else f"{cells} |"))
         seeds = result["over_seeds"][model]
         spread = "" if seeds["sd"] is None else f" ± {seeds['sd']:.3f} (sd over seeds)"
@@ -136,7 +138,9 @@ def command(args: argparse.Namespace) -> int:
     slides = load_config(args.config, args.set).data.name == "bags"
     result = (measure if slides else measure_images)(args.config, seeds, args.output, args.set)
     text = table(result)
-    (args.output / "table.md").write_text(text + "\n")
-    (args.output / "result.json").write_text(json.dumps(result, indent=2))
+    for name, content in (("table.md", text + "\n"),
+                          ("result.json", json.dumps(result, indent=2))):
+        with atomic_path(args.output / name) as path:
+            path.write_text(content)
     print(text)
     return 0
